@@ -1,0 +1,420 @@
+"""Configuration: HS_GOSSIP_* environment variables, an optional .env file and
+CLI flags, parsed into one frozen :class:`Config`.
+
+Rules:
+
+* Precedence: command-line flags > process environment > .env file > defaults.
+* The .env file is ``$HS_GOSSIP_ENV_FILE`` if set (it must then exist), else
+  ``./.env`` when present. Lines are ``KEY=VALUE``; ``#`` starts a comment;
+  values may be single- or double-quoted; ``export KEY=VALUE`` is accepted.
+* A malformed value raises :class:`ConfigError`, whose message is one line
+  naming the variable, the value and what was expected. The CLI turns it into
+  exit code 2 before anything is bound.
+* An unknown ``HS_GOSSIP_*`` name is returned as a warning: a typo must not
+  pass silently, but must not stop a fleet either.
+
+Every field is described in ``FIELDS`` (name, default, meaning); the README's
+configuration table and ``systemd/hs-gossip.env`` follow it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "HS_GOSSIP_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is malformed. ``str()`` is one line for the user."""
+
+    def __init__(self, var: str, value: str, expected: str) -> None:
+        self.var = var
+        self.value = value
+        self.expected = expected
+        super().__init__(f"invalid {var}={value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    port: int = 7946
+    bind: str = "0.0.0.0"
+    advertise: str | None = None
+    peers: tuple[HostPort, ...] = ()
+    api: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 50050))
+    data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
+    interval: float = 1.0
+    ttl: float = 30.0
+    suspect_intervals: float = 5.0
+    fanout: int = 3
+    max_peers: int = 1024
+    node_name: str = field(default_factory=socket.gethostname)
+    log_level: str = "INFO"
+    log_format: str = "text"
+    sync_port: int | None = None
+    max_value: int = 1024 * 1024
+    max_skew: float = 300.0
+    sync_concurrency: int = 2
+    tombstone_grace: float = 7 * 24 * 3600.0
+    discovery: str = "none"
+    multicast_group: str = "239.255.77.46"
+    multicast_port: int = 7947
+    health_url: str | None = None
+    health_cmd: str | None = None
+    health_interval: float = 10.0
+    snapshot_max_age: float = 24 * 3600.0
+
+    @property
+    def suspect_after(self) -> float:
+        """Seconds without heartbeat progress before a peer is reported unhealthy."""
+        return self.suspect_intervals * self.interval
+
+    @property
+    def effective_sync_port(self) -> int:
+        return self.sync_port if self.sync_port is not None else self.port
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """$STATE_DIRECTORY under systemd, else $XDG_STATE_HOME/hs-gossip, else
+    ~/.local/state/hs-gossip."""
+    state = environ.get("STATE_DIRECTORY")
+    if state:
+        # systemd may pass several colon-separated directories; the first is ours.
+        return Path(state.split(":")[0])
+    xdg = environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "hs-gossip"
+
+
+# --- value parsers: each raises ValueError with the "expected" text --------
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError("a port number 1-65535") from None
+    if not 1 <= n <= 65535:
+        raise ValueError("a port number 1-65535")
+    return n
+
+
+def _port_or_zero(text: str) -> int:
+    """Port 0 asks the OS for a free port: handy for tests and demos."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError("a port number 0-65535") from None
+    if not 0 <= n <= 65535:
+        raise ValueError("a port number 0-65535")
+    return n
+
+
+def _positive_float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise ValueError(f"a number of seconds between {lo:g} and {hi:g}") from None
+        if not lo <= v <= hi:
+            raise ValueError(f"a number of seconds between {lo:g} and {hi:g}")
+        return v
+
+    return parse
+
+
+def _int_range(lo: int, hi: int, what: str = "an integer") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise ValueError(f"{what} between {lo} and {hi}") from None
+        if not lo <= v <= hi:
+            raise ValueError(f"{what} between {lo} and {hi}")
+        return v
+
+    return parse
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise ValueError("a numeric IPv4 or IPv6 address such as 0.0.0.0 or ::") from None
+
+
+def _advertise(text: str) -> str:
+    text = text.strip()
+    if not text or any(c.isspace() for c in text) or "/" in text:
+        raise ValueError("an IP address or hostname that other agents can reach")
+    return text.strip("[]")
+
+
+def parse_host_port(text: str, *, allow_zero: bool = False) -> HostPort:
+    """``host:port``, ``[v6]:port``. Raises ValueError on anything else."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("host:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError("host:port")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError("host:port")
+    port = _port_or_zero(port_text) if allow_zero else _port(port_text)
+    return HostPort(host, port)
+
+
+def _peers(text: str) -> tuple[HostPort, ...]:
+    items = [p for p in (s.strip() for s in text.split(",")) if p]
+    out = []
+    for item in items:
+        try:
+            out.append(parse_host_port(item))
+        except ValueError:
+            raise ValueError(
+                f"a comma-separated list of host:port seeds (bad entry {item!r})"
+            ) from None
+    return tuple(out)
+
+
+def _api(text: str) -> HostPort:
+    try:
+        return parse_host_port(text, allow_zero=True)
+    except ValueError:
+        raise ValueError("host:port for the HTTP API, such as 127.0.0.1:50050") from None
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("a directory path")
+    return Path(text).expanduser()
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        v = text.strip().lower()
+        if v not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return v
+
+    return parse
+
+
+def _log_level(text: str) -> str:
+    v = text.strip().upper()
+    if v == "WARN":
+        v = "WARNING"
+    if v not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("one of debug, info, warning, error, critical")
+    return v
+
+
+def _name(text: str) -> str:
+    v = text.strip()
+    if not 1 <= len(v.encode()) <= 64 or not v.isprintable():
+        raise ValueError("1-64 bytes of printable text")
+    return v
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20,
+             "mib": 1 << 20}
+    t = text.strip().lower()
+    num = t.rstrip("kmib")
+    unit = t[len(num):]
+    try:
+        v = int(num) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError("a size in bytes (suffix K or M allowed) between 1K and 64M") from None
+    if not 1024 <= v <= 64 << 20:
+        raise ValueError("a size in bytes (suffix K or M allowed) between 1K and 64M")
+    return v
+
+
+def _optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _url(text: str) -> str | None:
+    t = text.strip()
+    if not t:
+        return None
+    if not (t.startswith("http://") or t.startswith("https://")):
+        raise ValueError("an http:// or https:// URL")
+    return t
+
+
+def _multicast_group(text: str) -> str:
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise ValueError("an IPv4 multicast address such as 239.255.77.46") from None
+    if addr.version != 4 or not addr.is_multicast:
+        raise ValueError("an IPv4 multicast address such as 239.255.77.46")
+    return str(addr)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    attr: str
+    parse: Callable[[str], Any]
+    default_text: str
+    help: str
+
+
+FIELDS: dict[str, FieldSpec] = {
+    spec.attr.upper(): spec
+    for spec in (
+        FieldSpec("port", _port, "7946", "UDP gossip port (TCP sync uses the same number)"),
+        FieldSpec("bind", _ip, "0.0.0.0",
+                  "address to bind gossip and sync; dual-stack where IPv6 is on"),
+        FieldSpec("advertise", _advertise, "(unset)",
+                  "address other agents should use for this one; "
+                  "default: the source address they see"),
+        FieldSpec("peers", _peers, "(empty)",
+                  "comma-separated host:port seeds; hostnames resolved at start, "
+                  "re-resolved on failure"),
+        FieldSpec("api", _api, "127.0.0.1:50050", "host:port of the local HTTP API"),
+        FieldSpec("data_dir", _path, "$STATE_DIRECTORY or ~/.local/state/hs-gossip",
+                  "state directory: identity, database, peer snapshot"),
+        FieldSpec("interval", _positive_float(0.05, 60), "1.0",
+                  "heartbeat interval in seconds (fractions allowed)"),
+        FieldSpec("ttl", _positive_float(0.5, 86400), "30",
+                  "seconds without news of a peer before it is dropped"),
+        FieldSpec("suspect_intervals", _positive_float(1, 1000), "5",
+                  "missed intervals before a peer is reported unhealthy"),
+        FieldSpec("fanout", _int_range(1, 16), "3", "peers each heartbeat is sent to"),
+        FieldSpec("max_peers", _int_range(2, 100000), "1024", "cap on the peer table"),
+        FieldSpec("node_name", _name, "(hostname)", "human-readable name of this agent"),
+        FieldSpec("log_level", _log_level, "info", "debug, info, warning, error"),
+        FieldSpec("log_format", _choice("text", "json"), "text",
+                  "text or json, one line per event on stdout"),
+        FieldSpec("sync_port", _port_or_zero, "(same as PORT)", "TCP port for Merkle sync"),
+        FieldSpec("max_value", _size, "1M", "largest accepted item value, encoded"),
+        FieldSpec("max_skew", _positive_float(1, 86400 * 365), "300",
+                  "seconds a remote clock may run ahead before its writes are refused"),
+        FieldSpec("sync_concurrency", _int_range(1, 64), "2", "sync sessions at once"),
+        FieldSpec("tombstone_grace", _positive_float(1, 86400 * 3650), "604800",
+                  "seconds a delete marker is kept after every known peer has it"),
+        FieldSpec("discovery", _choice("none", "multicast"), "none",
+                  "none, or multicast for zero-config LAN discovery"),
+        FieldSpec("multicast_group", _multicast_group, "239.255.77.46",
+                  "IPv4 group for multicast discovery"),
+        FieldSpec("multicast_port", _port, "7947", "UDP port for multicast discovery"),
+        FieldSpec("health_url", _url, "(unset)",
+                  "HTTP URL of the application's health check; 2xx means healthy"),
+        FieldSpec("health_cmd", _optional_text, "(unset)",
+                  "shell command for the application health check; exit 0 means healthy"),
+        FieldSpec("health_interval", _positive_float(0.1, 3600), "10",
+                  "seconds between application health checks"),
+        FieldSpec("snapshot_max_age", _positive_float(1, 86400 * 365), "86400",
+                  "saved peers older than this are not used to rejoin"),
+    )
+}
+
+#: Variables read outside the Config (recognised, so not warned about).
+EXTRA_VARS = {"ENV_FILE"}
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """Parse a .env file. Raises ConfigError naming HS_GOSSIP_ENV_FILE on I/O or
+    syntax errors, with the line number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{PREFIX}ENV_FILE", str(path), f"a readable file ({e})") from None
+    out: dict[str, str] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"{PREFIX}ENV_FILE", str(path), f"KEY=VALUE on line {n}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        out[key] = value
+    return out
+
+
+def load(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[Config, list[str]]:
+    """Build the Config. ``overrides`` maps field names (``port``) or variable
+    names (``HS_GOSSIP_PORT``) to raw text from CLI flags. Returns the config and
+    a list of warnings. Raises ConfigError."""
+    env = dict(os.environ if environ is None else environ)
+    merged: dict[str, str] = {}
+    file_var = env.get(f"{PREFIX}ENV_FILE")
+    env_path = Path(file_var) if file_var else (cwd or Path.cwd()) / ".env"
+    if file_var or env_path.is_file():
+        merged.update(
+            {k: v for k, v in parse_env_file(env_path).items() if k.startswith(PREFIX)}
+        )
+    merged.update({k: v for k, v in env.items() if k.startswith(PREFIX)})
+    for k, v in (overrides or {}).items():
+        name = k if k.startswith(PREFIX) else PREFIX + k.upper()
+        merged[name] = v
+
+    warnings: list[str] = []
+    values: dict[str, Any] = {}
+    for var, raw in sorted(merged.items()):
+        suffix = var[len(PREFIX):]
+        spec = FIELDS.get(suffix)
+        if spec is None:
+            if suffix not in EXTRA_VARS:
+                warnings.append(f"unknown variable {var} ignored (typo?)")
+            continue
+        try:
+            values[spec.attr] = spec.parse(raw)
+        except ValueError as e:
+            raise ConfigError(var, raw, str(e)) from None
+    if "data_dir" not in values:
+        values["data_dir"] = default_data_dir(env)
+    cfg = Config(**values)
+    if cfg.ttl <= cfg.suspect_after:
+        warnings.append(
+            f"{PREFIX}TTL={cfg.ttl:g} is not above the unhealthy threshold "
+            f"({cfg.suspect_after:g}s = SUSPECT_INTERVALS x INTERVAL): "
+            "peers are dropped without first showing as unhealthy"
+        )
+    return cfg, warnings
+
+
+def check_data_dir(path: Path) -> None:
+    """Create the data dir if needed and prove it is writable. ConfigError if not."""
+    var = f"{PREFIX}DATA_DIR"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(var, str(path), f"a writable directory ({reason})") from None

@@ -1,0 +1,1 @@
+"""Incremental Merkle index and reconciliation state machine (pure, no I/O)."""
