@@ -1,0 +1,286 @@
+"""The agent process: wires the membership core to the UDP socket, the timer,
+the HTTP API and signals, all inside one task group.
+
+Shutdown (SIGTERM / SIGINT): send LEAVE to every known peer, stop the API,
+close the socket, exit 0. Anything that owns state (store, syncs) registers a
+closer in ``Agent.closers`` and is closed in reverse order.
+
+Every ``async def`` here is a checkpoint; cancelling ``run`` leaves no task
+behind (structured concurrency).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from agent import identity, wire
+from agent.config import Config, HostPort
+from agent.membership import (
+    Event,
+    IncarnationRaised,
+    Member,
+    MemberExpired,
+    MemberJoined,
+    MemberLeft,
+    MemberRecovered,
+    MemberRestarted,
+    MemberUnhealthy,
+    Membership,
+    Params,
+    SelfInfo,
+)
+from agent.udp import Addr, GossipSocket, normalize
+
+log = logging.getLogger("hs_gossip")
+
+#: how often unresolved or unanswering seeds are looked up again (seconds)
+SEED_RERESOLVE = 30.0
+
+
+class StartupError(Exception):
+    """The agent cannot start (port taken, unresolvable address). One line."""
+
+
+async def resolve(hp: HostPort, family: int = 0) -> list[Addr]:
+    """Numeric addresses for host:port (hostnames cost ~340 us per sendto, so
+    they are resolved once, here)."""
+    infos = await anyio.getaddrinfo(hp.host, hp.port, family=family, type=socket.SOCK_DGRAM)
+    out: list[Addr] = []
+    for _fam, _t, _p, _c, sa in infos:
+        addr = (normalize(str(sa[0])), int(sa[1]))
+        if addr not in out:
+            out.append(addr)
+    return out
+
+
+@dataclass
+class Agent:
+    cfg: Config
+    ident: identity.Identity
+    core: Membership = field(init=False)
+    sock: GossipSocket | None = None
+    http_port: int = 0
+    started_wall: float = field(default_factory=time.time)
+    #: coroutines run inside the agent's task group once sockets are bound
+    services: list[Callable[[Agent], Awaitable[None]]] = field(default_factory=list)
+    #: called on shutdown, in reverse order of registration
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: Starlette routes contributed by other modules, mounted by the API
+    extra_routes: list[Any] = field(default_factory=list)
+    #: monotonic time of the last completed gossip tick (watchdog evidence)
+    last_tick: float = 0.0
+    ticks: int = 0
+    _shutdown: anyio.Event = field(default_factory=anyio.Event)
+    _seeds_resolved_at: float = -1e9
+    _extra_seeds: list[Addr] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        params = Params(
+            interval=cfg.interval, suspect_after=cfg.suspect_after, ttl=cfg.ttl,
+            fanout=cfg.fanout, max_peers=cfg.max_peers,
+        )
+        me = SelfInfo(
+            node_id=self.ident.node_id.bytes, incarnation=self.ident.incarnation,
+            name=cfg.node_name, port=cfg.port, http_port=0,
+        )
+        self.core = Membership(me, params, random.Random(), now=0.0)
+
+    # --- views for the API -------------------------------------------------
+
+    @property
+    def node_id(self) -> uuid.UUID:
+        return self.ident.node_id
+
+    @property
+    def role(self) -> str:
+        return wire.ROLES[self.core.me.role]
+
+    def wall_time_of(self, mono: float) -> float:
+        return time.time() - (anyio.current_time() - mono)
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        self.core.now = anyio.current_time()
+        advertise = await self._resolve_advertise()
+        if advertise:
+            self.core.me.host = advertise
+        try:
+            self.sock = await GossipSocket.bind(cfg.bind, cfg.port)
+        except OSError as e:
+            raise StartupError(
+                f"cannot bind UDP {cfg.bind}:{cfg.port} (HS_GOSSIP_PORT/HS_GOSSIP_BIND): "
+                f"{e.strerror or e}"
+            ) from None
+        self.core.me.port = self.sock.local_port
+        await self._resolve_seeds(force=True)
+
+        from agent.api import serve_api  # Starlette import is the slow part of start-up
+
+        async with anyio.create_task_group() as tg:
+            self.http_port = await tg.start(serve_api, self, self._shutdown.wait)
+            self.core.set_http_port(self.http_port)
+            log.info(
+                "agent %s (%s) incarnation %d: gossip udp %s:%d, api http://%s:%d",
+                self.node_id, cfg.node_name, self.core.me.incarnation, cfg.bind,
+                self.core.me.port, cfg.api.host, self.http_port,
+            )
+            tg.start_soon(self._receive_loop)
+            tg.start_soon(self._tick_loop)
+            tg.start_soon(self._signal_loop, tg)
+            for svc in self.services:
+                tg.start_soon(svc, self)
+            task_status.started()
+            await self._shutdown.wait()
+            await self._leave()
+            tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            for closer in reversed(self.closers):
+                try:
+                    await closer()
+                except Exception:
+                    log.exception("error while closing")
+            if self.sock is not None:
+                await self.sock.aclose()
+        log.info("agent stopped")
+
+    async def _leave(self) -> None:
+        self.core.leave(anyio.current_time())
+        with anyio.move_on_after(2, shield=True):
+            await self._flush()
+        log.info("left the swarm (told %d peers)", len(self.core.members))
+
+    async def _signal_loop(self, tg: TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("received %s, shutting down", signal.Signals(sig).name)
+                self._shutdown.set()
+                return
+
+    async def _resolve_advertise(self) -> str:
+        adv = self.cfg.advertise
+        if not adv:
+            return ""
+        try:
+            addrs = await resolve(HostPort(adv, self.cfg.port))
+        except OSError as e:
+            raise StartupError(f"cannot resolve HS_GOSSIP_ADVERTISE={adv!r}: {e}") from None
+        return addrs[0][0]
+
+    async def _resolve_seeds(self, force: bool = False) -> None:
+        now = anyio.current_time()
+        if not force and now - self._seeds_resolved_at < SEED_RERESOLVE:
+            return
+        self._seeds_resolved_at = now
+        seeds: list[Addr] = []
+        for hp in self.cfg.peers:
+            try:
+                seeds.extend(await resolve(hp))
+            except OSError as e:
+                log.warning("seed %s does not resolve (%s); will retry", hp, e)
+        seeds.extend(self.extra_seeds())
+        self.core.set_seeds(seeds)
+
+    def extra_seeds(self) -> list[Addr]:
+        """Seeds from other sources (saved peers, LAN discovery)."""
+        return list(self._extra_seeds)
+
+    def add_seeds(self, addrs: list[Addr]) -> None:
+        for a in addrs:
+            if a not in self._extra_seeds:
+                self._extra_seeds.append(a)
+        self.core.add_seeds(addrs)
+
+    async def _flush(self) -> None:
+        assert self.sock is not None
+        for data, addr in self.core.take_outgoing():
+            await self.sock.send(data, addr)
+        for ev in self.core.take_events():
+            self._on_event(ev)
+
+    async def _receive_loop(self) -> None:
+        assert self.sock is not None
+        while True:
+            data, src = await self.sock.receive()
+            self.core.receive(data, src, anyio.current_time())
+            await self._flush()
+
+    async def _tick_loop(self) -> None:
+        rng = random.Random()
+        while True:
+            now = anyio.current_time()
+            self.core.tick(now)
+            await self._flush()
+            self.last_tick = now
+            self.ticks += 1
+            if not self.core.joined and self.cfg.peers:
+                await self._resolve_seeds()
+            # +-10% jitter keeps a fleet booted together from ticking in lockstep.
+            await anyio.sleep(self.cfg.interval * rng.uniform(0.9, 1.1))
+
+    def _on_event(self, ev: Event) -> None:
+        nid = _short(getattr(ev, "node_id", b""))
+        if isinstance(ev, MemberJoined):
+            log.info("peer %s joined at %s:%d", nid, *ev.addr)
+        elif isinstance(ev, MemberRestarted):
+            log.info("peer %s restarted (incarnation %d)", nid, ev.incarnation)
+        elif isinstance(ev, MemberUnhealthy):
+            log.warning("peer %s unhealthy (no news for %.1fs)", nid, self.cfg.suspect_after)
+        elif isinstance(ev, MemberRecovered):
+            log.info("peer %s healthy again", nid)
+        elif isinstance(ev, MemberLeft):
+            log.info("peer %s left", nid)
+        elif isinstance(ev, MemberExpired):
+            log.warning("peer %s dropped after %.0fs of silence", nid, self.cfg.ttl)
+        elif isinstance(ev, IncarnationRaised):
+            log.warning("refuting a suspicion: incarnation now %d", ev.incarnation)
+            with suppress(OSError):
+                identity.save(self.cfg.data_dir,
+                              identity.Identity(self.ident.node_id, ev.incarnation))
+
+    # --- API views -----------------------------------------------------------
+
+    def peer_view(self, m: Member) -> dict[str, Any]:
+        return {
+            "node_id": str(uuid.UUID(bytes=m.node_id)),
+            "name": m.name,
+            "addr": _join(m.host, m.http_port),
+            "gossip_addr": _join(m.host, m.port),
+            "http_port": m.http_port,
+            "role": wire.ROLES[m.role] if m.role < len(wire.ROLES) else "Unknown",
+            "incarnation": m.incarnation,
+            "logical_clock": m.lc,
+            "collections": [
+                {"name": d.name, "state_hash": d.state_hash.hex(), "vector_count": d.count}
+                for d in m.digests
+            ],
+            "last_seen_secs": int(self.wall_time_of(m.last_progress)),
+            "healthy": m.healthy,
+            "app_healthy": m.app_healthy,
+        }
+
+
+def _short(node_id: bytes) -> str:
+    return str(uuid.UUID(bytes=node_id))[:8] if len(node_id) == 16 else "?"
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+

@@ -1,0 +1,470 @@
+"""Sans-I/O membership: heartbeats, peer exchange, health, TTL, leave, refutation.
+
+The core never touches a socket or a clock. The shell feeds it datagrams with
+:meth:`Membership.receive`, calls :meth:`Membership.tick` once per interval,
+and drains :meth:`take_outgoing` (datagrams to send) and :meth:`take_events`
+(what changed). Time is a float in seconds from the shell's monotonic clock;
+randomness comes from the ``rng`` given to the constructor. Two runs fed the
+same inputs produce the same outputs.
+
+Theory of operation (heartbeat counters, as in Scuttlebutt and Cassandra):
+
+* Every member owns ``(incarnation, heartbeat)``. It raises ``heartbeat`` on
+  each tick and sends a heartbeat datagram to ``fanout`` random peers (and to
+  its seeds while it has no healthy peer). The datagram carries its own entry
+  and a sample of other entries, freshest first, so news travels
+  transitively: an agent seeded with one address learns the whole swarm, and
+  keeps it after the seeds die.
+* An entry carries ``age_ms``: how long ago *the sender* last saw that member
+  make progress, by the sender's own monotonic clock. The receiver sets
+  ``last_progress = now - age`` by its own monotonic clock. No wall clock is
+  ever compared across machines; a dead member's entry arrives already old
+  and is not revived by gossip.
+* A member is healthy while it made progress (a higher heartbeat or
+  incarnation, seen directly or through any peer) within ``suspect_after``
+  seconds; it is dropped after ``ttl`` seconds without progress. The drop
+  leaves a tombstone for another ``ttl`` so stale gossip cannot bring it back;
+  only real progress can.
+* A higher incarnation always wins. A restarted agent starts with a higher
+  incarnation (kept on disk), so its new entry replaces the old one.
+* Suspicion is a local verdict; entries gossiped about an unhealthy member
+  carry status SUSPECT. Receivers keep their own verdict, but the member
+  itself, on hearing it is suspected (or reported as left) at its current
+  incarnation, refutes by raising its incarnation, which then wins everywhere.
+* Leave: a member shutting down sends LEAVE to every peer it knows and its
+  entry (status LEFT) keeps being gossiped from tombstones for ``ttl``; peers
+  drop it at once.
+* Join: heartbeats to seeds set ``want_state``; the seed answers with its own
+  heartbeat and the full peer list in STATE datagrams (push-pull), at most
+  once per interval per source address.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from agent import wire
+from agent.wire import ALIVE, LEFT, SUSPECT, Addr, Digest, Entry
+
+# --- events (outcomes, named as nouns) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberJoined:
+    node_id: bytes
+    addr: Addr
+
+
+@dataclass(frozen=True)
+class MemberRestarted:
+    node_id: bytes
+    incarnation: int
+
+
+@dataclass(frozen=True)
+class MemberUnhealthy:
+    node_id: bytes
+
+
+@dataclass(frozen=True)
+class MemberRecovered:
+    node_id: bytes
+
+
+@dataclass(frozen=True)
+class MemberLeft:
+    node_id: bytes
+
+
+@dataclass(frozen=True)
+class MemberExpired:
+    node_id: bytes
+
+
+@dataclass(frozen=True)
+class IncarnationRaised:
+    """We refuted a suspicion; the shell must persist the new incarnation."""
+
+    incarnation: int
+
+
+Event = (
+    MemberJoined | MemberRestarted | MemberUnhealthy | MemberRecovered | MemberLeft
+    | MemberExpired | IncarnationRaised
+)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Timing and bounds. Defaults match the agent's defaults (interval 1 s)."""
+
+    interval: float = 1.0
+    #: seconds without progress before a member is reported unhealthy
+    #: (5 intervals: tolerates 4 lost or delayed heartbeat rounds)
+    suspect_after: float = 5.0
+    #: seconds without progress before a member is dropped (HyperspaceDB: 30 s)
+    ttl: float = 30.0
+    #: peers each heartbeat goes to (memberlist gossips to 3)
+    fanout: int = 3
+    #: cap on the peer table; further unknown members are ignored and counted
+    max_peers: int = 1024
+    #: seeds contacted per tick while not joined
+    max_seeds: int = 16
+    #: full-state answers to joiners per interval, all sources together
+    max_state_replies: int = 16
+
+
+@dataclass
+class Member:
+    node_id: bytes
+    incarnation: int
+    heartbeat: int
+    host: str
+    port: int
+    http_port: int
+    role: int
+    last_progress: float
+    name: str = ""
+    lc: int = 0
+    digests: tuple[Digest, ...] = ()
+    app_healthy: bool | None = None
+    healthy: bool = True
+    last_direct: float | None = None
+
+    @property
+    def addr(self) -> Addr:
+        return (self.host, self.port)
+
+
+@dataclass
+class _Tombstone:
+    incarnation: int
+    heartbeat: int
+    status: int
+    until: float
+    entry: Entry
+
+
+@dataclass
+class SelfInfo:
+    node_id: bytes
+    incarnation: int
+    name: str
+    port: int
+    http_port: int
+    host: str = ""  # advertised numeric address, "" to let peers use the source address
+    role: int = 0
+
+
+@dataclass
+class Membership:
+    me: SelfInfo
+    params: Params
+    rng: random.Random
+    now: float
+    heartbeat: int = 0
+    lc: int = 0
+    digests: tuple[Digest, ...] = ()
+    app_healthy: bool | None = None
+    members: dict[bytes, Member] = field(default_factory=dict)
+    stats: Counter[str] = field(default_factory=Counter)
+    _seeds: list[Addr] = field(default_factory=list)
+    _tombs: dict[bytes, _Tombstone] = field(default_factory=dict)
+    _out: list[tuple[bytes, Addr]] = field(default_factory=list)
+    _events: list[Event] = field(default_factory=list)
+    _state_sent: dict[Addr, float] = field(default_factory=dict)
+    _leaving: bool = False
+    _digest_offset: int = 0
+
+    # --- inputs ----------------------------------------------------------
+
+    def set_seeds(self, seeds: list[Addr]) -> None:
+        """Numeric seed addresses. Seeds that turn out to be ourselves are removed."""
+        self._seeds = list(dict.fromkeys(seeds))
+
+    def add_seeds(self, seeds: list[Addr]) -> None:
+        self._seeds = list(dict.fromkeys(self._seeds + list(seeds)))
+
+    def set_digests(self, digests: list[Digest] | tuple[Digest, ...]) -> None:
+        self.digests = tuple(digests)
+
+    def set_app_healthy(self, healthy: bool | None) -> None:
+        self.app_healthy = healthy
+
+    def set_http_port(self, port: int) -> None:
+        self.me.http_port = port
+
+    def bump_lc(self) -> int:
+        self.lc = min(self.lc + 1, wire.JS_SAFE)
+        return self.lc
+
+    @property
+    def joined(self) -> bool:
+        return any(m.healthy for m in self.members.values())
+
+    def tick(self, now: float) -> None:
+        """Advance our heartbeat, update verdicts, send one round of heartbeats."""
+        self.now = now
+        if self._leaving:
+            return
+        self.heartbeat += 1
+        self.bump_lc()
+        self._update_health(now)
+        self._expire(now)
+        targets = self._pick_targets()
+        for addr in targets:
+            self._send_heartbeat(addr, want_state=False)
+        if not self.joined:
+            for addr in self._seeds[: self.params.max_seeds]:
+                self._send_heartbeat(addr, want_state=True)
+
+    def leave(self, now: float) -> None:
+        """Announce departure to every known member. Idempotent."""
+        self.now = now
+        if self._leaving:
+            return
+        self._leaving = True
+        data = wire.encode_leave(wire.Leave(self._self_entry(status=LEFT)))
+        for m in self.members.values():
+            self._queue(data, m.addr)
+
+    def receive(self, data: bytes, src: Addr, now: float) -> None:
+        """Handle one datagram. Never raises on bad input: it is counted."""
+        self.now = now
+        self.stats["bytes_in"] += len(data)
+        try:
+            msg = wire.decode(data)
+        except wire.DecodeError as e:
+            self.stats["drop_" + e.reason] += 1
+            return
+        if isinstance(msg, wire.Heartbeat):
+            self.stats["heartbeats_in"] += 1
+            self._on_heartbeat(msg, src, now)
+        elif isinstance(msg, wire.Leave):
+            self.stats["leaves_in"] += 1
+            self._merge(msg.sender, src, now, direct=True)
+        else:
+            self.stats["state_in"] += 1
+            if msg.sender_id != self.me.node_id:
+                for e in msg.peers:
+                    self._merge(e, None, now, direct=False)
+
+    # --- outputs ---------------------------------------------------------
+
+    def take_outgoing(self) -> list[tuple[bytes, Addr]]:
+        out, self._out = self._out, []
+        return out
+
+    def take_events(self) -> list[Event]:
+        ev, self._events = self._events, []
+        return ev
+
+    def live_members(self) -> list[Member]:
+        return list(self.members.values())
+
+    # --- internals -------------------------------------------------------
+
+    def _queue(self, data: bytes, addr: Addr) -> None:
+        self._out.append((data, addr))
+        self.stats["bytes_out"] += len(data)
+
+    def _self_entry(self, status: int = ALIVE) -> Entry:
+        return Entry(self.me.node_id, self.me.incarnation, self.heartbeat, status,
+                     self.me.host, self.me.port, self.me.http_port, 0, self.me.role)
+
+    def _entry_of(self, m: Member, now: float) -> Entry:
+        age = max(0, int((now - m.last_progress) * 1000))
+        return Entry(m.node_id, m.incarnation, m.heartbeat, ALIVE if m.healthy else SUSPECT,
+                     m.host, m.port, m.http_port, age, m.role)
+
+    def _pick_targets(self) -> list[Addr]:
+        ms = list(self.members.values())
+        k = min(self.params.fanout, len(ms))
+        return [m.addr for m in self.rng.sample(ms, k)] if k else []
+
+    def _sample_entries(self, target: Addr) -> list[Entry]:
+        """Freshest entries first (news spreads fast), then random others (so
+        every entry keeps circulating), recently-left members first of all."""
+        now = self.now
+        left = [t.entry for t in self._tombs.values() if t.status == LEFT]
+        ms = sorted(self.members.values(), key=lambda m: m.last_progress, reverse=True)
+        head, rest = ms[:8], ms[8:]
+        self.rng.shuffle(rest)
+        return left[:4] + [self._entry_of(m, now) for m in head + rest]
+
+    def _rotated_digests(self) -> list[Digest]:
+        if not self.digests:
+            return []
+        n = len(self.digests)
+        off = self._digest_offset % n
+        return list(self.digests[off:] + self.digests[:off])
+
+    def _send_heartbeat(self, addr: Addr, want_state: bool) -> None:
+        hb = wire.Heartbeat(
+            sender=self._self_entry(),
+            name=self.me.name,
+            lc=self.lc,
+            digests=tuple(self._rotated_digests()),
+            peers=tuple(self._sample_entries(addr)),
+            want_state=want_state,
+            app_healthy=self.app_healthy,
+        )
+        data, n_digests, _ = wire.encode_heartbeat(hb)
+        if n_digests < len(self.digests):
+            # Too many collections for one datagram: rotate which ones go first.
+            self._digest_offset += max(1, n_digests)
+        self.stats["heartbeats_out"] += 1
+        self._queue(data, addr)
+
+    def _send_state(self, addr: Addr, now: float) -> None:
+        last = self._state_sent.get(addr)
+        if last is not None and now - last < self.params.interval:
+            self.stats["state_rate_limited"] += 1
+            return
+        if len(self._state_sent) >= self.params.max_state_replies:
+            # Bounds what spoofed joiners can make us send per interval.
+            self.stats["state_rate_limited"] += 1
+            return
+        self._state_sent[addr] = now
+        entries = [self._entry_of(m, now) for m in self.members.values()]
+        for data in wire.encode_state(self.me.node_id, entries):
+            self.stats["state_out"] += 1
+            self._queue(data, addr)
+
+    def _on_heartbeat(self, hb: wire.Heartbeat, src: Addr, now: float) -> None:
+        if hb.sender.node_id == self.me.node_id:
+            # Our own datagram (we are in our seed list, or a loop): forget the seed.
+            self._seeds = [s for s in self._seeds if s != src]
+            self.stats["drop_self"] += 1
+            return
+        if hb.lc > self.lc:
+            self.lc = hb.lc
+        m = self._merge(hb.sender, src, now, direct=True)
+        if m is not None:
+            m.name = hb.name
+            m.lc = hb.lc
+            m.digests = hb.digests
+            m.app_healthy = hb.app_healthy
+            m.last_direct = now
+        for e in hb.peers:
+            self._merge(e, None, now, direct=False)
+        if hb.want_state and not self._leaving:
+            # Answer a joiner at once instead of waiting for our next tick.
+            self._send_heartbeat(src, want_state=False)
+            self._send_state(src, now)
+
+    def _merge(self, e: Entry, src: Addr | None, now: float, direct: bool) -> Member | None:
+        """Fold one entry into the table. ``src`` is the datagram's source when
+        the entry is the sender's own (its address is then trusted from src)."""
+        if e.node_id == self.me.node_id:
+            self._maybe_refute(e)
+            return None
+        host, port = e.host, e.port
+        if direct and src is not None:
+            # The source address is what reaches the sender; an advertised
+            # address wins if the sender set one.
+            host = e.host or src[0]
+        if not host or not port:
+            self.stats["drop_no_address"] += 1
+            return None
+        age = 0.0 if direct else e.age_ms / 1000.0
+        progress_at = now - age
+        m = self.members.get(e.node_id)
+        if m is None:
+            return self._add(e, host, port, progress_at, now)
+        if e.incarnation < m.incarnation:
+            return m
+        if e.status == LEFT:
+            self._remove(m, LEFT, now, e)
+            self._events.append(MemberLeft(m.node_id))
+            return None
+        if e.incarnation > m.incarnation:
+            if e.status == ALIVE or direct:
+                restarted = e.heartbeat < m.heartbeat
+                m.incarnation, m.heartbeat = e.incarnation, e.heartbeat
+                m.last_progress = max(m.last_progress, progress_at)
+                m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
+                if restarted:
+                    self._events.append(MemberRestarted(m.node_id, e.incarnation))
+                self._refresh_health(m, now)
+            return m
+        if e.heartbeat > m.heartbeat:
+            m.heartbeat = e.heartbeat
+            if progress_at > m.last_progress:
+                m.last_progress = progress_at
+            if direct:
+                m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
+        self._refresh_health(m, now)
+        return m
+
+    def _add(self, e: Entry, host: str, port: int, progress_at: float, now: float) -> Member | None:
+        if e.status == LEFT:
+            self._note_tomb(e, now)
+            return None
+        if now - progress_at >= self.params.ttl:
+            return None
+        tomb = self._tombs.get(e.node_id)
+        if tomb is not None:
+            newer = e.incarnation > tomb.incarnation or (
+                e.incarnation == tomb.incarnation and e.heartbeat > tomb.heartbeat
+                and tomb.status != LEFT
+            )
+            if not newer:
+                self.stats["stale_entry_ignored"] += 1
+                return None
+            del self._tombs[e.node_id]
+        if len(self.members) >= self.params.max_peers:
+            self.stats["drop_table_full"] += 1
+            return None
+        m = Member(e.node_id, e.incarnation, e.heartbeat, host, port, e.http_port, e.role,
+                   progress_at)
+        m.healthy = now - progress_at <= self.params.suspect_after
+        self.members[e.node_id] = m
+        self._events.append(MemberJoined(e.node_id, (host, port)))
+        return m
+
+    def _note_tomb(self, e: Entry, now: float) -> None:
+        t = self._tombs.get(e.node_id)
+        if t is None or e.incarnation >= t.incarnation:
+            self._tombs[e.node_id] = _Tombstone(
+                e.incarnation, e.heartbeat, LEFT, now + self.params.ttl, e
+            )
+
+    def _remove(self, m: Member, status: int, now: float, e: Entry | None = None) -> None:
+        del self.members[m.node_id]
+        entry = e or Entry(m.node_id, m.incarnation, m.heartbeat, status, m.host, m.port,
+                           m.http_port, 0, m.role)
+        self._tombs[m.node_id] = _Tombstone(m.incarnation, m.heartbeat, status,
+                                            now + self.params.ttl, entry)
+
+    def _maybe_refute(self, e: Entry) -> None:
+        if self._leaving or e.status == ALIVE or e.incarnation < self.me.incarnation:
+            return
+        self.me.incarnation = e.incarnation + 1
+        self.stats["refutations"] += 1
+        self._events.append(IncarnationRaised(self.me.incarnation))
+
+    def _refresh_health(self, m: Member, now: float) -> None:
+        healthy = now - m.last_progress <= self.params.suspect_after
+        if healthy != m.healthy:
+            m.healthy = healthy
+            self._events.append(MemberRecovered(m.node_id) if healthy
+                                else MemberUnhealthy(m.node_id))
+
+    def _update_health(self, now: float) -> None:
+        for m in list(self.members.values()):
+            self._refresh_health(m, now)
+
+    def _expire(self, now: float) -> None:
+        for m in list(self.members.values()):
+            if now - m.last_progress > self.params.ttl:
+                self._remove(m, SUSPECT, now)
+                self._events.append(MemberExpired(m.node_id))
+        for nid, t in list(self._tombs.items()):
+            if now > t.until:
+                del self._tombs[nid]
+        for addr, at in list(self._state_sent.items()):
+            if now - at > self.params.interval:
+                del self._state_sent[addr]

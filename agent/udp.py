@@ -1,0 +1,105 @@
+"""The gossip UDP socket: the one place where datagrams enter and leave.
+
+* One dual-stack AF_INET6 socket (IPV6_V6ONLY=0) when binding the wildcard
+  address, falling back to AF_INET where IPv6 is off; a specific address gets
+  a socket of its own family.
+* No SO_REUSEADDR: a second process must not be able to bind the same port
+  and steal datagrams.
+* Addresses are numeric on both sides of this module: IPv4-mapped IPv6
+  sources (``::ffff:10.0.0.5``) are reported as plain IPv4, and IPv4
+  destinations are mapped when the socket is IPv6.
+* Receives use a 65535-byte buffer (a shorter one silently truncates).
+* A failed sendto (unreachable network, full buffer) is counted, not raised.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import Counter
+
+import anyio
+from anyio.abc import UDPSocket
+
+Addr = tuple[str, int]
+
+
+def _make_socket(bind: str, port: int) -> socket.socket:
+    ip = ipaddress.ip_address(bind)
+    if ip.version == 4 and ip.is_unspecified and socket.has_ipv6:
+        try:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            pass
+        else:
+            try:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::", port))
+                return s
+            except OSError:
+                s.close()
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        s.bind((bind, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def normalize(host: str) -> str:
+    """Plain IPv4 for mapped addresses, drop any IPv6 scope id."""
+    host = host.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class GossipSocket:
+    def __init__(self, sock: UDPSocket, family: int) -> None:
+        self._sock = sock
+        self._family = family
+        self.stats: Counter[str] = Counter()
+        # anyio sockets refuse concurrent senders; the receive and tick loops both send.
+        self._send_lock = anyio.Lock()
+
+    @classmethod
+    async def bind(cls, bind: str, port: int) -> GossipSocket:
+        raw = _make_socket(bind, port)
+        family = raw.family
+        return cls(await UDPSocket.from_socket(raw), family)
+
+    @property
+    def local_port(self) -> int:
+        return int(self._sock.extra(anyio.abc.SocketAttribute.local_port))
+
+    def _dest(self, host: str) -> str:
+        if self._family == socket.AF_INET6 and ":" not in host:
+            return "::ffff:" + host
+        return host
+
+    async def send(self, data: bytes, addr: Addr) -> None:
+        """Checkpoint. Never raises OSError: failures are counted."""
+        try:
+            async with self._send_lock:
+                await self._sock.sendto(data, self._dest(addr[0]), addr[1])
+        except OSError:
+            self.stats["send_errors"] += 1
+
+    async def receive(self) -> tuple[bytes, Addr]:
+        while True:
+            try:
+                data, (host, port) = await self._sock.receive()
+            except OSError:
+                # ICMP errors from an earlier send surface here on Linux.
+                self.stats["receive_errors"] += 1
+                continue
+            return data, (normalize(host), port)
+
+    async def aclose(self) -> None:
+        await self._sock.aclose()
