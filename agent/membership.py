@@ -21,8 +21,8 @@ Theory of operation (heartbeat counters, as in Scuttlebutt and Cassandra):
   ever compared across machines; a dead member's entry arrives already old
   and is not revived by gossip.
 * A member is healthy while it made progress (a higher heartbeat or
-  incarnation, seen directly or through any peer) within ``suspect_after``
-  seconds; it is dropped after ``ttl`` seconds without progress. The drop
+  incarnation, seen directly or through any peer) within
+  ``suspect_after x max(1, log10(N))`` seconds; it is dropped after ``ttl`` seconds without progress. The drop
   leaves a tombstone for another ``ttl`` so stale gossip cannot bring it back;
   only real progress can.
 * A higher incarnation always wins. A restarted agent starts with a higher
@@ -41,12 +41,20 @@ Theory of operation (heartbeat counters, as in Scuttlebutt and Cassandra):
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from agent import wire
 from agent.wire import ALIVE, LEFT, SUSPECT, Addr, Digest, Entry
+
+#: after joining, seeds that are not members are retried every this many ticks
+SEED_RETRY = 10
+#: freshest entries put first in every heartbeat
+FRESH_ENTRIES = 6
+#: entries that fit one datagram next to a heartbeat's own fields (~40 bytes each)
+ENTRIES_PER_DATAGRAM = 30
 
 # --- events (outcomes, named as nouns) ---------------------------------------
 
@@ -177,6 +185,7 @@ class Membership:
     _state_sent: dict[Addr, float] = field(default_factory=dict)
     _leaving: bool = False
     _digest_offset: int = 0
+    _rr_offset: int = 0
 
     # --- inputs ----------------------------------------------------------
 
@@ -216,9 +225,14 @@ class Membership:
         targets = self._pick_targets()
         for addr in targets:
             self._send_heartbeat(addr, want_state=False)
-        if not self.joined:
+        # Seeds we have no member for are asked every tick until we have joined
+        # (so a late seed still gets contacted), then every SEED_RETRY ticks,
+        # which merges groups that formed apart (e.g. seeds booted last).
+        if not self.joined or self.heartbeat % SEED_RETRY == 0:
+            known = {m.addr for m in self.members.values()}
             for addr in self._seeds[: self.params.max_seeds]:
-                self._send_heartbeat(addr, want_state=True)
+                if addr not in known:
+                    self._send_heartbeat(addr, want_state=True)
 
     def leave(self, now: float) -> None:
         """Announce departure to every known member. Idempotent."""
@@ -284,15 +298,60 @@ class Membership:
         k = min(self.params.fanout, len(ms))
         return [m.addr for m in self.rng.sample(ms, k)] if k else []
 
+    def suspect_after(self) -> float:
+        """Seconds without progress before a member is reported unhealthy.
+
+        ``params.suspect_after x max(1, log10(N))`` plus the time our own table
+        takes to cycle through our heartbeats (N / (fanout x entries per
+        datagram) intervals). News crosses the swarm in O(log N) rounds
+        (memberlist scales its suspicion timeout the same way), and since
+        bytes per interval are capped, relaying every entry takes longer as
+        N grows: a fixed threshold would flap in large swarms."""
+        n = len(self.members) + 1
+        p = self.params
+        relay = p.interval * n / (p.fanout * (ENTRIES_PER_DATAGRAM - FRESH_ENTRIES))
+        return p.suspect_after * max(1.0, math.log10(n)) + relay
+
     def _sample_entries(self, target: Addr) -> list[Entry]:
-        """Freshest entries first (news spreads fast), then random others (so
-        every entry keeps circulating), recently-left members first of all."""
+        """Recently-left members first, then the freshest entries (news spreads
+        fast), then the rest of the table in round-robin order across heartbeats,
+        so every entry is relayed at a steady rate whatever the swarm size
+        (random picks would leave a coupon-collector tail of stale entries)."""
         now = self.now
-        left = [t.entry for t in self._tombs.values() if t.status == LEFT]
-        ms = sorted(self.members.values(), key=lambda m: m.last_progress, reverse=True)
-        head, rest = ms[:8], ms[8:]
-        self.rng.shuffle(rest)
-        return left[:4] + [self._entry_of(m, now) for m in head + rest]
+        left = [t.entry for t in self._tombs.values() if t.status == LEFT][:4]
+        ms = list(self.members.values())
+        fresh = sorted(ms, key=lambda m: m.last_progress, reverse=True)[:FRESH_ENTRIES]
+        n = len(ms)
+        start = self._rr_offset % n if n else 0
+        ring = ms[start:] + ms[:start]
+        # Advance by roughly what one datagram holds; the codec cuts the rest.
+        self._rr_offset += ENTRIES_PER_DATAGRAM - FRESH_ENTRIES
+        seen = {m.node_id for m in fresh}
+        rest = [m for m in ring if m.node_id not in seen]
+        return left + [self._entry_of(m, now) for m in fresh + rest]
+
+    def _wants(self) -> tuple[bytes, ...]:
+        """The members whose news is oldest but who are not yet given up for
+        dead. Random relaying leaves a tail of stale entries that grows with N;
+        asking the peers we talk to anyway cuts that tail at a bounded cost."""
+        now = self.now
+        limit = 2 * self.suspect_after()
+        floor = 2 * self.params.interval
+        stale = [m for m in self.members.values() if floor < now - m.last_progress < limit]
+        stale.sort(key=lambda m: m.last_progress)
+        return tuple(m.node_id for m in stale[: wire.MAX_WANTS])
+
+    def _answer_wants(self, wants: tuple[bytes, ...], src: Addr, now: float) -> None:
+        fresh = self.suspect_after() / 2
+        entries = []
+        for nid in wants:
+            m = self.members.get(nid)
+            if m is not None and now - m.last_progress < fresh:
+                entries.append(self._entry_of(m, now))
+        if entries:
+            self.stats["wants_answered"] += 1
+            for data in wire.encode_state(self.me.node_id, entries):
+                self._queue(data, src)
 
     def _rotated_digests(self) -> list[Digest]:
         if not self.digests:
@@ -310,6 +369,7 @@ class Membership:
             peers=tuple(self._sample_entries(addr)),
             want_state=want_state,
             app_healthy=self.app_healthy,
+            wants=self._wants(),
         )
         data, n_digests, _ = wire.encode_heartbeat(hb)
         if n_digests < len(self.digests):
@@ -350,6 +410,8 @@ class Membership:
             m.last_direct = now
         for e in hb.peers:
             self._merge(e, None, now, direct=False)
+        if hb.wants and not self._leaving:
+            self._answer_wants(hb.wants, src, now)
         if hb.want_state and not self._leaving:
             # Answer a joiner at once instead of waiting for our next tick.
             self._send_heartbeat(src, want_state=False)
@@ -392,10 +454,14 @@ class Membership:
             return m
         if e.heartbeat > m.heartbeat:
             m.heartbeat = e.heartbeat
-            if progress_at > m.last_progress:
-                m.last_progress = progress_at
-            if direct:
-                m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
+            m.last_progress = max(m.last_progress, progress_at)
+        elif e.heartbeat == m.heartbeat and progress_at > m.last_progress + self.params.interval / 2:
+            # The same counter heard with a much smaller age tells us when it
+            # really advanced. Small gains are transit time, not news: taking
+            # them would let a dead member's entry grow younger as it circulates.
+            m.last_progress = progress_at
+        if direct:
+            m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
         self._refresh_health(m, now)
         return m
 
@@ -420,7 +486,7 @@ class Membership:
             return None
         m = Member(e.node_id, e.incarnation, e.heartbeat, host, port, e.http_port, e.role,
                    progress_at)
-        m.healthy = now - progress_at <= self.params.suspect_after
+        m.healthy = now - progress_at <= self.suspect_after()
         self.members[e.node_id] = m
         self._events.append(MemberJoined(e.node_id, (host, port)))
         return m
@@ -447,7 +513,7 @@ class Membership:
         self._events.append(IncarnationRaised(self.me.incarnation))
 
     def _refresh_health(self, m: Member, now: float) -> None:
-        healthy = now - m.last_progress <= self.params.suspect_after
+        healthy = now - m.last_progress <= self.suspect_after()
         if healthy != m.healthy:
             m.healthy = healthy
             self._events.append(MemberRecovered(m.node_id) if healthy

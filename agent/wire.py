@@ -36,6 +36,7 @@ MAX_NAME = 64
 MAX_COLLECTION_NAME = 128
 MAX_HASH = 32
 MAX_LIST = 256
+MAX_WANTS = 8
 
 # Message types.
 HEARTBEAT = 1
@@ -92,6 +93,9 @@ class Heartbeat:
     peers: tuple[Entry, ...]
     want_state: bool = False
     app_healthy: bool | None = None
+    #: members the sender has the stalest news of; the receiver answers with
+    #: its entries for them (pull repair of the dissemination tail)
+    wants: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def encode_heartbeat(hb: Heartbeat, budget: int = PAYLOAD_BUDGET) -> tuple[bytes
     """Encode as many digests and peer entries as fit in ``budget`` bytes, in
     the order given. Returns (datagram, digests_included, peers_included)."""
     head = [entry_fields(hb.sender), hb.name, hb.lc]
-    tail = [hb.want_state, hb.app_healthy]
+    tail = [hb.want_state, hb.app_healthy, list(hb.wants[:MAX_WANTS])]
     # envelope + outer array header + fields + two list headers (3 bytes at most each)
     fixed = 2 + 1 + sum(len(_pack(x)) for x in head + tail) + 3 + 3
     room = budget - fixed
@@ -172,7 +176,7 @@ def encode_heartbeat(hb: Heartbeat, budget: int = PAYLOAD_BUDGET) -> tuple[bytes
         peers.append(b)
         room -= len(b)
     body = (
-        _array_header(7)
+        _array_header(8)
         + b"".join(_pack(x) for x in head)
         + _packed_array(digests)
         + _packed_array(peers)
@@ -321,6 +325,8 @@ def decode(data: bytes) -> Message:
                 peers=tuple(decode_entry(e) for e in _list(fields[4])),
                 want_state=want,
                 app_healthy=healthy,
+                wants=tuple(_bytes(w, NODE_ID_LEN, NODE_ID_LEN)
+                            for w in (_list(fields[7], MAX_WANTS) if len(fields) > 7 else ())),
             )
         if mtype == LEAVE:
             if len(fields) < 1:
