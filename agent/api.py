@@ -105,7 +105,7 @@ async def serve_api(
             from hypercorn.trio import serve as trio_serve
 
             await trio_serve(app, hc, shutdown_trigger=shutdown,  # type: ignore[arg-type]
-                             task_status=_Status())  # type: ignore[arg-type]
+                             task_status=_Status())
         else:
             from hypercorn.asyncio import serve as asyncio_serve
 

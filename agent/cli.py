@@ -126,7 +126,7 @@ def _add_api_argument(p: argparse.ArgumentParser) -> None:
 
 def api_base(args: argparse.Namespace) -> str:
     if getattr(args, "api", None):
-        text = args.api
+        text = str(args.api)
     else:
         try:
             cfg, _ = load()

@@ -96,7 +96,8 @@ def default_data_dir(environ: Mapping[str, str]) -> Path:
         # systemd may pass several colon-separated directories; the first is ours.
         return Path(state.split(":")[0])
     xdg = environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    home = environ.get("HOME")
+    base = Path(xdg) if xdg else (Path(home) if home else Path.home()) / ".local" / "state"
     return base / "hs-gossip"
 
 

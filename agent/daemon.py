@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +36,8 @@ from agent.membership import (
     MemberLeft,
     MemberRecovered,
     MemberRestarted,
-    MemberUnhealthy,
     Membership,
+    MemberUnhealthy,
     Params,
     SelfInfo,
 )
@@ -74,7 +74,7 @@ class Agent:
     http_port: int = 0
     started_wall: float = field(default_factory=time.time)
     #: coroutines run inside the agent's task group once sockets are bound
-    services: list[Callable[[Agent], Awaitable[None]]] = field(default_factory=list)
+    services: list[Callable[[Agent], Coroutine[Any, Any, None]]] = field(default_factory=list)
     #: called on shutdown, in reverse order of registration
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: Starlette routes contributed by other modules, mounted by the API

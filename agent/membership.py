@@ -21,10 +21,11 @@ Theory of operation (heartbeat counters, as in Scuttlebutt and Cassandra):
   ever compared across machines; a dead member's entry arrives already old
   and is not revived by gossip.
 * A member is healthy while it made progress (a higher heartbeat or
-  incarnation, seen directly or through any peer) within
-  ``suspect_after x max(1, log10(N))`` seconds; it is dropped after ``ttl`` seconds without progress. The drop
-  leaves a tombstone for another ``ttl`` so stale gossip cannot bring it back;
-  only real progress can.
+  incarnation, seen directly or through any peer) within a threshold that
+  grows slowly with swarm size (see :meth:`Membership.suspect_after`); it is
+  dropped after ``ttl`` seconds without progress. The drop leaves a tombstone
+  for another ``ttl`` so stale gossip cannot bring it back; only real
+  progress can.
 * A higher incarnation always wins. A restarted agent starts with a higher
   incarnation (kept on disk), so its new entry replaces the old one.
 * Suspicion is a local verdict; entries gossiped about an unhealthy member
@@ -44,7 +45,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from agent import wire
 from agent.wire import ALIVE, LEFT, SUSPECT, Addr, Digest, Entry
@@ -262,8 +263,8 @@ class Membership:
         else:
             self.stats["state_in"] += 1
             if msg.sender_id != self.me.node_id:
-                for e in msg.peers:
-                    self._merge(e, None, now, direct=False)
+                for entry in msg.peers:
+                    self._merge(entry, None, now, direct=False)
 
     # --- outputs ---------------------------------------------------------
 
@@ -455,7 +456,8 @@ class Membership:
         if e.heartbeat > m.heartbeat:
             m.heartbeat = e.heartbeat
             m.last_progress = max(m.last_progress, progress_at)
-        elif e.heartbeat == m.heartbeat and progress_at > m.last_progress + self.params.interval / 2:
+        elif (e.heartbeat == m.heartbeat
+              and progress_at > m.last_progress + self.params.interval / 2):
             # The same counter heard with a much smaller age tells us when it
             # really advanced. Small gains are transit time, not news: taking
             # them would let a dead member's entry grow younger as it circulates.

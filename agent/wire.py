@@ -191,7 +191,9 @@ def encode_leave(msg: Leave) -> bytes:
     return envelope(LEAVE) + _pack([entry_fields(msg.sender)])
 
 
-def encode_state(sender_id: bytes, entries: list[Entry], budget: int = PAYLOAD_BUDGET) -> list[bytes]:
+def encode_state(
+    sender_id: bytes, entries: list[Entry], budget: int = PAYLOAD_BUDGET
+) -> list[bytes]:
     """Split a full peer list into as many STATE datagrams as needed."""
     out: list[bytes] = []
     prefix = envelope(STATE) + _array_header(2) + _pack(sender_id)

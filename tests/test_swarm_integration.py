@@ -1,0 +1,93 @@
+"""Five real agents on loopback, through the CLI and the HTTP API."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.agents import Swarm, run_cli, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def all_see_each_other(agents: list, healthy: bool = True) -> bool:
+    names = {a.name for a in agents}
+    for a in agents:
+        peers = a.peers()
+        if set(peers) != names - {a.name}:
+            return False
+        if healthy and not all(p["healthy"] for p in peers.values()):
+            return False
+    return True
+
+
+def test_five_agents_find_each_other_lose_and_regain_members(swarm: Swarm) -> None:
+    swarm.env["HS_GOSSIP_TTL"] = "4"
+    seed = swarm.add()
+    agents = [seed] + [swarm.add(seeds=[seed]) for _ in range(4)]
+    wait_for(lambda: all_see_each_other(agents), timeout=10, what="full membership")
+
+    # The peers API has the documented shape.
+    body = agents[1].get("/api/swarm/peers")
+    assert body["gossip_enabled"] is True and body["peer_count"] == 4
+    p = next(p for p in body["peers"] if p["name"] == "agent0")
+    assert p["node_id"] == seed.node_id
+    assert p["addr"] == f"{seed.host}:{seed.api_port}"
+    assert p["http_port"] == seed.api_port and p["role"] == "Edge"
+    assert isinstance(p["logical_clock"], int) and 0 < p["logical_clock"] < 2**53
+    assert p["collections"] == [] or all(
+        {"name", "state_hash", "vector_count"} <= set(c) for c in p["collections"])
+    assert abs(p["last_seen_secs"] - time.time()) < 5 and p["healthy"] is True
+    status = agents[2].get("/api/cluster/status")
+    assert {"node_id", "role", "upstream_peer", "downstream_peers", "logical_clock"} <= set(status)
+    assert status["role"] == "Edge"
+
+    # SIGKILL: unhealthy first, then gone after the TTL.
+    victim = agents[3]
+    victim.kill()
+    rest = [a for a in agents if a is not victim]
+    wait_for(lambda: all(a.peers()[victim.name]["healthy"] is False for a in rest),
+             timeout=10, what="killed agent marked unhealthy")
+    wait_for(lambda: all(victim.name not in a.peers() for a in rest), timeout=15,
+             what="killed agent dropped after TTL")
+
+    # SIGTERM: it says goodbye; peers drop it at once, long before the TTL.
+    leaver = agents[4]
+    leaver_status = leaver.get("/api/cluster/status")
+    assert leaver.terminate() == 0
+    t0 = time.monotonic()
+    wait_for(lambda: all(leaver.name not in a.peers() for a in rest[:3]), timeout=3,
+             what="leave seen")
+    assert time.monotonic() - t0 < 2
+
+    # Restart: it comes back, once, with the same node_id and a higher incarnation.
+    old_inc = leaver_status["incarnation"]
+    leaver.start()
+    wait_for(lambda: all(leaver.name in a.peers() for a in rest[:3]), timeout=10,
+             what="restarted agent back")
+    for a in rest[:3]:
+        ids = [p["node_id"] for p in a.get("/api/swarm/peers")["peers"]]
+        assert len(ids) == len(set(ids))
+    new = leaver.get("/api/cluster/status")
+    assert new["node_id"] == leaver_status["node_id"] and new["incarnation"] > old_inc
+
+
+def test_cli_peers_and_status_read_the_local_api(swarm: Swarm) -> None:
+    a = swarm.add()
+    b = swarm.add(seeds=[a])
+    wait_for(lambda: "agent1" in a.peers(), timeout=10, what="b known to a")
+    env = {"HS_GOSSIP_API": f"127.0.0.1:{a.api_port}"}
+    out = run_cli("peers", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "agent1" in out.stdout and f"{b.host}:{b.api_port}" in out.stdout
+    out = run_cli("peers", "--json", "--api", f"127.0.0.1:{b.api_port}")
+    assert out.returncode == 0 and '"peer_count": 1' in out.stdout
+    out = run_cli("status", env=env)
+    assert out.returncode == 0 and a.node_id in out.stdout
+
+
+def test_cli_reports_an_unreachable_agent_in_one_line() -> None:
+    out = run_cli("peers", "--api", "127.0.0.1:9")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and "cannot reach the agent" in out.stderr
