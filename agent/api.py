@@ -8,6 +8,7 @@ Integers in responses stay below 2**53 so JavaScript clients read them exactly.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,14 @@ def build_app(agent: Agent) -> Starlette:
             "version": __version__,
         })
 
+    async def swarm_stats(request: Request) -> JSONResponse:
+        """Raw gossip counters (datagrams, bytes, drops by cause) since start."""
+        counters = dict(agent.core.stats)
+        if agent.sock is not None:
+            counters.update(agent.sock.stats)
+        return JSONResponse({"uptime_secs": round(time.time() - agent.started_wall, 3),
+                             "counters": dict(sorted(counters.items()))})
+
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "node_id": str(agent.node_id)})
 
@@ -63,6 +72,7 @@ def build_app(agent: Agent) -> Starlette:
     routes: list[Any] = [
         Route("/api/swarm/peers", peers),
         Route("/api/cluster/status", cluster_status),
+        Route("/api/swarm/stats", swarm_stats),
         Route("/healthz", healthz),
         *agent.extra_routes,
     ]

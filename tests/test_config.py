@@ -125,3 +125,9 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
 def test_version() -> None:
     out = run_cli("--version")
     assert out.returncode == 0 and out.stdout.startswith("hs-gossip ")
+
+
+def test_readme_documents_every_variable() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [v for v in FIELDS if f"`HS_GOSSIP_{v}`" not in readme]
+    assert not missing
