@@ -123,6 +123,9 @@ class Params:
     max_seeds: int = 16
     #: full-state answers to joiners per interval, all sources together
     max_state_replies: int = 16
+    #: datagrams accepted per interval from one source address (burst: twice
+    #: that). Peers send a handful; a full-state answer for 1024 members is ~35.
+    max_datagrams_per_source: int = 100
 
 
 @dataclass
@@ -187,6 +190,7 @@ class Membership:
     _leaving: bool = False
     _digest_offset: int = 0
     _rr_offset: int = 0
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     # --- inputs ----------------------------------------------------------
 
@@ -249,6 +253,9 @@ class Membership:
         """Handle one datagram. Never raises on bad input: it is counted."""
         self.now = now
         self.stats["bytes_in"] += len(data)
+        if not self._admit(src[0], now):
+            self.stats["drop_rate_limited"] += 1
+            return
         try:
             msg = wire.decode(data)
         except wire.DecodeError as e:
@@ -265,6 +272,28 @@ class Membership:
             if msg.sender_id != self.me.node_id:
                 for entry in msg.peers:
                     self._merge(entry, None, now, direct=False)
+
+    def _admit(self, host: str, now: float) -> bool:
+        """Token bucket per source address. A healthy peer sends a few
+        datagrams per interval; a flood from one address must not starve the
+        others or burn the CPU of a small device."""
+        rate = self.params.max_datagrams_per_source / self.params.interval
+        burst = 2.0 * self.params.max_datagrams_per_source
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) >= 4 * self.params.max_peers:
+                # Forget the idlest half rather than grow without bound.
+                by_age = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
+                for k, _ in by_age[: len(by_age) // 2]:
+                    del self._buckets[k]
+            bucket = (burst, now)
+        tokens, last = bucket
+        tokens = min(burst, tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._buckets[host] = (tokens, now)
+            return False
+        self._buckets[host] = (tokens - 1.0, now)
+        return True
 
     # --- outputs ---------------------------------------------------------
 

@@ -215,3 +215,16 @@ def test_bytes_per_member_per_interval_do_not_grow_with_swarm_size() -> None:
     # fanout x one datagram, plus small answers to the "wants" of peers
     assert large <= 3 * 1400 * 1.3
     assert large < small * 1.1
+
+
+def test_a_flooding_source_is_rate_limited_and_others_still_heard() -> None:
+    net = swarm(n=3, seed=17)
+    net.run_until(lambda: net.converged([1, 2, 3]), timeout=10)
+    node = net.nodes[net.addr_of(1)]
+    junk = b"\x01\x01\x90"
+    for _ in range(10_000):
+        node.receive(junk, ("10.9.9.9", 1), net.now)
+    limit = 2 * node.params.max_datagrams_per_source
+    assert node.stats["drop_rate_limited"] >= 10_000 - limit - 1
+    net.run(5)
+    assert net.converged([1, 2, 3])
