@@ -19,6 +19,7 @@ import socket
 from collections import Counter
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import UDPSocket
 
 Addr = tuple[str, int]
@@ -60,6 +61,13 @@ def normalize(host: str) -> str:
     return str(ip)
 
 
+def _only_os_errors(e: BaseException) -> None:
+    """anyio reports any OSError of a socket call as BrokenResourceError,
+    though a UDP socket survives an unreachable peer. Re-raise anything else."""
+    if isinstance(e, anyio.BrokenResourceError) and not isinstance(e.__cause__, OSError):
+        raise e
+
+
 class GossipSocket:
     def __init__(self, sock: UDPSocket, family: int) -> None:
         self._sock = sock
@@ -78,26 +86,35 @@ class GossipSocket:
     def local_port(self) -> int:
         return int(self._sock.extra(anyio.abc.SocketAttribute.local_port))
 
-    def _dest(self, host: str) -> str:
-        if self._family == socket.AF_INET6 and ":" not in host:
-            return "::ffff:" + host
-        return host
+    def _dest(self, host: str) -> str | None:
+        if ":" in host:
+            # An IPv4 socket cannot reach an IPv6 peer (anyio would mark the
+            # socket broken); gossip through dual-stack peers still links them.
+            return host if self._family == socket.AF_INET6 else None
+        return "::ffff:" + host if self._family == socket.AF_INET6 else host
 
     async def send(self, data: bytes, addr: Addr) -> None:
         """Checkpoint. Never raises OSError: failures are counted."""
+        dest = self._dest(addr[0])
+        if dest is None:
+            self.stats["send_family_unreachable"] += 1
+            return
         try:
             async with self._send_lock:
-                await self._sock.sendto(data, self._dest(addr[0]), addr[1])
-        except OSError:
+                await self._sock.sendto(data, dest, addr[1])
+        except (OSError, anyio.BrokenResourceError) as e:
+            _only_os_errors(e)
             self.stats["send_errors"] += 1
 
     async def receive(self) -> tuple[bytes, Addr]:
         while True:
             try:
                 data, (host, port) = await self._sock.receive()
-            except OSError:
-                # ICMP errors from an earlier send surface here on Linux.
+            except (OSError, anyio.BrokenResourceError) as e:
+                # ICMP errors from an earlier send can surface here.
+                _only_os_errors(e)
                 self.stats["receive_errors"] += 1
+                await anyio.lowlevel.checkpoint()
                 continue
             return data, (normalize(host), port)
 

@@ -66,6 +66,7 @@ class AgentProc:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{name}.log"
+        self._node_id: str | None = None  # kept across restarts, like the agent's
 
     @property
     def gossip_addr(self) -> str:
@@ -124,12 +125,14 @@ class AgentProc:
         return body
 
     def peers(self) -> dict[str, dict[str, Any]]:
-        """name -> peer record from /api/swarm/peers."""
-        return {p["name"]: p for p in self.get("/api/swarm/peers")["peers"]}
+        """node_id -> peer record from /api/swarm/peers."""
+        return {p["node_id"]: p for p in self.get("/api/swarm/peers")["peers"]}
 
     @property
     def node_id(self) -> str:
-        return str(self.get("/api/cluster/status")["node_id"])
+        if self._node_id is None:
+            self._node_id = str(self.get("/api/cluster/status")["node_id"])
+        return self._node_id
 
     def kill(self) -> None:
         assert self.proc is not None

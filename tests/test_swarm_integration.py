@@ -12,10 +12,10 @@ pytestmark = pytest.mark.integration
 
 
 def all_see_each_other(agents: list, healthy: bool = True) -> bool:
-    names = {a.name for a in agents}
+    ids = {a.node_id for a in agents}
     for a in agents:
         peers = a.peers()
-        if set(peers) != names - {a.name}:
+        if set(peers) != ids - {a.node_id}:
             return False
         if healthy and not all(p["healthy"] for p in peers.values()):
             return False
@@ -31,8 +31,8 @@ def test_five_agents_find_each_other_lose_and_regain_members(swarm: Swarm) -> No
     # The peers API has the documented shape.
     body = agents[1].get("/api/swarm/peers")
     assert body["gossip_enabled"] is True and body["peer_count"] == 4
-    p = next(p for p in body["peers"] if p["name"] == "agent0")
-    assert p["node_id"] == seed.node_id
+    p = next(p for p in body["peers"] if p["node_id"] == seed.node_id)
+    assert p["name"] == "agent0"  # heard directly: agent1 was seeded with it
     assert p["addr"] == f"{seed.host}:{seed.api_port}"
     assert p["http_port"] == seed.api_port and p["role"] == "Edge"
     assert isinstance(p["logical_clock"], int) and 0 < p["logical_clock"] < 2**53
@@ -47,9 +47,9 @@ def test_five_agents_find_each_other_lose_and_regain_members(swarm: Swarm) -> No
     victim = agents[3]
     victim.kill()
     rest = [a for a in agents if a is not victim]
-    wait_for(lambda: all(a.peers()[victim.name]["healthy"] is False for a in rest),
+    wait_for(lambda: all(a.peers()[victim.node_id]["healthy"] is False for a in rest),
              timeout=10, what="killed agent marked unhealthy")
-    wait_for(lambda: all(victim.name not in a.peers() for a in rest), timeout=15,
+    wait_for(lambda: all(victim.node_id not in a.peers() for a in rest), timeout=15,
              what="killed agent dropped after TTL")
 
     # SIGTERM: it says goodbye; peers drop it at once, long before the TTL.
@@ -57,14 +57,14 @@ def test_five_agents_find_each_other_lose_and_regain_members(swarm: Swarm) -> No
     leaver_status = leaver.get("/api/cluster/status")
     assert leaver.terminate() == 0
     t0 = time.monotonic()
-    wait_for(lambda: all(leaver.name not in a.peers() for a in rest[:3]), timeout=3,
+    wait_for(lambda: all(leaver.node_id not in a.peers() for a in rest[:3]), timeout=3,
              what="leave seen")
     assert time.monotonic() - t0 < 2
 
     # Restart: it comes back, once, with the same node_id and a higher incarnation.
     old_inc = leaver_status["incarnation"]
     leaver.start()
-    wait_for(lambda: all(leaver.name in a.peers() for a in rest[:3]), timeout=10,
+    wait_for(lambda: all(leaver.node_id in a.peers() for a in rest[:3]), timeout=10,
              what="restarted agent back")
     for a in rest[:3]:
         ids = [p["node_id"] for p in a.get("/api/swarm/peers")["peers"]]
@@ -76,7 +76,7 @@ def test_five_agents_find_each_other_lose_and_regain_members(swarm: Swarm) -> No
 def test_cli_peers_and_status_read_the_local_api(swarm: Swarm) -> None:
     a = swarm.add()
     b = swarm.add(seeds=[a])
-    wait_for(lambda: "agent1" in a.peers(), timeout=10, what="b known to a")
+    wait_for(lambda: b.node_id in a.peers(), timeout=10, what="b known to a")
     env = {"HS_GOSSIP_API": f"127.0.0.1:{a.api_port}"}
     out = run_cli("peers", env=env)
     assert out.returncode == 0, out.stderr
@@ -91,3 +91,43 @@ def test_cli_reports_an_unreachable_agent_in_one_line() -> None:
     out = run_cli("peers", "--api", "127.0.0.1:9")
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and "cannot reach the agent" in out.stderr
+
+
+def test_dual_stack_socket_talks_to_ipv4_and_ipv6_peers(tmp_path) -> None:
+    import socket as so
+
+    from tests.agents import AgentProc, free_port
+
+    if not so.has_ipv6:
+        pytest.skip("IPv6 is not available on this machine")
+    try:
+        with so.socket(so.AF_INET6, so.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no ::1 loopback address")
+    port = free_port(kind=so.SOCK_DGRAM)
+    env = {"HS_GOSSIP_INTERVAL": "0.2"}
+    hub = AgentProc("hub", "0.0.0.0", port, tmp_path / "hub", dict(env))
+    v6 = AgentProc("v6", "::1", free_port(kind=so.SOCK_DGRAM), tmp_path / "v6",
+                   {**env, "HS_GOSSIP_PEERS": f"[::1]:{port}"})
+    v4 = AgentProc("v4", "127.0.0.1", free_port(kind=so.SOCK_DGRAM), tmp_path / "v4",
+                   {**env, "HS_GOSSIP_PEERS": f"127.0.0.1:{port}"})
+    agents = [hub, v6, v4]
+    try:
+        for a in agents:
+            a.start()
+        # v4 and v6 cannot reach each other directly; the dual-stack hub
+        # relays their heartbeats, so they still see each other healthy.
+        wait_for(lambda: all_see_each_other(agents), timeout=10, what="mixed-family swarm")
+        by_id = v4.peers()
+        assert by_id[hub.node_id]["gossip_addr"] == f"127.0.0.1:{port}"
+        assert by_id[v6.node_id]["gossip_addr"] == f"[::1]:{v6.gossip_port}"
+        by_id = v6.peers()
+        assert by_id[hub.node_id]["gossip_addr"] == f"[::1]:{port}"
+        wait_for(lambda: v4.get("/api/swarm/stats")["counters"].get("send_family_unreachable"),
+                 what="v4 counting sends it cannot make")
+        for a in agents:
+            assert a.proc is not None and a.proc.poll() is None
+    finally:
+        for a in agents:
+            a.stop()
