@@ -103,9 +103,7 @@ ops = st.lists(
 @given(st.integers(2, 5), ops, st.randoms(use_true_random=False))
 def test_random_writes_and_lossy_syncs_converge(n: int, writes: list, rnd: random.Random) -> None:  # type: ignore[type-arg]
     replicas = [MemoryTree() for _ in range(n)]
-    clock = 0
-    for origin, key, value in writes:
-        clock += 1
+    for clock, (origin, key, value) in enumerate(writes, 1):
         replicas[origin % n].apply(mk(key, clock, origin % n, value))
         if rnd.random() < 0.3:  # interleave interrupted syncs with the writes
             i, j = rnd.sample(range(n), 2)
