@@ -15,12 +15,13 @@ import logging
 import random
 import signal
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -42,6 +43,10 @@ from agent.membership import (
     SelfInfo,
 )
 from agent.udp import Addr, GossipSocket, normalize
+
+if TYPE_CHECKING:
+    from agent.store import Store
+    from agent.sync import SyncService
 
 log = logging.getLogger("hs_gossip")
 
@@ -84,6 +89,8 @@ class Agent:
     ticks: int = 0
     _shutdown: anyio.Event = field(default_factory=anyio.Event)
     _seeds_resolved_at: float = -1e9
+    store: Store | None = None
+    sync: SyncService = field(init=False)
     _extra_seeds: list[Addr] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -131,10 +138,13 @@ class Agent:
             ) from None
         self.core.me.port = self.sock.local_port
         await self._resolve_seeds(force=True)
+        await self._open_store()
 
         from agent.api import serve_api  # Starlette import is the slow part of start-up
 
         async with anyio.create_task_group() as tg:
+            await tg.start(self.sync.serve)
+            tg.start_soon(self.sync.run, self.sync_targets)
             self.http_port = await tg.start(serve_api, self, self._shutdown.wait)
             self.core.set_http_port(self.http_port)
             log.info(
@@ -160,6 +170,38 @@ class Agent:
             if self.sock is not None:
                 await self.sock.aclose()
         log.info("agent stopped")
+
+    async def _open_store(self) -> None:
+        from agent.collections_api import routes
+        from agent.store import Store, StoreError
+        from agent.sync import SyncService
+
+        cfg = self.cfg
+        try:
+            self.store = await Store.open(cfg.data_dir, self.ident.node_id.bytes,
+                                          cfg.max_value, cfg.max_skew)
+        except (StoreError, OSError, sqlite3.Error) as e:
+            raise StartupError(f"cannot open the database in {cfg.data_dir}: {e}") from None
+        self.closers.append(self.store.close)
+        self.extra_routes.extend(routes(self.store, cfg.max_value))
+        self.sync = SyncService(self.store, cfg.bind, cfg.effective_sync_port, cfg.interval,
+                                cfg.sync_concurrency, cfg.max_value)
+        if cfg.sync_port is not None:
+            self.core.me.sync_port = cfg.sync_port
+        self._publish_digests()
+
+    def _publish_digests(self) -> None:
+        if self.store is not None:
+            self.core.set_digests([wire.Digest(c.name, c.state_hash, c.count)
+                                   for c in self.store.digests()])
+
+    def sync_targets(self) -> list[tuple[str, str, int, dict[str, bytes]]]:
+        """Healthy peers with the digests they last sent us directly."""
+        return [
+            (m.node_id.hex(), m.host, m.sync_port or m.port,
+             {d.name: d.state_hash for d in m.digests})
+            for m in self.core.members.values() if m.healthy and m.digests
+        ]
 
     async def _leave(self) -> None:
         self.core.leave(anyio.current_time())
@@ -226,6 +268,7 @@ class Agent:
         rng = random.Random()
         while True:
             now = anyio.current_time()
+            self._publish_digests()
             self.core.tick(now)
             await self._flush()
             self.last_tick = now

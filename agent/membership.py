@@ -144,6 +144,7 @@ class Member:
     app_healthy: bool | None = None
     healthy: bool = True
     last_direct: float | None = None
+    sync_port: int = 0
 
     @property
     def addr(self) -> Addr:
@@ -168,6 +169,7 @@ class SelfInfo:
     http_port: int
     host: str = ""  # advertised numeric address, "" to let peers use the source address
     role: int = 0
+    sync_port: int = 0  # 0: same number as the gossip port
 
 
 @dataclass
@@ -400,6 +402,7 @@ class Membership:
             want_state=want_state,
             app_healthy=self.app_healthy,
             wants=self._wants(),
+            sync_port=self.me.sync_port,
         )
         data, n_digests, _ = wire.encode_heartbeat(hb)
         if n_digests < len(self.digests):
@@ -438,6 +441,7 @@ class Membership:
             m.digests = hb.digests
             m.app_healthy = hb.app_healthy
             m.last_direct = now
+            m.sync_port = hb.sync_port or m.port
         for e in hb.peers:
             self._merge(e, None, now, direct=False)
         if hb.wants and not self._leaving:

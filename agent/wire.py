@@ -96,6 +96,8 @@ class Heartbeat:
     #: members the sender has the stalest news of; the receiver answers with
     #: its entries for them (pull repair of the dissemination tail)
     wants: tuple[bytes, ...] = ()
+    #: TCP port for Merkle sync; 0 means the same number as the gossip port
+    sync_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def encode_heartbeat(hb: Heartbeat, budget: int = PAYLOAD_BUDGET) -> tuple[bytes
     """Encode as many digests and peer entries as fit in ``budget`` bytes, in
     the order given. Returns (datagram, digests_included, peers_included)."""
     head = [entry_fields(hb.sender), hb.name, hb.lc]
-    tail = [hb.want_state, hb.app_healthy, list(hb.wants[:MAX_WANTS])]
+    tail = [hb.want_state, hb.app_healthy, list(hb.wants[:MAX_WANTS]), hb.sync_port]
     # envelope + outer array header + fields + two list headers (3 bytes at most each)
     fixed = 2 + 1 + sum(len(_pack(x)) for x in head + tail) + 3 + 3
     room = budget - fixed
@@ -176,7 +178,7 @@ def encode_heartbeat(hb: Heartbeat, budget: int = PAYLOAD_BUDGET) -> tuple[bytes
         peers.append(b)
         room -= len(b)
     body = (
-        _array_header(8)
+        _array_header(9)
         + b"".join(_pack(x) for x in head)
         + _packed_array(digests)
         + _packed_array(peers)
@@ -329,6 +331,7 @@ def decode(data: bytes) -> Message:
                 app_healthy=healthy,
                 wants=tuple(_bytes(w, NODE_ID_LEN, NODE_ID_LEN)
                             for w in (_list(fields[7], MAX_WANTS) if len(fields) > 7 else ())),
+                sync_port=_int(fields[8], 0, 65535) if len(fields) > 8 else 0,
             )
         if mtype == LEAVE:
             if len(fields) < 1:

@@ -34,6 +34,7 @@ heartbeats = st.builds(
     peers=st.lists(entries, max_size=10).map(tuple),
     want_state=st.booleans(), app_healthy=st.sampled_from([None, True, False]),
     wants=st.lists(node_ids, max_size=8).map(tuple),
+    sync_port=st.integers(0, 65535),
 )
 
 

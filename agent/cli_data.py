@@ -1,0 +1,129 @@
+"""``hs-gossip put | get | del | ls | verify``: collections through the local API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.parse
+
+from agent.cli import ApiError, api_request, command, fail
+
+
+def _path(name: str, key: str | None = None) -> str:
+    p = "/api/collections/" + urllib.parse.quote(name, safe="")
+    if key is not None:
+        p += "/items/" + urllib.parse.quote(key, safe="")
+    return p
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: object = None) -> int:
+    try:
+        status, doc = api_request(args, method, path, body)
+    except ApiError as e:
+        return fail(str(e))
+    if status >= 400:
+        err = doc.get("error") if isinstance(doc, dict) else doc
+        return fail(f"{err}", 1 if status != 400 else 2)
+    print(json.dumps(doc, indent=2 if getattr(args, "pretty", False) else None))
+    return 0
+
+
+def _api_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", metavar="HOST:PORT",
+                   help="agent API address (default: $HS_GOSSIP_API or 127.0.0.1:50050)")
+
+
+@command("put", "write an item: hs-gossip put COLLECTION KEY JSON")
+def cmd_put(args: argparse.Namespace) -> int:
+    try:
+        value = json.loads(args.value)
+    except ValueError:
+        return fail(f"value is not JSON: {args.value!r} (quote strings: '\"text\"')", 2)
+    return _call(args, "PUT", _path(args.collection, args.key), {"value": value})
+
+
+def _put_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("collection")
+    p.add_argument("key")
+    p.add_argument("value", help="a JSON value, e.g. '{\"x\": 1}'")
+    _api_arg(p)
+
+
+cmd_put.add_arguments = _put_args  # type: ignore[attr-defined]
+
+
+@command("get", "read an item: hs-gossip get COLLECTION KEY")
+def cmd_get(args: argparse.Namespace) -> int:
+    try:
+        status, doc = api_request(args, "GET", _path(args.collection, args.key))
+    except ApiError as e:
+        return fail(str(e))
+    if status == 404:
+        return fail(doc.get("error", "not found") if isinstance(doc, dict) else "not found")
+    if status >= 400:
+        return fail(str(doc.get("error") if isinstance(doc, dict) else doc), 2)
+    print(json.dumps(doc if args.full else doc["value"]))
+    return 0
+
+
+def _key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("collection")
+    p.add_argument("key")
+    _api_arg(p)
+
+
+def _get_args(p: argparse.ArgumentParser) -> None:
+    _key_args(p)
+    p.add_argument("--full", action="store_true", help="print the version too")
+
+
+cmd_get.add_arguments = _get_args  # type: ignore[attr-defined]
+
+
+@command("del", "delete an item: hs-gossip del COLLECTION KEY")
+def cmd_del(args: argparse.Namespace) -> int:
+    return _call(args, "DELETE", _path(args.collection, args.key))
+
+
+cmd_del.add_arguments = _key_args  # type: ignore[attr-defined]
+
+
+@command("ls", "list collections, or the items of one: hs-gossip ls [COLLECTION]")
+def cmd_ls(args: argparse.Namespace) -> int:
+    if not args.collection:
+        return _call(args, "GET", "/api/collections")
+    q = urllib.parse.urlencode({k: v for k, v in (("prefix", args.prefix),
+                                                  ("limit", str(args.limit))) if v})
+    return _call(args, "GET", _path(args.collection) + "/items?" + q)
+
+
+def _ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("collection", nargs="?")
+    p.add_argument("--prefix", default="")
+    p.add_argument("--limit", type=int, default=100)
+    _api_arg(p)
+
+
+cmd_ls.add_arguments = _ls_args  # type: ignore[attr-defined]
+
+
+@command("verify", "rebuild a collection's hash tree from its items and compare")
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = _path(args.collection) + "/verify" + ("?repair=1" if args.repair else "")
+    try:
+        status, doc = api_request(args, "POST", path)
+    except ApiError as e:
+        return fail(str(e))
+    if status >= 400:
+        return fail(str(doc.get("error") if isinstance(doc, dict) else doc))
+    print(json.dumps(doc, indent=2))
+    return 0 if doc.get("ok") or doc.get("repaired") else 1
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("collection")
+    p.add_argument("--repair", action="store_true", help="rewrite the index if it differs")
+    _api_arg(p)
+
+
+cmd_verify.add_arguments = _verify_args  # type: ignore[attr-defined]

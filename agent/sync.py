@@ -1,0 +1,328 @@
+"""Merkle delta sync between agents over TCP: who to sync with, and the wire.
+
+* :class:`SyncPlanner` (no I/O) picks (peer, collection) pairs whose heartbeat
+  digest differs from ours: at most one session per peer at a time, at most
+  ``concurrency`` overall, exponential backoff after a failure, a short
+  cool-down after a success (the peer's digest is stale until its next
+  heartbeat).
+* :func:`serve` answers sessions; :func:`sync_once` starts one. Frames are a
+  4-byte big-endian length and a msgpack body, capped in size; every read has
+  a timeout. The reconciliation itself is :class:`merkle.reconcile.Session`,
+  run on the store thread since it reads the tree.
+* Interrupting a session at any point is safe: received items are applied in
+  whole batches by last-writer-wins, and applying an item twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import msgpack
+from anyio.abc import ByteStream, SocketStream
+
+from agent.store import SqliteTree, Store, StoreError, check_name
+from merkle.loopback import item_batches
+from merkle.reconcile import DONE, HELLO, ITEMS, ProtocolError, Session
+from merkle.tree import Item
+
+log = logging.getLogger("hs_gossip.sync")
+
+FRAME_OVERHEAD = 1 << 20
+IO_TIMEOUT = 15.0
+SESSION_TIMEOUT = 300.0
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
+
+
+class SyncError(Exception):
+    pass
+
+
+# --- planning (no I/O) ---------------------------------------------------------
+
+
+@dataclass
+class _PairState:
+    not_before: float = 0.0
+    failures: int = 0
+
+
+@dataclass
+class SyncPlanner:
+    concurrency: int = 2
+    cooldown: float = 2.0
+    running: set[str] = field(default_factory=set)  # peer keys with a session open
+    pairs: dict[tuple[str, str], _PairState] = field(default_factory=dict)
+
+    def plan(self, now: float, ours: dict[str, bytes],
+             peers: list[tuple[str, dict[str, bytes]]]) -> list[tuple[str, str]]:
+        """``peers`` is [(peer_key, {collection: state_hash})]; returns the
+        (peer_key, collection) sessions to start now."""
+        out: list[tuple[str, str]] = []
+        for peer, theirs in peers:
+            if len(self.running) + len(out) >= self.concurrency:
+                break
+            if peer in self.running:
+                continue
+            for name, h in sorted(theirs.items()):
+                if ours.get(name) == h:
+                    continue
+                st = self.pairs.get((peer, name))
+                if st is not None and now < st.not_before:
+                    continue
+                out.append((peer, name))
+                break
+        for peer, _ in out:
+            self.running.add(peer)
+        return out
+
+    def finished(self, peer: str, name: str, now: float, ok: bool) -> None:
+        self.running.discard(peer)
+        st = self.pairs.setdefault((peer, name), _PairState())
+        if ok:
+            st.failures = 0
+            st.not_before = now + self.cooldown
+        else:
+            st.failures += 1
+            st.not_before = now + min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (st.failures - 1))
+        if len(self.pairs) > 10_000:
+            self.pairs = {k: v for k, v in self.pairs.items() if v.not_before > now}
+
+
+# --- framing --------------------------------------------------------------------
+
+
+class Framed:
+    def __init__(self, stream: ByteStream, max_frame: int) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self.buf = bytearray()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def send(self, msg: Any) -> None:
+        data = msgpack.packb(msg, use_bin_type=True)
+        self.bytes_out += len(data) + 4
+        with anyio.fail_after(IO_TIMEOUT):
+            await self.stream.send(len(data).to_bytes(4, "big") + data)
+
+    async def _fill(self, n: int) -> None:
+        while len(self.buf) < n:
+            with anyio.fail_after(IO_TIMEOUT):
+                chunk = await self.stream.receive(65536)
+            self.buf += chunk
+
+    async def receive(self) -> Any:
+        await self._fill(4)
+        size = int.from_bytes(self.buf[:4], "big")
+        if size > self.max_frame:
+            raise SyncError(f"frame of {size} bytes exceeds the {self.max_frame}-byte limit")
+        await self._fill(4 + size)
+        data = bytes(self.buf[4:4 + size])
+        del self.buf[:4 + size]
+        self.bytes_in += size + 4
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception:
+            raise SyncError("undecodable frame") from None
+
+
+def _items_from_wire(raw: Any) -> list[Item]:
+    if not isinstance(raw, list) or len(raw) < 2 or not isinstance(raw[1], list):
+        raise ProtocolError("bad ITEMS frame")
+    out = []
+    for f in raw[1]:
+        if not isinstance(f, list) or len(f) < 5:
+            raise ProtocolError("bad item")
+        key, hlc, origin, deleted, value = f[:5]
+        if (type(key) is not str or type(hlc) is not int or type(origin) is not bytes
+                or type(deleted) is not bool or not (value is None or type(value) is bytes)):
+            raise ProtocolError("bad item fields")
+        out.append(Item(key, hlc, origin, deleted, value))
+    return out
+
+
+@dataclass
+class SyncResult:
+    collection: str
+    items_in: int = 0
+    items_out: int = 0
+    rejected: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages: int = 0
+    seconds: float = 0.0
+
+
+async def _exchange(store: Store, conn: Framed, session: Session, name: str,
+                    first: Any, result: SyncResult) -> None:
+    """Alternate until the session is done. ``first`` is the peer's first frame."""
+    msg = first
+    while True:
+        while isinstance(msg, list) and msg and msg[0] == ITEMS:
+            items = _items_from_wire(msg)
+            _, rejected = await store.apply_remote(name, items)
+            result.items_in += len(items)
+            result.rejected += rejected
+            msg = await conn.receive()
+        reply = await store.with_tree(name, partial(_receive, session, msg=msg))
+        requests = session.take_sends()
+        if requests:
+            # One batch per store call: a large transfer never sits in memory
+            # whole, and local writes interleave with it.
+            gen = await store.with_tree(name, partial(item_batches, requests=requests))
+            while (batch := await store.call(partial(_next_batch, gen))) is not None:
+                await conn.send([ITEMS, [i.to_wire() for i in batch]])
+                result.items_out += len(batch)
+        if reply is None:
+            return
+        await conn.send(reply)
+        if session.done:
+            return
+        msg = await conn.receive()
+
+
+def _next_batch(gen: Iterator[list[Item]], _writer: object) -> list[Item] | None:
+    return next(gen, None)
+
+
+def _receive(session: Session, tree: SqliteTree, msg: Any) -> Any:
+    session.reader = tree
+    return session.receive(msg)
+
+
+async def sync_once(store: Store, host: str, port: int, name: str,
+                    max_frame: int) -> SyncResult:
+    """Reconcile collection ``name`` with the agent at host:port (initiator)."""
+    check_name(name)
+    result = SyncResult(name)
+    t0 = time.monotonic()
+    with anyio.fail_after(SESSION_TIMEOUT):
+        stream = await anyio.connect_tcp(host, port)
+        async with stream:
+            conn = Framed(stream, max_frame)
+            session = Session(reader=None)  # type: ignore[arg-type]
+            hello = await store.with_tree(name, lambda t: _hello(session, t, name))
+            await conn.send(hello)
+            first = await conn.receive()
+            if isinstance(first, list) and first and first[0] == DONE:
+                result.messages = 2
+            else:
+                await _exchange(store, conn, session, name, first, result)
+                result.messages = session.messages_in + session.messages_out
+            result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _hello(session: Session, tree: SqliteTree, name: str) -> Any:
+    session.reader = tree
+    return session.hello(name)
+
+
+async def handle_connection(store: Store, stream: SocketStream, max_frame: int,
+                            stats: dict[str, int]) -> None:
+    """Answer one session on an accepted connection; errors are logged, not raised."""
+    peer = "?"
+    try:
+        peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address))
+        async with stream:
+            conn = Framed(stream, max_frame)
+            with anyio.fail_after(SESSION_TIMEOUT):
+                hello = await conn.receive()
+                if (not isinstance(hello, list) or len(hello) < 2 or hello[0] != HELLO
+                        or type(hello[1]) is not str):
+                    raise ProtocolError("expected HELLO")
+                name = hello[1]
+                check_name(name)
+                session = Session(reader=None)  # type: ignore[arg-type]
+                result = SyncResult(name)
+                await _exchange(store, conn, session, name, hello, result)
+                stats["sync_served"] = stats.get("sync_served", 0) + 1
+                stats["sync_bytes_in"] = stats.get("sync_bytes_in", 0) + conn.bytes_in
+                stats["sync_bytes_out"] = stats.get("sync_bytes_out", 0) + conn.bytes_out
+                if result.items_in or result.items_out:
+                    log.info("sync %s with %s: %d items in, %d out", name, peer,
+                             result.items_in, result.items_out)
+    except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError,
+            SyncError, ProtocolError, StoreError) as e:
+        stats["sync_served_failed"] = stats.get("sync_served_failed", 0) + 1
+        log.warning("sync session from %s failed: %s", peer, e or type(e).__name__)
+
+
+# --- the service wired into the agent ---------------------------------------------
+
+
+class SyncService:
+    """Serves sync sessions and starts them when heartbeats show a difference."""
+
+    def __init__(self, store: Store, bind: str, port: int, interval: float,
+                 concurrency: int, max_value: int) -> None:
+        self.store = store
+        self.bind = bind
+        self.port = port
+        self.interval = interval
+        self.max_frame = max_value * 2 + FRAME_OVERHEAD
+        self.planner = SyncPlanner(concurrency=concurrency, cooldown=2 * interval)
+        self.stats: dict[str, int] = {}
+        self.durations: list[float] = []
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        host = None if self.bind in ("0.0.0.0", "::") else self.bind
+        try:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=self.port,
+                                                       reuse_port=False)
+        except OSError as e:
+            from agent.daemon import StartupError
+
+            raise StartupError(
+                f"cannot listen for sync on TCP {self.bind}:{self.port} "
+                f"(HS_GOSSIP_SYNC_PORT): {e.strerror or e}") from None
+        task_status.started()
+        async with listener, anyio.create_task_group() as tg:
+            async def handler(stream: SocketStream) -> None:
+                await handle_connection(self.store, stream, self.max_frame, self.stats)
+
+            await listener.serve(handler, task_group=tg)
+
+    async def run(self, peers: Any) -> None:
+        """``peers()`` returns [(peer_key, host, sync_port, {collection: state_hash})]."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                targets = {key: (host, port) for key, host, port, _ in peers()}
+                ours = {c.name: c.state_hash for c in self.store.digests()}
+                plan = self.planner.plan(anyio.current_time(), ours,
+                                         [(key, d) for key, _, _, d in peers()])
+                for key, name in plan:
+                    host, port = targets[key]
+                    tg.start_soon(self._one, key, host, port, name)
+                await anyio.sleep(self.interval)
+
+    async def _one(self, key: str, host: str, port: int, name: str) -> None:
+        ok = False
+        try:
+            r = await sync_once(self.store, host, port, name, self.max_frame)
+            ok = True
+            self.stats["sync_runs"] = self.stats.get("sync_runs", 0) + 1
+            self.stats["sync_bytes_in"] = self.stats.get("sync_bytes_in", 0) + r.bytes_in
+            self.stats["sync_bytes_out"] = self.stats.get("sync_bytes_out", 0) + r.bytes_out
+            self.stats["sync_items_in"] = self.stats.get("sync_items_in", 0) + r.items_in
+            self.stats["sync_items_out"] = self.stats.get("sync_items_out", 0) + r.items_out
+            self.durations = [*self.durations[-99:], r.seconds]
+            if r.items_in or r.items_out or r.rejected:
+                log.info("synced %s with %s:%d: %d items in, %d out, %d rejected, "
+                         "%d bytes, %.2fs", name, host, port, r.items_in, r.items_out,
+                         r.rejected, r.bytes_in + r.bytes_out, r.seconds)
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError,
+                SyncError, ProtocolError, StoreError) as e:
+            self.stats["sync_failures"] = self.stats.get("sync_failures", 0) + 1
+            log.warning("sync of %s with %s:%d failed: %s", name, host, port,
+                        e or type(e).__name__)
+        finally:
+            self.planner.finished(key, name, anyio.current_time(), ok)
