@@ -1,7 +1,9 @@
 """HTTP routes for replicated collections.
 
 ``PUT/GET/DELETE /api/collections/{name}/items/{key}``, ``GET /api/collections``,
-``GET /api/collections/{name}/items?prefix=&after=&limit=``. Errors are JSON
+``GET /api/collections/{name}/items?prefix=&after=&limit=``, ``POST
+/api/collections/{name}/items`` (a batch ``{"items": {key: value}}`` in one
+transaction) and ``POST /api/collections/{name}/verify[?repair=1]``. Errors are JSON
 ``{"error": ...}`` with 400 (bad name, key, size or JSON), 404 (no such item)
 or 413 (body too large). Versions are shown as ``updated_ms`` (the HLC's
 wall-clock part, Unix milliseconds), ``counter`` and ``origin`` (node UUID), so
@@ -23,6 +25,8 @@ from agent.store import Store, StoreError, check_key, check_name, decode_value
 from merkle.tree import Item
 
 MAX_PAGE = 1000
+MAX_BATCH_ITEMS = 10_000
+MAX_BATCH_BODY = 16 << 20
 
 
 def _error(status: int, msg: str) -> JSONResponse:
@@ -111,6 +115,26 @@ def routes(store: Store, max_value: int) -> list[Route]:
         body["next_after"] = items[-1].key if len(items) == limit else None
         return JSONResponse(body)
 
+    async def put_batch(request: Request) -> JSONResponse:
+        t = _target(request)
+        if isinstance(t, JSONResponse):
+            return t
+        body = await request.body()
+        if len(body) > MAX_BATCH_BODY:
+            return _error(413, f"batch body larger than {MAX_BATCH_BODY} bytes")
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, 'body must be JSON: {"items": {"key": value, ...}}')
+        items = doc.get("items") if isinstance(doc, dict) else None
+        if not isinstance(items, dict) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
+            return _error(400, f'"items" must map 1-{MAX_BATCH_ITEMS} keys to values')
+        try:
+            changed = await store.put_many(t[0], items)
+        except StoreError as e:
+            return _error(400, str(e))
+        return JSONResponse({"collection": t[0], "written": changed})
+
     async def verify(request: Request) -> JSONResponse:
         t = _target(request)
         if isinstance(t, JSONResponse):
@@ -124,6 +148,7 @@ def routes(store: Store, max_value: int) -> list[Route]:
     return [
         Route("/api/collections", list_collections, methods=["GET"]),
         Route("/api/collections/{name}/verify", verify, methods=["POST"]),
+        Route("/api/collections/{name}/items", put_batch, methods=["POST"]),
         Route("/api/collections/{name}/items", list_items, methods=["GET"]),
         Route("/api/collections/{name}/items/{key:path}", get_item, methods=["GET"]),
         Route("/api/collections/{name}/items/{key:path}", put_item, methods=["PUT"]),

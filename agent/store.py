@@ -287,6 +287,19 @@ class _Writer:
         self.apply_items(name, [item])
         return item
 
+    def put_many(self, name: str, values: dict[str, Any]) -> int:
+        """Write many items in one transaction; all or nothing."""
+        check_name(name)
+        items = []
+        for key, value in values.items():
+            check_key(key)
+            data = encode_value(value)
+            if len(data) > self.max_value:
+                raise StoreError(f"value of {key!r} is {len(data)} bytes encoded; the limit "
+                                 f"is {self.max_value} (HS_GOSSIP_MAX_VALUE)")
+            items.append(Item(key, self.hlc.now(), self.origin, False, data))
+        return self.apply_items(name, items)
+
     def delete(self, name: str, key: str) -> Item | None:
         check_name(name)
         check_key(key)
@@ -625,6 +638,9 @@ class Store:
 
     async def put(self, name: str, key: str, value: Any) -> Item:
         return await self.call(lambda w: w.put(name, key, value))
+
+    async def put_many(self, name: str, values: dict[str, Any]) -> int:
+        return await self.call(lambda w: w.put_many(name, values))
 
     async def delete(self, name: str, key: str) -> Item | None:
         return await self.call(lambda w: w.delete(name, key))

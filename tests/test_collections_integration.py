@@ -1,0 +1,130 @@
+"""Three real agents replicating collections through Merkle delta sync."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.agents import AgentProc, Swarm, run_cli, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def hashes(agents: list[AgentProc], name: str) -> set[str | None]:
+    out: set[str | None] = set()
+    for a in agents:
+        cols = {c["name"]: c["state_hash"] for c in a.get("/api/collections")}
+        out.add(cols.get(name))
+    return out
+
+
+def converged(agents: list[AgentProc], name: str) -> bool:
+    h = hashes(agents, name)
+    return len(h) == 1 and None not in h
+
+
+def value(a: AgentProc, name: str, key: str) -> object:
+    status, body = a.request("GET", f"/api/collections/{name}/items/{key}")
+    return body["value"] if status == 200 else status
+
+
+def test_writes_deletes_and_catch_up_across_three_agents(swarm: Swarm) -> None:
+    a = swarm.add()
+    b = swarm.add(seeds=[a])
+    c = swarm.add(seeds=[a])
+    agents = [a, b, c]
+    # a write on each agent, through the API and through the CLI
+    assert a.request("PUT", "/api/collections/vision/items/cam-7", {"value": {"x": 1}})[0] == 200
+    out = run_cli("put", "vision", "cam-8", '{"y": 2}', "--api", f"127.0.0.1:{b.api_port}")
+    assert out.returncode == 0, out.stderr
+    assert c.request("PUT", "/api/collections/vision/items/cam-9", {"value": [3]})[0] == 200
+    wait_for(lambda: converged(agents, "vision"), timeout=15, what="three agents converge")
+    for ag in agents:
+        assert value(ag, "vision", "cam-7") == {"x": 1}
+        assert value(ag, "vision", "cam-8") == {"y": 2}
+        assert value(ag, "vision", "cam-9") == [3]
+    out = run_cli("get", "vision", "cam-7", "--api", f"127.0.0.1:{c.api_port}")
+    assert out.returncode == 0 and out.stdout.strip() == '{"x": 1}'
+    # every peer shows the same state_hash in /api/swarm/peers
+    h = hashes([a], "vision").pop()
+    wait_for(lambda: all(col["state_hash"] == h for p in a.get("/api/swarm/peers")["peers"]
+                         for col in p["collections"] if col["name"] == "vision")
+             and len(a.get("/api/swarm/peers")["peers"]) == 2, timeout=10,
+             what="peers advertise the same state hash")
+
+    # a delete propagates and does not come back
+    assert b.request("DELETE", "/api/collections/vision/items/cam-7")[0] == 200
+    wait_for(lambda: all(value(ag, "vision", "cam-7") == 404 for ag in agents), timeout=15,
+             what="delete propagated")
+    c.request("PUT", "/api/collections/other/items/k", {"value": 1})  # forces more syncs
+    wait_for(lambda: converged(agents, "other") and converged(agents, "vision"), timeout=15,
+             what="converged again")
+    assert all(value(ag, "vision", "cam-7") == 404 for ag in agents)
+
+    # an agent offline during writes catches up when restarted
+    c.terminate()
+    for i in range(50):
+        a.request("PUT", f"/api/collections/vision/items/offline-{i}", {"value": i})
+    b.request("POST", "/api/collections/vision/items", {"items": {"batch-1": 1, "batch-2": 2}})
+    c.start()
+    wait_for(lambda: converged(agents, "vision"), timeout=20, what="restarted agent caught up")
+    assert value(c, "vision", "offline-49") == 49 and value(c, "vision", "batch-2") == 2
+    listing = c.get("/api/collections/vision/items?prefix=offline-&limit=10")
+    assert len(listing["items"]) == 10 and listing["next_after"] == "offline-17"
+    counts = {col["name"]: col["vector_count"] for col in c.get("/api/collections")}
+    assert counts["vision"] == 2 + 50 + 2  # cam-8, cam-9, offline-*, batch-*
+
+
+def b_count_at_kill(b: AgentProc) -> int:
+    """Live items in b's database, read directly (b is dead)."""
+    import sqlite3
+
+    con = sqlite3.connect(b.data_dir / "store.sqlite3")
+    try:
+        row = con.execute("SELECT live FROM collections WHERE name='big'").fetchone()
+    finally:
+        con.close()
+    return int(row[0]) if row else 0
+
+
+def test_kill_during_a_large_sync_then_recover(swarm: Swarm) -> None:
+    a = swarm.add()
+    n = 30_000
+    for start in range(0, n, 5000):
+        batch = {f"item-{i:06d}": {"i": i, "pad": "x" * 64} for i in range(start, start + 5000)}
+        assert a.request("POST", "/api/collections/big/items", {"items": batch})[0] == 200
+    b = swarm.add(seeds=[a])
+
+    def b_count() -> int:
+        cols = {col["name"]: col["vector_count"] for col in b.get("/api/collections")}
+        return int(cols.get("big", 0))
+
+    wait_for(lambda: b_count() > 0, timeout=20, interval=0.02, what="sync under way")
+    b.kill()  # kill -9 in the middle of the transfer
+    assert b_count_at_kill(b) < n, "the transfer finished before the kill; make it larger"
+    report = run_cli("verify", "big", "--api", f"127.0.0.1:{a.api_port}")
+    assert report.returncode == 0
+    b.start()
+    out = run_cli("verify", "big", "--api", f"127.0.0.1:{b.api_port}")
+    assert out.returncode == 0, out.stdout + out.stderr  # consistent after the kill
+    wait_for(lambda: converged([a, b], "big"), timeout=60, what="converged after restart")
+    assert b_count() == n
+    out = run_cli("verify", "big", "--api", f"127.0.0.1:{b.api_port}")
+    assert out.returncode == 0 and '"ok": true' in out.stdout
+
+
+def test_bad_requests_get_json_errors(swarm: Swarm) -> None:
+    a = swarm.add()
+    for method, path, body, code in [
+        ("PUT", "/api/collections/bad%20name/items/k", {"value": 1}, 400),
+        ("PUT", "/api/collections/ok/items/k", None, 400),
+        ("PUT", "/api/collections/ok/items/k", {"nope": 1}, 400),
+        ("PUT", "/api/collections/ok/items/" + "k" * 1100, {"value": 1}, 400),
+        ("GET", "/api/collections/ok/items/missing", None, 404),
+        ("DELETE", "/api/collections/ok/items/missing", None, 404),
+        ("GET", "/api/collections/ok/items?limit=0", None, 400),
+    ]:
+        status, doc = a.request(method, path, body)
+        assert status == code, (method, path, status, doc)
+        assert isinstance(doc, dict) and doc.get("error")
+    out = run_cli("put", "ok", "k", "not json", "--api", f"127.0.0.1:{a.api_port}")
+    assert out.returncode == 2 and "JSON" in out.stderr
