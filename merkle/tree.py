@@ -31,8 +31,8 @@ FANOUT = 1 << FANOUT_BITS
 POS_BITS = 64
 MAX_LEVEL = POS_BITS // FANOUT_BITS
 #: levels 1..STORED_LEVELS are kept incrementally; deeper ones are computed
-#: from the items on demand (at 1M items a level-4 node holds ~15 items)
-STORED_LEVELS = 4
+#: from the items on demand (at 1M items a level-3 node holds ~244 items)
+STORED_LEVELS = 3
 MOD = 1 << 256
 ORIGIN_LEN = 16
 
@@ -70,15 +70,14 @@ class Item:
     deleted: bool
     value: bytes | None
     digest: bytes = field(default=b"", compare=False, repr=False)
+    pos: int = field(default=-1, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.digest:
             object.__setattr__(self, "digest", item_digest(
                 self.key, self.hlc, self.origin, self.deleted, self.value))
-
-    @property
-    def pos(self) -> int:
-        return key_position(self.key)
+        if self.pos < 0:
+            object.__setattr__(self, "pos", key_position(self.key))
 
     @property
     def version(self) -> tuple[int, bytes, bytes]:

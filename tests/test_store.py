@@ -83,7 +83,7 @@ def test_verify_detects_and_repairs_a_damaged_index(tmp_path: Path) -> None:
         for i in range(50):
             await s.put("c", f"k{i}", i)
         good = s.digests()[0].state_hash
-        await s.call(lambda w: w.conn.execute("UPDATE nodes SET count=count+1 WHERE level=4"))
+        await s.call(lambda w: w.conn.execute("UPDATE nodes SET count=count+1 WHERE level=3"))
         await s.close()
         s = await Store.open(tmp_path, A)
         assert not (await s.verify("c"))["ok"]
