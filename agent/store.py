@@ -166,6 +166,8 @@ class _Writer:
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self.conn.execute("PRAGMA busy_timeout=5000")
+        # Index pages for random positions: a bigger cache keeps bulk writes fast.
+        self.conn.execute("PRAGMA cache_size=-32768")
         self._migrate()
         self.colls: dict[str, _Collection] = {}
         self._load_collections()
