@@ -332,7 +332,12 @@ FIELDS: dict[str, FieldSpec] = {
 }
 
 #: Variables read outside the Config (recognised, so not warned about).
-EXTRA_VARS = {"ENV_FILE"}
+#: FAULT_STALL_TICK_AFTER (seconds) is fault injection: the gossip tick loop
+#: hangs that long after start, to prove the systemd watchdog notices.
+EXTRA_VARS = {"ENV_FILE", "FAULT_STALL_TICK_AFTER"}
+
+#: Settings a running agent applies again on SIGHUP; the rest need a restart.
+RELOADABLE = ("LOG_LEVEL", "LOG_FORMAT")
 
 
 def parse_env_file(path: Path) -> dict[str, str]:
@@ -406,6 +411,29 @@ def load(
             "peers are dropped without first showing as unhealthy"
         )
     return cfg, warnings
+
+
+def load_reloadable(environ: Mapping[str, str] | None = None,
+                    cwd: Path | None = None) -> dict[str, Any]:
+    """The RELOADABLE settings as SIGHUP sees them. Unlike at start, the env
+    file wins over the environment here: it is what an operator edits, and
+    systemd's EnvironmentFile= copied its old values into the environment.
+    Raises ConfigError."""
+    env = dict(os.environ if environ is None else environ)
+    raw = {k: env[PREFIX + k] for k in RELOADABLE if PREFIX + k in env}
+    file_var = env.get(f"{PREFIX}ENV_FILE")
+    env_path = Path(file_var) if file_var else (cwd or Path.cwd()) / ".env"
+    if file_var or env_path.is_file():
+        from_file = parse_env_file(env_path)
+        raw.update({k: from_file[PREFIX + k] for k in RELOADABLE if PREFIX + k in from_file})
+    out: dict[str, Any] = {}
+    for key, text in raw.items():
+        spec = FIELDS[key]
+        try:
+            out[spec.attr] = spec.parse(text)
+        except ValueError as e:
+            raise ConfigError(PREFIX + key, text, str(e)) from None
+    return out
 
 
 def check_data_dir(path: Path) -> None:

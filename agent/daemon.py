@@ -1,9 +1,12 @@
 """The agent process: wires the membership core to the UDP socket, the timer,
 the HTTP API and signals, all inside one task group.
 
-Shutdown (SIGTERM / SIGINT): send LEAVE to every known peer, stop the API,
-close the socket, exit 0. Anything that owns state (store, syncs) registers a
-closer in ``Agent.closers`` and is closed in reverse order.
+Start-up binds UDP, the sync listener and the API, then tells systemd
+READY=1. Shutdown (SIGTERM / SIGINT): STOPPING=1, LEAVE to every known peer,
+the API finishes in-flight requests (so acknowledged writes are queued), tasks
+are cancelled, then closers run in reverse order of registration (the store
+commits its queue and checkpoints the WAL), the peer snapshot is saved, exit 0.
+SIGHUP re-applies the reloadable settings (log level and format).
 
 Every ``async def`` here is a checkpoint; cancelling ``run`` leaves no task
 behind (structured concurrency).
@@ -12,6 +15,7 @@ behind (structured concurrency).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import socket
@@ -26,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from agent import identity, wire
-from agent.config import Config, HostPort
+from agent import health, identity, snapshot, supervision, wire
+from agent.config import PREFIX, Config, ConfigError, HostPort, load_reloadable
 from agent.membership import (
     Event,
     IncarnationRaised,
@@ -42,6 +46,7 @@ from agent.membership import (
     Params,
     SelfInfo,
 )
+from agent.sdnotify import Notifier
 from agent.udp import Addr, GossipSocket, normalize
 
 if TYPE_CHECKING:
@@ -52,6 +57,10 @@ log = logging.getLogger("hs_gossip")
 
 #: how often unresolved or unanswering seeds are looked up again (seconds)
 SEED_RERESOLVE = 30.0
+#: how often the known peers are saved for the next start (seconds)
+SNAPSHOT_EVERY = 30.0
+#: how long in-flight API requests get to finish on shutdown (seconds)
+API_DRAIN = 5.0
 
 
 class StartupError(Exception):
@@ -92,6 +101,11 @@ class Agent:
     store: Store | None = None
     sync: SyncService = field(init=False)
     _extra_seeds: list[Addr] = field(default_factory=list)
+    notifier: Notifier = field(default_factory=Notifier)
+    #: seconds the last event-loop timer fired late (see supervision)
+    loop_lag: float = 0.0
+    _api_done: anyio.Event = field(default_factory=anyio.Event)
+    _stall_tick_at: float = float("inf")
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -137,15 +151,17 @@ class Agent:
                 f"{e.strerror or e}"
             ) from None
         self.core.me.port = self.sock.local_port
+        self._load_snapshot()
         await self._resolve_seeds(force=True)
         await self._open_store()
 
-        from agent.api import serve_api  # Starlette import is the slow part of start-up
+        from agent import metrics  # prometheus_client import is slow; only the daemon needs it
 
+        self.extra_routes.extend(metrics.routes(self))
         async with anyio.create_task_group() as tg:
             await tg.start(self.sync.serve)
             tg.start_soon(self.sync.run, self.sync_targets)
-            self.http_port = await tg.start(serve_api, self, self._shutdown.wait)
+            self.http_port = await tg.start(self._serve_api)
             self.core.set_http_port(self.http_port)
             log.info(
                 "agent %s (%s) incarnation %d: gossip udp %s:%d, api http://%s:%d",
@@ -154,12 +170,21 @@ class Agent:
             )
             tg.start_soon(self._receive_loop)
             tg.start_soon(self._tick_loop)
-            tg.start_soon(self._signal_loop, tg)
+            tg.start_soon(self._signal_loop)
+            tg.start_soon(self._snapshot_loop)
+            tg.start_soon(supervision.loop_lag_monitor, self)
+            self._start_optional_services(tg)
             for svc in self.services:
                 tg.start_soon(svc, self)
+            self.notifier.notify("READY=1", "STATUS=" + self.status_line())
+            if self.notifier.enabled:
+                tg.start_soon(supervision.systemd_loop, self, self.notifier)
             task_status.started()
             await self._shutdown.wait()
+            self.notifier.notify("STOPPING=1", "STATUS=leaving the swarm")
             await self._leave()
+            with anyio.move_on_after(API_DRAIN, shield=True):
+                await self._api_done.wait()
             tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
             for closer in reversed(self.closers):
@@ -167,9 +192,68 @@ class Agent:
                     await closer()
                 except Exception:
                     log.exception("error while closing")
+            self._save_snapshot()
             if self.sock is not None:
                 await self.sock.aclose()
+        self.notifier.close()
         log.info("agent stopped")
+
+    async def _serve_api(self, *, task_status: TaskStatus[int]) -> None:
+        from agent.api import serve_api  # Starlette import is the slow part of start-up
+
+        try:
+            await serve_api(self, self._shutdown.wait, task_status=task_status)
+        finally:
+            self._api_done.set()
+
+    def _start_optional_services(self, tg: TaskGroup) -> None:
+        cfg = self.cfg
+        if cfg.health_url or cfg.health_cmd:
+            tg.start_soon(health.run, cfg.health_url, cfg.health_cmd, cfg.health_interval,
+                          self.core.set_app_healthy)
+        if cfg.discovery == "multicast":
+            from agent import discovery
+
+            tg.start_soon(discovery.run, cfg.multicast_group, cfg.multicast_port,
+                          self.core.me.port, self.ident.node_id.bytes,
+                          lambda addr: self.add_seeds([addr]))
+        stall = os.environ.get(PREFIX + "FAULT_STALL_TICK_AFTER")
+        if stall:
+            self._stall_tick_at = anyio.current_time() + float(stall)
+            log.warning("fault injection: the gossip loop will hang after %ss", stall)
+
+    def status_line(self) -> str:
+        """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""
+        healthy = sum(1 for m in self.core.members.values() if m.healthy)
+        total = len(self.core.members)
+        peers = f"{total} peers" if healthy == total else f"{total} peers ({healthy} healthy)"
+        ncoll = len(self.core.digests)
+        return f"{peers}, {ncoll} collection{'' if ncoll == 1 else 's'}, role {self.role}"
+
+    # --- peer snapshot (rejoin when the seeds are down) -----------------------
+
+    def _load_snapshot(self) -> None:
+        saved = snapshot.load(self.cfg.data_dir, self.cfg.snapshot_max_age)
+        if saved.peers:
+            log.info("rejoin candidates from the peer snapshot: %d", len(saved.peers))
+            self.add_seeds(saved.peers)
+        if saved.lc > self.core.lc:
+            # The logical clock must not run backwards across a restart.
+            self.core.lc = saved.lc
+
+    def _save_snapshot(self) -> None:
+        peers = [(m.node_id.hex(), m.host, m.port, self.wall_time_of(m.last_progress))
+                 for m in self.core.members.values()]
+        try:
+            snapshot.save(self.cfg.data_dir, peers, self.core.lc)
+        except OSError as e:
+            log.warning("cannot save the peer snapshot in %s: %s", self.cfg.data_dir, e)
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await anyio.sleep(SNAPSHOT_EVERY)
+            if self.core.members:
+                await anyio.to_thread.run_sync(self._save_snapshot)
 
     async def _open_store(self) -> None:
         from agent.collections_api import routes
@@ -209,12 +293,31 @@ class Agent:
             await self._flush()
         log.info("left the swarm (told %d peers)", len(self.core.members))
 
-    async def _signal_loop(self, tg: TaskGroup) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def _signal_loop(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for sig in signals:
+                if sig == signal.SIGHUP:
+                    self.reload()
+                    continue
                 log.info("received %s, shutting down", signal.Signals(sig).name)
                 self._shutdown.set()
                 return
+
+    def reload(self) -> None:
+        from agent import logging_setup
+
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new = load_reloadable()
+        except ConfigError as e:
+            log.error("reload refused, settings unchanged: %s", e)
+        else:
+            level = new.get("log_level", self.cfg.log_level)
+            fmt = new.get("log_format", self.cfg.log_format)
+            logging_setup.configure(level, fmt)
+            # WARNING so the line shows whatever the new level is.
+            log.warning("reloaded: log level %s, log format %s", level.lower(), fmt)
+        self.notifier.notify("READY=1")
 
     async def _resolve_advertise(self) -> str:
         adv = self.cfg.advertise
@@ -268,6 +371,8 @@ class Agent:
         rng = random.Random()
         while True:
             now = anyio.current_time()
+            if now >= self._stall_tick_at:
+                await anyio.sleep_forever()
             self._publish_digests()
             self.core.tick(now)
             await self._flush()

@@ -2,7 +2,8 @@
 (as Serf's snapshot does).
 
 ``peers.json`` holds, per peer, its gossip address and when it was last seen
-alive (Unix seconds). It is written atomically (temp file, fsync, rename) every
+alive (Unix seconds), and this agent's logical clock so that it never runs
+backwards across a restart. It is written atomically (temp file, fsync, rename) every
 30 s and at shutdown. At start, entries younger than
 ``HS_GOSSIP_SNAPSHOT_MAX_AGE`` become extra seeds. A corrupt file is logged and
 ignored: losing the snapshot only means waiting for the configured seeds.
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.udp import Addr
@@ -23,10 +25,16 @@ FILENAME = "peers.json"
 MAX_ENTRIES = 256
 
 
-def save(data_dir: Path, peers: list[tuple[str, str, int, float]]) -> None:
+@dataclass
+class Snapshot:
+    peers: list[Addr] = field(default_factory=list)
+    lc: int = 0
+
+
+def save(data_dir: Path, peers: list[tuple[str, str, int, float]], lc: int = 0) -> None:
     """``peers``: (node_id, host, port, last_seen_unix). Newest first, capped."""
     peers = sorted(peers, key=lambda p: -p[3])[:MAX_ENTRIES]
-    doc = {"version": 1, "saved": time.time(),
+    doc = {"version": 1, "saved": time.time(), "lc": lc,
            "peers": [{"node_id": n, "host": h, "port": p, "last_seen": round(t, 3)}
                      for n, h, p, t in peers]}
     path = data_dir / FILENAME
@@ -38,19 +46,19 @@ def save(data_dir: Path, peers: list[tuple[str, str, int, float]]) -> None:
     os.replace(tmp, path)
 
 
-def load(data_dir: Path, max_age: float, now: float | None = None) -> list[Addr]:
+def load(data_dir: Path, max_age: float, now: float | None = None) -> Snapshot:
+    """Entries last seen more than ``max_age`` seconds ago are left out."""
     path = data_dir / FILENAME
     now = time.time() if now is None else now
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        entries = doc["peers"]
-        out: list[Addr] = []
-        for e in entries:
+        out = Snapshot(lc=max(0, int(doc.get("lc", 0))))
+        for e in doc["peers"][:MAX_ENTRIES]:
             if now - float(e["last_seen"]) <= max_age:
-                out.append((str(e["host"]), int(e["port"])))
+                out.peers.append((str(e["host"]), int(e["port"])))
         return out
     except FileNotFoundError:
-        return []
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return Snapshot()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("ignoring unreadable peer snapshot %s: %s", path, e)
-        return []
+        return Snapshot()

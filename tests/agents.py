@@ -32,6 +32,14 @@ def cli_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "agent"]
 
 
+def clean_environ() -> dict[str, str]:
+    """The test runner's environment without anything that would change an
+    agent's behaviour (our variables, or systemd's if pytest runs in a unit)."""
+    systemd = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "STATE_DIRECTORY")
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("HS_GOSSIP_") and k not in systemd}
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((host, 0))
@@ -77,7 +85,7 @@ class AgentProc:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start(self) -> AgentProc:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HS_GOSSIP_")}
+        env = clean_environ()
         env.update({
             "HS_GOSSIP_BIND": self.host,
             "HS_GOSSIP_PORT": str(self.gossip_port),
@@ -193,7 +201,7 @@ def swarm(tmp_path: Path) -> Iterator[Swarm]:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HS_GOSSIP_")}
+    full_env = clean_environ()
     full_env.update(env or {})
     return subprocess.run([*cli_command(), *args], env=full_env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)

@@ -1,0 +1,72 @@
+"""What the agent tells systemd about itself, and how it watches its own loop.
+
+* ``systemd_loop``: STATUS= lines whenever they change, and WATCHDOG=1 only
+  while the gossip tick loop makes progress. A hung tick loop (a deadlock, a
+  stuck await) therefore stops the pings and systemd restarts the unit after
+  ``WatchdogSec``; a blocked event loop stops them too, since this task cannot
+  run either.
+* ``loop_lag_monitor``: how late a short timer fires, the best cheap measure of
+  an event loop that is overloaded or blocked by synchronous work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+
+from agent.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+log = logging.getLogger("hs_gossip.supervision")
+
+LAG_PERIOD = 0.5
+#: the tick loop counts as alive when its last tick is at most this many
+#: intervals old (ticks are jittered by +-10% and a tick may wait on a flush)
+TICK_GRACE_INTERVALS = 3.0
+
+
+def tick_is_recent(last_tick: float, now: float, interval: float) -> bool:
+    return now - last_tick <= max(TICK_GRACE_INTERVALS * interval, 1.0)
+
+
+async def systemd_loop(agent: Agent, notifier: Notifier) -> None:
+    # Ping at a third of the watchdog period so one late ping is not fatal.
+    period = min(notifier.watchdog_s / 3, 5.0) if notifier.watchdog_s else 5.0
+    last_status = agent.status_line()  # sent with READY=1
+    stalled = False
+    while True:
+        now = anyio.current_time()
+        lines = []
+        status = agent.status_line()
+        if status != last_status:
+            lines.append("STATUS=" + status)
+            last_status = status
+        if notifier.watchdog_s:
+            if tick_is_recent(agent.last_tick, now, agent.cfg.interval):
+                lines.append("WATCHDOG=1")
+                if stalled:
+                    log.warning("gossip loop is making progress again")
+                    stalled = False
+            elif not stalled:
+                log.error("gossip loop made no progress for %.1fs; withholding the "
+                          "systemd watchdog ping", now - agent.last_tick)
+                stalled = True
+        if lines:
+            notifier.notify(*lines)
+        await anyio.sleep(period)
+
+
+async def loop_lag_monitor(agent: Agent) -> None:
+    worst_logged = 0.0
+    while True:
+        start = anyio.current_time()
+        await anyio.sleep(LAG_PERIOD)
+        lag = max(0.0, anyio.current_time() - start - LAG_PERIOD)
+        agent.loop_lag = lag
+        if lag > 1.0 and lag > 2 * worst_logged:
+            log.warning("event loop ran %.2fs late", lag)
+            worst_logged = lag
