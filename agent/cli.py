@@ -255,12 +255,8 @@ cmd_demo.add_arguments = _demo_args  # type: ignore[attr-defined]
 
 def _load_plugins() -> None:
     """Subcommands and agent hooks living in other modules register themselves on import."""
-    for mod in ("agent.cli_data", "agent.cli_ops"):
-        try:
-            __import__(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    import agent.cli_data
+    import agent.cli_ops  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,9 +4,10 @@ CLI flags, parsed into one frozen :class:`Config`.
 Rules:
 
 * Precedence: command-line flags > process environment > .env file > defaults.
-* The .env file is ``$HS_GOSSIP_ENV_FILE`` if set (it must then exist), else
-  ``./.env`` when present. Lines are ``KEY=VALUE``; ``#`` starts a comment;
-  values may be single- or double-quoted; ``export KEY=VALUE`` is accepted.
+* The .env file is ``$HS_GOSSIP_ENV_FILE`` if set (it must then exist, unless
+  the value starts with ``-``), else ``./.env`` when present. Lines are
+  ``KEY=VALUE``; ``#`` starts a comment; values may be single- or
+  double-quoted; ``export KEY=VALUE`` is accepted.
 * A malformed value raises :class:`ConfigError`, whose message is one line
   naming the variable, the value and what was expected. The CLI turns it into
   exit code 2 before anything is bound.
@@ -367,6 +368,20 @@ def parse_env_file(path: Path) -> dict[str, str]:
     return out
 
 
+def env_file_path(env: Mapping[str, str], cwd: Path | None = None) -> Path | None:
+    """The .env file to read, or None. ``$HS_GOSSIP_ENV_FILE`` must exist unless
+    it starts with ``-`` (optional, as in systemd's ``EnvironmentFile=-``);
+    without it, ``./.env`` is read when present."""
+    file_var = env.get(f"{PREFIX}ENV_FILE")
+    if file_var:
+        if file_var.startswith("-"):
+            path = Path(file_var[1:])
+            return path if path.is_file() else None
+        return Path(file_var)
+    default = (cwd or Path.cwd()) / ".env"
+    return default if default.is_file() else None
+
+
 def load(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, str] | None = None,
@@ -377,9 +392,8 @@ def load(
     a list of warnings. Raises ConfigError."""
     env = dict(os.environ if environ is None else environ)
     merged: dict[str, str] = {}
-    file_var = env.get(f"{PREFIX}ENV_FILE")
-    env_path = Path(file_var) if file_var else (cwd or Path.cwd()) / ".env"
-    if file_var or env_path.is_file():
+    env_path = env_file_path(env, cwd)
+    if env_path is not None:
         merged.update(
             {k: v for k, v in parse_env_file(env_path).items() if k.startswith(PREFIX)}
         )
@@ -421,9 +435,8 @@ def load_reloadable(environ: Mapping[str, str] | None = None,
     Raises ConfigError."""
     env = dict(os.environ if environ is None else environ)
     raw = {k: env[PREFIX + k] for k in RELOADABLE if PREFIX + k in env}
-    file_var = env.get(f"{PREFIX}ENV_FILE")
-    env_path = Path(file_var) if file_var else (cwd or Path.cwd()) / ".env"
-    if file_var or env_path.is_file():
+    env_path = env_file_path(env, cwd)
+    if env_path is not None:
         from_file = parse_env_file(env_path)
         raw.update({k: from_file[PREFIX + k] for k in RELOADABLE if PREFIX + k in from_file})
     out: dict[str, Any] = {}
