@@ -99,7 +99,8 @@ def test_multicast_discovery_finds_agents_without_seeds(
             wait_for(found_each_other, timeout=20, interval=0.3, what="multicast discovery")
         except AssertionError:
             raise AssertionError("\n".join(p.read_text()[-2000:] for p in logs)) from None
-        assert "discovered agent at 10.231.7.2" in logs[0].read_text()
+        # One side hearing the other's beacon is enough; gossip does the rest.
+        assert any("discovered agent at 10.231.7." in p.read_text() for p in logs)
     finally:
         for p in procs:
             p.terminate()
