@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -151,6 +149,9 @@ def api_request(args: argparse.Namespace, method: str, path: str,
                 body: Any = None) -> tuple[int, Any]:
     """Call the local API; returns (status, decoded JSON). ApiError when the
     agent cannot be reached."""
+    import urllib.error  # not imported by the agent process itself
+    import urllib.request
+
     url = api_base(args) + path
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method,

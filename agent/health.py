@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import anyio
@@ -18,6 +16,9 @@ log = logging.getLogger("hs_gossip.health")
 
 
 def _url_ok(url: str, timeout: float) -> bool:
+    import urllib.error  # only agents with a health URL pay for urllib
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return bool(200 <= r.status < 300)

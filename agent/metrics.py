@@ -3,32 +3,37 @@
 A custom collector reads the counters the cores already keep (membership
 stats, socket errors, sync and store figures) at scrape time, so no protocol
 module imports prometheus_client and nothing is counted twice. A private
-registry keeps library defaults out.
+registry keeps library defaults out. prometheus_client (and the http.server,
+wsgiref and gzip modules it pulls in, ~1.5 MiB) is imported on the first
+scrape, so agents nobody scrapes do not pay for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     from agent.daemon import Agent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class AgentCollector(Collector):
+class AgentCollector:
+    """A prometheus_client collector (duck-typed: it only needs ``collect``)."""
+
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         a = self.agent
         core = a.core
         stats = dict(core.stats)
@@ -99,10 +104,15 @@ class AgentCollector(Collector):
 
 
 def routes(agent: Agent) -> list[Route]:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(agent))
+    registry: Any = None
 
     async def metrics(request: Request) -> Response:
+        nonlocal registry
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(AgentCollector(agent))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE)
 
     return [Route("/metrics", metrics, methods=["GET"])]
