@@ -57,8 +57,11 @@ log = logging.getLogger("hs_gossip")
 
 #: how often unresolved or unanswering seeds are looked up again (seconds)
 SEED_RERESOLVE = 30.0
-#: how often the known peers are saved for the next start (seconds)
-SNAPSHOT_EVERY = 30.0
+#: the known peers are saved for the next start every this many intervals
+#: when they changed, and every SNAPSHOT_REFRESH seconds anyway (to keep the
+#: last-seen times fresh) - not more often, to spare devices' flash.
+SNAPSHOT_EVERY_INTERVALS = 30
+SNAPSHOT_REFRESH = 600.0
 #: how long in-flight API requests get to finish on shutdown (seconds)
 API_DRAIN = 5.0
 
@@ -241,19 +244,32 @@ class Agent:
             # The logical clock must not run backwards across a restart.
             self.core.lc = saved.lc
 
-    def _save_snapshot(self) -> None:
-        peers = [(m.node_id.hex(), m.host, m.port, self.wall_time_of(m.last_progress))
-                 for m in self.core.members.values()]
+    def _snapshot_rows(self) -> list[tuple[str, str, int, float]]:
+        """Taken on the event loop: the membership core is not thread-safe."""
+        return [(m.node_id.hex(), m.host, m.port, self.wall_time_of(m.last_progress))
+                for m in self.core.members.values()]
+
+    def _write_snapshot(self, rows: list[tuple[str, str, int, float]], lc: int) -> None:
         try:
-            snapshot.save(self.cfg.data_dir, peers, self.core.lc)
+            snapshot.save(self.cfg.data_dir, rows, lc)
         except OSError as e:
             log.warning("cannot save the peer snapshot in %s: %s", self.cfg.data_dir, e)
 
+    def _save_snapshot(self) -> None:
+        self._write_snapshot(self._snapshot_rows(), self.core.lc)
+
     async def _snapshot_loop(self) -> None:
+        saved: set[tuple[str, str, int]] = set()
+        saved_at = -SNAPSHOT_REFRESH
         while True:
-            await anyio.sleep(SNAPSHOT_EVERY)
-            if self.core.members:
-                await anyio.to_thread.run_sync(self._save_snapshot)
+            await anyio.sleep(SNAPSHOT_EVERY_INTERVALS * self.cfg.interval)
+            rows = self._snapshot_rows()
+            members = {r[:3] for r in rows}
+            now = anyio.current_time()
+            if rows and (members != saved or now - saved_at >= SNAPSHOT_REFRESH):
+                # The fsync runs off the event loop; the rows are taken on it.
+                await anyio.to_thread.run_sync(self._write_snapshot, rows, self.core.lc)
+                saved, saved_at = members, now
 
     async def _open_store(self) -> None:
         from agent.collections_api import routes

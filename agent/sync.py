@@ -247,6 +247,8 @@ async def handle_connection(store: Store, stream: SocketStream, max_frame: int,
                 stats["sync_served"] = stats.get("sync_served", 0) + 1
                 stats["sync_bytes_in"] = stats.get("sync_bytes_in", 0) + conn.bytes_in
                 stats["sync_bytes_out"] = stats.get("sync_bytes_out", 0) + conn.bytes_out
+                stats["sync_items_in"] = stats.get("sync_items_in", 0) + result.items_in
+                stats["sync_items_out"] = stats.get("sync_items_out", 0) + result.items_out
                 if result.items_in or result.items_out:
                     log.info("sync %s with %s: %d items in, %d out", name, peer,
                              result.items_in, result.items_out)

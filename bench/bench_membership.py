@@ -59,8 +59,10 @@ class Proc:
         })
         if seed:
             env["HS_GOSSIP_PEERS"] = seed
-        self.p = subprocess.Popen([*cli(), "run"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        self.log = base / f"a{i}.log"
+        with open(self.log, "wb") as out:
+            self.p = subprocess.Popen([*cli(), "run"], env=env, stdout=out,
+                                      stderr=subprocess.STDOUT)
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.api}{path}", timeout=2) as r:
@@ -152,13 +154,20 @@ def run_size(n: int, interval: float, idle: float, ttl: float) -> dict[str, Any]
                 return True
 
             detect = poll_all(pool, rest, unhealthy, 120)
+    except BaseException:
+        dead = [p for p in procs if p.p.poll() is not None and p.p.returncode != -9]
+        for p in dead:
+            print(f"agent {p.host} exited with {p.p.returncode}; log {p.log}:\n"
+                  + p.log.read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
     finally:
         for p in procs:
             if p.p.poll() is None:
                 p.p.send_signal(signal.SIGKILL)
         for p in procs:
             p.p.wait()
-        shutil.rmtree(base, ignore_errors=True)
+        if sys.exc_info()[0] is None:
+            shutil.rmtree(base, ignore_errors=True)
     return {
         "agents": n, "interval_s": interval,
         "converge_s": round(converge, 2), "unhealthy_after_kill_s": round(detect, 2),

@@ -153,12 +153,20 @@ def test_sigterm_leaves_at_once_and_loses_no_acknowledged_write(swarm: Swarm) ->
         assert b.request("GET", f"/api/collections/c/items/{key}")[0] == 200
 
 
-def test_restart_rejoins_through_saved_peers_when_seeds_are_gone(swarm: Swarm) -> None:
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_restart_rejoins_through_saved_peers_when_seeds_are_gone(swarm: Swarm,
+                                                                  stop: str) -> None:
     seed = swarm.add()
     b = swarm.add([seed])
     c = swarm.add([seed])
     wait_for(lambda: b.node_id in c.peers() and c.node_id in b.peers(), what="full mesh")
-    assert c.terminate() == 0
+    if stop == "sigterm":
+        assert c.terminate() == 0  # saves its peers on the way out
+    else:
+        # A crash: only the periodic save (every 30 intervals) can have run.
+        snap = c.data_dir / "peers.json"
+        wait_for(lambda: b.host in snap.read_text(), timeout=20, what="periodic peer snapshot")
+        c.kill()
     seed.kill()
     assert c.proc is not None
     c.start()  # still seeded only with the dead seed
