@@ -52,6 +52,9 @@ def test_invalid_writes_are_refused_and_change_nothing(tmp_path: Path, name: str
         with pytest.raises(StoreError):
             await s.put(name, key, value)
         assert s.digests() == before
+        # The store thread recovered from the failed transaction.
+        await s.put("ok", "after", 2)
+        assert (await s.get("ok", "after")) is not None
         await s.close()
 
     run(main)
