@@ -222,8 +222,12 @@ class Agent:
                           lambda addr: self.add_seeds([addr]))
         stall = os.environ.get(PREFIX + "FAULT_STALL_TICK_AFTER")
         if stall:
-            self._stall_tick_at = anyio.current_time() + float(stall)
-            log.warning("fault injection: the gossip loop will hang after %ss", stall)
+            try:
+                self._stall_tick_at = anyio.current_time() + float(stall)
+            except ValueError:
+                log.error("ignoring %sFAULT_STALL_TICK_AFTER=%r: not a number", PREFIX, stall)
+            else:
+                log.warning("fault injection: the gossip loop will hang after %ss", stall)
 
     def status_line(self) -> str:
         """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""

@@ -131,3 +131,15 @@ def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [v for v in FIELDS if f"`HS_GOSSIP_{v}`" not in readme]
     assert not missing
+
+
+def test_env_file_dash_prefix_is_optional_but_plain_path_is_required(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.env"
+    cfg, _ = load(environ={"HS_GOSSIP_ENV_FILE": f"-{missing}"}, cwd=tmp_path)
+    assert cfg.port == 7946
+    with pytest.raises(ConfigError, match="HS_GOSSIP_ENV_FILE"):
+        load(environ={"HS_GOSSIP_ENV_FILE": str(missing)}, cwd=tmp_path)
+    present = tmp_path / "agent.env"
+    present.write_text("HS_GOSSIP_PORT=8000\n")
+    cfg, _ = load(environ={"HS_GOSSIP_ENV_FILE": f"-{present}"}, cwd=tmp_path)
+    assert cfg.port == 8000
