@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import Metric
 
     from agent.daemon import Agent
 
@@ -31,8 +31,12 @@ class AgentCollector:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            SummaryMetricFamily,
+        )
 
         a = self.agent
         core = a.core
@@ -82,18 +86,16 @@ class AgentCollector:
             items.add_metric(["in"], s.get("sync_items_in", 0))
             items.add_metric(["out"], s.get("sync_items_out", 0))
             yield items
-            if sync.durations:
-                yield GaugeMetricFamily("hs_gossip_sync_last_duration_seconds",
-                                        "Duration of the last sync session",
-                                        value=sync.durations[-1])
+            yield SummaryMetricFamily("hs_gossip_sync_duration_seconds",
+                                      "Duration of the sync sessions started here",
+                                      count_value=s.get("sync_runs", 0),
+                                      sum_value=sync.seconds_total)
 
         store = a.store
         if store is not None:
-            yield CounterMetricFamily("hs_gossip_store_write_seconds",
-                                      "Time spent in SQLite write transactions",
-                                      value=store.write_seconds)
-            yield CounterMetricFamily("hs_gossip_store_transactions",
-                                      "SQLite transactions (group commits)", value=store.batches)
+            yield SummaryMetricFamily("hs_gossip_store_write_seconds",
+                                      "SQLite write transactions (group commits): latency",
+                                      count_value=store.batches, sum_value=store.write_seconds)
             yield CounterMetricFamily("hs_gossip_store_operations",
                                       "Store operations", value=store.ops)
             yield GaugeMetricFamily("hs_gossip_collections", "Replicated collections",

@@ -273,7 +273,8 @@ class SyncService:
         self.max_frame = max_value * 2 + FRAME_OVERHEAD
         self.planner = SyncPlanner(concurrency=concurrency, cooldown=2 * interval)
         self.stats: dict[str, int] = {}
-        self.durations: list[float] = []
+        self.durations: list[float] = []  # the last 100 sessions started here
+        self.seconds_total = 0.0  # all of them, for the metrics summary
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         host = None if self.bind in ("0.0.0.0", "::") else self.bind
@@ -317,6 +318,7 @@ class SyncService:
             self.stats["sync_items_in"] = self.stats.get("sync_items_in", 0) + r.items_in
             self.stats["sync_items_out"] = self.stats.get("sync_items_out", 0) + r.items_out
             self.durations = [*self.durations[-99:], r.seconds]
+            self.seconds_total += r.seconds
             if r.items_in or r.items_out or r.rejected:
                 log.info("synced %s with %s:%d: %d items in, %d out, %d rejected, "
                          "%d bytes, %.2fs", name, host, port, r.items_in, r.items_out,
