@@ -92,7 +92,7 @@ def sync_case(base: Path, n: int, d: int, seed: int) -> dict[str, Any]:
     }
 
 
-async def throughput(path: Path, singles: int, batches: int) -> dict[str, float]:
+async def throughput(path: Path, singles: int, batch_items: int) -> dict[str, float]:
     s = await Store.open(path, ORIGIN_A)
     t0 = time.perf_counter()
     for i in range(singles):
@@ -103,16 +103,19 @@ async def throughput(path: Path, singles: int, batches: int) -> dict[str, float]
         for i in range(singles):
             tg.start_soon(s.put, "tp", f"conc-{i}", {"i": i})
     single_conc = singles / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for b in range(batches):
-        await s.put_many("tp", {f"batch-{b}-{i}": {"i": i} for i in range(1000)})
-    batched = batches * 1000 / (time.perf_counter() - t0)
+    batched: dict[int, float] = {}
+    for size in (1000, 10_000):  # 10,000 is the batch endpoint's maximum
+        t0 = time.perf_counter()
+        for b in range(batch_items // size):
+            await s.put_many("tp", {f"batch{size}-{b}-{i}": {"i": i} for i in range(size)})
+        batched[size] = batch_items / (time.perf_counter() - t0)
     t0 = time.perf_counter()
     report = await s.verify("tp")
     verify_s = time.perf_counter() - t0
     await s.close()
     return {"single_sequential_per_s": round(single_seq), "single_concurrent_per_s":
-            round(single_conc), "batched_1000_per_s": round(batched),
+            round(single_conc), "batched_1000_per_s": round(batched[1000]),
+            "batched_10000_per_s": round(batched[10_000]),
             "verify_items": report["items"], "verify_seconds": round(verify_s, 3)}
 
 
@@ -121,7 +124,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, nargs="+", default=[10, 1000])
     ap.add_argument("--singles", type=int, default=5000)
-    ap.add_argument("--batches", type=int, default=100)
+    ap.add_argument("--batch-items", type=int, default=100_000,
+                    help="items written for each batch size (1,000 and 10,000)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="hs-gossip-bench-"))
@@ -134,7 +138,7 @@ def main() -> None:
             "sync": [sync_case(base, args.n, d, seed=d) for d in args.d],
         }
         (base / "tp").mkdir()
-        results["throughput"] = anyio.run(throughput, base / "tp", args.singles, args.batches,
+        results["throughput"] = anyio.run(throughput, base / "tp", args.singles, args.batch_items,
                                           backend="trio")
         results["peak_rss_mib"] = round(peak_rss_mib(), 1)
     finally:
@@ -150,7 +154,8 @@ def main() -> None:
               f"{r['round_trips']:>5} {r['items_shipped']:>6,} {r['seconds']:>7}")
     tp = results["throughput"]
     print(f"writes/s: single sequential {tp['single_sequential_per_s']:,}, single concurrent "
-          f"{tp['single_concurrent_per_s']:,}, batches of 1000 {tp['batched_1000_per_s']:,}")
+          f"{tp['single_concurrent_per_s']:,}, batches of 1000 {tp['batched_1000_per_s']:,}, "
+          f"batches of 10000 {tp['batched_10000_per_s']:,}")
     print(f"verify (rebuild from items): {tp['verify_items']:,} items in {tp['verify_seconds']} s")
     print(f"peak RSS: {results['peak_rss_mib']} MiB")
 
