@@ -48,7 +48,8 @@ def item_view(name: str, item: Item) -> dict[str, Any]:
 def routes(store: Store, max_value: int) -> list[Route]:
     async def list_collections(request: Request) -> JSONResponse:
         return JSONResponse([
-            {"name": c.name, "state_hash": c.state_hash.hex(), "vector_count": c.count}
+            {"name": c.name, "state_hash": c.state_hash.hex(), "vector_count": c.count,
+             "tombstones": c.total - c.count, "tombstone_horizon_ms": physical_ms(c.horizon)}
             for c in store.digests()
         ])
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from agent import health, identity, snapshot, supervision, wire
+from agent import clock, health, identity, snapshot, supervision, wire
 from agent.config import PREFIX, Config, ConfigError, HostPort, load_reloadable
 from agent.membership import (
     Event,
@@ -62,6 +62,8 @@ SEED_RERESOLVE = 30.0
 #: last-seen times fresh) - not more often, to spare devices' flash.
 SNAPSHOT_EVERY_INTERVALS = 30
 SNAPSHOT_REFRESH = 600.0
+#: how often the tombstone purge rule is evaluated
+TOMBSTONE_EVERY_INTERVALS = 10
 #: how long in-flight API requests get to finish on shutdown (seconds)
 API_DRAIN = 5.0
 
@@ -175,6 +177,7 @@ class Agent:
             tg.start_soon(self._tick_loop)
             tg.start_soon(self._signal_loop)
             tg.start_soon(self._snapshot_loop)
+            tg.start_soon(self._tombstone_loop)
             tg.start_soon(supervision.loop_lag_monitor, self)
             self._start_optional_services(tg)
             for svc in self.services:
@@ -275,6 +278,29 @@ class Agent:
                 await anyio.to_thread.run_sync(self._write_snapshot, rows, self.core.lc)
                 saved, saved_at = members, now
 
+    async def _tombstone_loop(self) -> None:
+        """Purge tombstones when agent.tombstones says it is safe."""
+        from agent import tombstones
+
+        while True:
+            await anyio.sleep(TOMBSTONE_EVERY_INTERVALS * self.cfg.interval)
+            if self.store is None:
+                continue
+            peers = [tombstones.PeerView(m.healthy, m.digests)
+                     for m in self.core.members.values()]
+            ours = [(c.name, c.state_hash, c.horizon) for c in self.store.digests()]
+            todo = tombstones.choose(ours, peers, int(time.time() * 1000),
+                                     self.cfg.tombstone_grace)
+            for name, p in todo.items():
+                if p.expected is None:
+                    purged: int | None = await self.store.purge_tombstones(name, p.horizon)
+                    why = "every replica in sight had them"
+                else:
+                    purged = await self.store.adopt_horizon(name, p.horizon, p.expected)
+                    why = "as a peer did"
+                if purged:
+                    log.info("purged %d tombstone(s) in %s (%s)", purged, name, why)
+
     async def _open_store(self) -> None:
         from agent.collections_api import routes
         from agent.store import Store, StoreError
@@ -296,8 +322,9 @@ class Agent:
 
     def _publish_digests(self) -> None:
         if self.store is not None:
-            self.core.set_digests([wire.Digest(c.name, c.state_hash, c.count)
-                                   for c in self.store.digests()])
+            self.core.set_digests([
+                wire.Digest(c.name, c.state_hash, c.count, c.horizon >> clock.COUNTER_BITS)
+                for c in self.store.digests()])
 
     def sync_targets(self) -> list[tuple[str, str, int, dict[str, bytes]]]:
         """Healthy peers with the digests they last sent us directly."""

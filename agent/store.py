@@ -92,6 +92,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (coll, level, idx)
     ) WITHOUT ROWID;
     """,
+    # 2: tombstone horizon per collection; tombstones findable by age
+    """
+    ALTER TABLE collections ADD COLUMN horizon INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX items_tombstones ON items (coll, hlc) WHERE deleted = 1;
+    """,
 ]
 
 
@@ -109,6 +114,7 @@ class CollectionInfo:
     state_hash: bytes
     count: int  # live items
     total: int  # items including tombstones
+    horizon: int = 0  # HLC below which tombstones are purged and remote items refused
 
 
 def check_name(name: str) -> None:
@@ -142,11 +148,13 @@ def _row_item(key: str, hlc: int, origin: bytes, deleted: int, value: bytes | No
 class _Collection:
     """Writer-thread state of one collection: id and node-sum mirror."""
 
-    def __init__(self, cid: int, name: str, live: int, nodes: dict[tuple[int, int], list[int]]):
+    def __init__(self, cid: int, name: str, live: int, nodes: dict[tuple[int, int], list[int]],
+                 horizon: int = 0):
         self.id = cid
         self.name = name
         self.live = live
         self.nodes = nodes  # (level, idx) -> [sum, count]
+        self.horizon = horizon
 
     def root(self) -> tuple[int, int]:
         s, c = self.nodes.get((0, 0), (0, 0))
@@ -200,8 +208,9 @@ class _Writer:
             self.hlc.observe(int(row[0]))
 
     def _load_collections(self) -> None:
-        for cid, name, live in self.conn.execute("SELECT id, name, live FROM collections"):
-            self.colls[name] = _Collection(cid, name, live, self._load_nodes(cid))
+        for cid, name, live, horizon in self.conn.execute(
+                "SELECT id, name, live, horizon FROM collections"):
+            self.colls[name] = _Collection(cid, name, live, self._load_nodes(cid), horizon)
 
     def _load_nodes(self, cid: int) -> dict[tuple[int, int], list[int]]:
         return {
@@ -262,8 +271,15 @@ class _Writer:
         if not rows:
             return 0
         self.conn.executemany("INSERT OR REPLACE INTO items VALUES (?,?,?,?,?,?,?,?)", rows)
-        # Fold the deltas up one level at a time: each node is touched once
-        # per batch however many of its items changed.
+        self._fold(coll, leaf_delta)
+        if live:
+            coll.live += live
+            self.conn.execute("UPDATE collections SET live=? WHERE id=?", (coll.live, coll.id))
+        return changed
+
+    def _fold(self, coll: _Collection, leaf_delta: dict[int, list[int]]) -> None:
+        """Add per-leaf (sum, count) deltas to the stored levels, one level at a
+        time: each node is touched once per batch however many items changed."""
         dirty: dict[tuple[int, int], list[int]] = {}
         nodes = coll.nodes
         level_delta = leaf_delta
@@ -286,10 +302,45 @@ class _Writer:
         self.conn.executemany(
             "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?)",
             [(coll.id, lv, ix, n[0].to_bytes(32, "big"), n[1]) for (lv, ix), n in dirty.items()])
-        if live:
-            coll.live += live
-            self.conn.execute("UPDATE collections SET live=? WHERE id=?", (coll.live, coll.id))
-        return changed
+
+    def adopt_horizon(self, name: str, horizon: int, expected: bytes) -> int | None:
+        """Purge like a peer that advertises ``horizon`` and ``expected`` as its
+        state_hash did, but only if that makes this replica equal to it (proof
+        that both held the same items). Returns the count purged, or None."""
+        coll = self.colls.get(name)
+        if coll is None or horizon <= coll.horizon:
+            return None
+        digests = [d for (d,) in self.conn.execute(
+            "SELECT digest FROM items WHERE coll=? AND deleted=1 AND hlc<?", (coll.id, horizon))]
+        total, count = coll.root()
+        after = (total - sum(int.from_bytes(d, "big") for d in digests)) % MOD
+        if state_hash(after, count - len(digests)) != expected:
+            return None
+        return self.purge_tombstones(name, horizon)
+
+    def purge_tombstones(self, name: str, horizon: int) -> int:
+        """Drop the tombstones older than ``horizon`` (an HLC) and raise the
+        collection's horizon to it; from then on remote items older than the
+        horizon are refused, so what was purged cannot come back. Returns how
+        many tombstones went. The rule for choosing a horizon is the agent's."""
+        coll = self.colls.get(name)
+        if coll is None or horizon <= coll.horizon:
+            return 0
+        rows = self.conn.execute(
+            "SELECT key, pos, digest FROM items WHERE coll=? AND deleted=1 AND hlc<?",
+            (coll.id, horizon)).fetchall()
+        shift = 64 - 4 * STORED_LEVELS
+        leaf_delta: dict[int, list[int]] = {}
+        for _key, pos, digest in rows:
+            d = leaf_delta.setdefault((pos + SHIFT) >> shift, [0, 0])
+            d[0] -= int.from_bytes(digest, "big")
+            d[1] -= 1
+        self.conn.executemany("DELETE FROM items WHERE coll=? AND key=?",
+                              [(coll.id, r[0]) for r in rows])
+        self._fold(coll, leaf_delta)
+        coll.horizon = horizon
+        self.conn.execute("UPDATE collections SET horizon=? WHERE id=?", (horizon, coll.id))
+        return len(rows)
 
     # --- local operations ------------------------------------------------------
 
@@ -377,7 +428,9 @@ class _Writer:
         """Validate and apply items received from a peer. Returns (changed, rejected)."""
         check_name(name)
         good: list[Item] = []
-        rejected = 0
+        rejected = behind = 0
+        coll = self.colls.get(name)
+        horizon = coll.horizon if coll is not None else 0
         for it in items:
             try:
                 self.validate_remote(it)
@@ -385,7 +438,17 @@ class _Writer:
                 rejected += 1
                 log.warning("rejected item %r in %s: %s", getattr(it, "key", "?")[:80], name, e)
                 continue
+            if it.hlc < horizon:
+                # Older than purged tombstones: it may be one of the items they
+                # deleted, so it must not come back.
+                behind += 1
+                continue
             good.append(it)
+        if behind:
+            log.warning("refused %d item(s) in %s older than its tombstone horizon "
+                        "(changes that reached no other agent within HS_GOSSIP_TOMBSTONE_GRACE)",
+                        behind, name)
+            rejected += behind
         changed = self.apply_items(name, good) if good else 0
         for it in good:
             self.hlc.observe(it.hlc)
@@ -398,7 +461,8 @@ class _Writer:
         out = []
         for coll in sorted(self.colls.values(), key=lambda c: c.name):
             total, count = coll.root()
-            out.append(CollectionInfo(coll.name, state_hash(total, count), coll.live, count))
+            out.append(CollectionInfo(coll.name, state_hash(total, count), coll.live, count,
+                                      coll.horizon))
         return out
 
     # --- verification --------------------------------------------------------
@@ -738,6 +802,12 @@ class Store:
 
     async def apply_remote(self, name: str, items: list[Item]) -> tuple[int, int]:
         return await self.call(lambda w: w.apply_remote(name, items))
+
+    async def purge_tombstones(self, name: str, horizon: int) -> int:
+        return await self.call(lambda w: w.purge_tombstones(name, horizon))
+
+    async def adopt_horizon(self, name: str, horizon: int, expected: bytes) -> int | None:
+        return await self.call(lambda w: w.adopt_horizon(name, horizon, expected))
 
     async def verify(self, name: str, repair: bool = False) -> dict[str, Any]:
         return await self.call(lambda w: w.verify(name, repair))

@@ -67,6 +67,8 @@ class Digest:
     name: str
     state_hash: bytes
     count: int
+    #: tombstones older than this (Unix ms) have been purged everywhere
+    horizon_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def encode_heartbeat(hb: Heartbeat, budget: int = PAYLOAD_BUDGET) -> tuple[bytes
     room = budget - fixed
     digests: list[bytes] = []
     for d in hb.digests:
-        b = _pack([d.name, d.state_hash, d.count])
+        b = _pack([d.name, d.state_hash, d.count, d.horizon_ms])
         # Keep at least a third of the datagram for peer exchange.
         if len(b) > room - budget // 3:
             break
@@ -288,7 +290,8 @@ def _decode_digest(v: Any) -> Digest:
     f = _list(v)
     if len(f) < 3:
         raise DecodeError("bad_field")
-    return Digest(_str(f[0], 1, MAX_COLLECTION_NAME), _bytes(f[1], 1, MAX_HASH), _int(f[2]))
+    return Digest(_str(f[0], 1, MAX_COLLECTION_NAME), _bytes(f[1], 1, MAX_HASH), _int(f[2]),
+                  _int(f[3]) if len(f) > 3 else 0)
 
 
 def decode(data: bytes) -> Message:

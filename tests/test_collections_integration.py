@@ -128,3 +128,37 @@ def test_bad_requests_get_json_errors(swarm: Swarm) -> None:
         assert isinstance(doc, dict) and doc.get("error")
     out = run_cli("put", "ok", "k", "not json", "--api", f"127.0.0.1:{a.api_port}")
     assert out.returncode == 2 and "JSON" in out.stderr
+
+
+def _coll(a: AgentProc, name: str) -> dict[str, object]:
+    return next((c for c in a.get("/api/collections") if c["name"] == name), {})
+
+
+def test_tombstones_are_purged_everywhere_and_old_copies_stay_dead(swarm: Swarm) -> None:
+    swarm.env["HS_GOSSIP_TOMBSTONE_GRACE"] = "1"
+    a = swarm.add()
+    b = swarm.add(seeds=[a])
+    c = swarm.add(seeds=[a])
+    for k in ("k1", "k2", "k3"):
+        assert a.request("PUT", f"/api/collections/t/items/{k}", {"value": k})[0] == 200
+    wait_for(lambda: all(_coll(x, "t").get("vector_count") == 3 for x in (a, b, c))
+             and converged([a, b, c], "t"), what="replication to all three")
+
+    assert c.terminate() == 0  # c is away, holding a live copy of k1
+    assert a.request("DELETE", "/api/collections/t/items/k1")[0] == 200
+
+    def purged(x: AgentProc) -> bool:
+        info = _coll(x, "t")
+        return info.get("tombstones") == 0 and info.get("vector_count") == 2 \
+            and int(str(info.get("tombstone_horizon_ms", 0))) > 0
+
+    wait_for(lambda: purged(a) and purged(b) and converged([a, b], "t"), timeout=20,
+             what="the delete to reach b and its tombstone to be purged on a and b")
+    assert "purged 1 tombstone(s) in t" in a.log() + b.log()
+
+    c.start()  # comes back with k1, older than the horizon
+    wait_for(lambda: "older than its tombstone horizon" in a.log() + b.log(), timeout=20,
+             what="c offering its stale copy of k1")
+    for x in (a, b):
+        assert value(x, "t", "k1") == 404
+        assert _coll(x, "t").get("vector_count") == 2

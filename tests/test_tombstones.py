@@ -1,0 +1,89 @@
+"""Tombstone purging: the rule (agent.tombstones) and the store's purge,
+adoption and horizon refusal."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+
+from agent.clock import COUNTER_BITS
+from agent.store import Store
+from agent.tombstones import PeerView, Purge, choose, hlc_of_ms
+from agent.wire import Digest
+from merkle.tree import Item
+
+A, B = b"a" * 16, b"b" * 16
+H1, H2 = b"1" * 16, b"2" * 16
+NOW = 1_800_000_000_000
+GRACE = 60.0
+
+
+def peer(state: bytes, healthy: bool = True, horizon_ms: int = 0) -> PeerView:
+    return PeerView(healthy, (Digest("c", state, 1, horizon_ms),))
+
+
+def test_settles_only_when_every_known_peer_is_healthy_and_equal() -> None:
+    ours = [("c", H1, 0)]
+    settled = hlc_of_ms(NOW - 60_000)
+    assert choose(ours, [peer(H1), peer(H1)], NOW, GRACE) == {"c": Purge(settled, None)}
+    assert choose(ours, [peer(H1), peer(H2)], NOW, GRACE) == {}
+    assert choose(ours, [peer(H1), peer(H1, healthy=False)], NOW, GRACE) == {}
+    assert choose(ours, [], NOW, GRACE) == {}  # alone: nobody to confirm
+    assert choose(ours, [PeerView(True, ())], NOW, GRACE) == {}  # no digest yet
+    # Already at that horizon: nothing to do.
+    assert choose([("c", H1, settled)], [peer(H1)], NOW, GRACE) == {}
+
+
+def test_adopts_a_peers_higher_horizon_with_its_hash_as_proof() -> None:
+    ours = [("c", H1, 0)]
+    got = choose(ours, [peer(H2, horizon_ms=NOW - 90_000), peer(H1, healthy=False)], NOW,
+                 GRACE)
+    assert got == {"c": Purge(hlc_of_ms(NOW - 90_000), H2)}
+    # An unhealthy peer's horizon is not followed.
+    assert choose(ours, [peer(H2, healthy=False, horizon_ms=NOW)], NOW, GRACE) == {}
+
+
+def test_purge_adopt_and_refuse_keep_replicas_equal(tmp_path: Path) -> None:
+    async def main() -> None:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        a = await Store.open(tmp_path / "a", A)
+        b = await Store.open(tmp_path / "b", B)
+        for k in range(20):
+            await a.put("c", f"k{k}", k)
+        for k in range(0, 20, 2):
+            await a.delete("c", f"k{k}")
+        # b receives everything a has, tombstones included.
+        items = await a.call(lambda w: [Item(k, h, o, bool(d), v) for k, h, o, d, v in
+                                        w.conn.execute("SELECT key, hlc, origin, deleted, value "
+                                                       "FROM items ORDER BY key")])
+        await b.apply_remote("c", items)
+        assert a.digests()[0].state_hash == b.digests()[0].state_hash
+        stale_live = Item("k0", items[0].hlc - 5, B, False, b"\x01")
+
+        horizon = ((time.time_ns() // 1_000_000) + 1) << COUNTER_BITS
+        assert await a.purge_tombstones("c", horizon) == 10
+        info = a.digests()[0]
+        assert info.total == info.count == 10 and info.horizon == horizon
+        assert (await a.verify("c"))["ok"]
+
+        # b adopts only with the right proof.
+        assert await b.adopt_horizon("c", horizon, b"\0" * 16) is None
+        assert await b.adopt_horizon("c", horizon, info.state_hash) == 10
+        assert b.digests()[0].state_hash == info.state_hash
+
+        # An old copy of a deleted item cannot come back.
+        changed, rejected = await a.apply_remote("c", [stale_live])
+        assert (changed, rejected) == (0, 1)
+        assert await a.get("c", "k0") is None
+
+        # Reopening keeps the horizon.
+        await a.close()
+        a = await Store.open(tmp_path / "a", A)
+        assert a.digests()[0].horizon == horizon
+        await a.close()
+        await b.close()
+
+    anyio.run(main, backend="trio")
