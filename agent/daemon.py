@@ -326,11 +326,12 @@ class Agent:
                 wire.Digest(c.name, c.state_hash, c.count, c.horizon >> clock.COUNTER_BITS)
                 for c in self.store.digests()])
 
-    def sync_targets(self) -> list[tuple[str, str, int, dict[str, bytes]]]:
+    def sync_targets(self) -> list[tuple[str, str, int, dict[str, bytes], dict[str, int]]]:
         """Healthy peers with the digests they last sent us directly."""
         return [
             (m.node_id.hex(), m.host, m.sync_port or m.port,
-             {d.name: d.state_hash for d in m.digests})
+             {d.name: d.state_hash for d in m.digests},
+             {d.name: d.horizon_ms for d in m.digests})
             for m in self.core.members.values() if m.healthy and m.digests
         ]
 

@@ -318,6 +318,32 @@ class _Writer:
             return None
         return self.purge_tombstones(name, horizon)
 
+    def drop_stale(self, name: str, items: list[Item]) -> int:
+        """Remove these exact versions (live or not): a peer past its tombstone
+        horizon lacks them and would refuse them, so the swarm has moved on
+        without them. Returns how many were removed."""
+        coll = self.colls.get(name)
+        if coll is None or not items:
+            return 0
+        shift = 64 - 4 * STORED_LEVELS
+        leaf_delta: dict[int, list[int]] = {}
+        removed = live = 0
+        for it in items:
+            cur = self.conn.execute("DELETE FROM items WHERE coll=? AND key=? AND digest=?",
+                                    (coll.id, it.key, it.digest))
+            if cur.rowcount != 1:
+                continue  # replaced meanwhile: keep the newer version
+            removed += 1
+            live -= 0 if it.deleted else 1
+            d = leaf_delta.setdefault(it.pos >> shift, [0, 0])
+            d[0] -= int.from_bytes(it.digest, "big")
+            d[1] -= 1
+        self._fold(coll, leaf_delta)
+        if live:
+            coll.live += live
+            self.conn.execute("UPDATE collections SET live=? WHERE id=?", (coll.live, coll.id))
+        return removed
+
     def purge_tombstones(self, name: str, horizon: int) -> int:
         """Drop the tombstones older than ``horizon`` (an HLC) and raise the
         collection's horizon to it; from then on remote items older than the
@@ -805,6 +831,9 @@ class Store:
 
     async def purge_tombstones(self, name: str, horizon: int) -> int:
         return await self.call(lambda w: w.purge_tombstones(name, horizon))
+
+    async def drop_stale(self, name: str, items: list[Item]) -> int:
+        return await self.call(lambda w: w.drop_stale(name, items))
 
     async def adopt_horizon(self, name: str, horizon: int, expected: bytes) -> int | None:
         return await self.call(lambda w: w.adopt_horizon(name, horizon, expected))

@@ -26,6 +26,7 @@ import anyio
 import msgpack
 from anyio.abc import ByteStream, SocketStream
 
+from agent.clock import COUNTER_BITS
 from agent.store import SqliteTree, Store, StoreError, check_name
 from merkle.loopback import item_batches
 from merkle.reconcile import DONE, HELLO, ITEMS, ProtocolError, Session
@@ -156,13 +157,33 @@ class SyncResult:
     rejected: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    dropped: int = 0  # our items older than the peer's horizon, removed here
     messages: int = 0
     seconds: float = 0.0
 
 
 async def _exchange(store: Store, conn: Framed, session: Session, name: str,
-                    first: Any, result: SyncResult) -> None:
-    """Alternate until the session is done. ``first`` is the peer's first frame."""
+                    first: Any, result: SyncResult, peer_horizon_ms: int) -> None:
+    """Alternate until the session is done. ``first`` is the peer's first frame.
+
+    Items older than the peer's tombstone horizon are not shipped (it would
+    refuse them): they are changes the swarm has moved past, and are removed
+    here once the session is over, so that the two replicas can agree."""
+    peer_horizon = peer_horizon_ms << COUNTER_BITS
+    stale: list[Item] = []
+    try:
+        await _alternate(store, conn, session, name, first, result, peer_horizon, stale)
+    finally:
+        if stale:
+            with anyio.CancelScope(shield=True):
+                result.dropped = await store.drop_stale(name, stale)
+            log.warning("removed %d item(s) of %s older than a peer's tombstone horizon "
+                        "(changes the swarm moved past while this agent was away)",
+                        result.dropped, name)
+
+
+async def _alternate(store: Store, conn: Framed, session: Session, name: str, first: Any,
+                     result: SyncResult, peer_horizon: int, stale: list[Item]) -> None:
     msg = first
     while True:
         while isinstance(msg, list) and msg and msg[0] == ITEMS:
@@ -178,8 +199,12 @@ async def _exchange(store: Store, conn: Framed, session: Session, name: str,
             # whole, and local writes interleave with it.
             gen = await store.with_tree(name, partial(item_batches, requests=requests))
             while (batch := await store.call(partial(_next_batch, gen))) is not None:
-                await conn.send([ITEMS, [i.to_wire() for i in batch]])
-                result.items_out += len(batch)
+                if peer_horizon:
+                    stale.extend(i for i in batch if i.hlc < peer_horizon)
+                    batch = [i for i in batch if i.hlc >= peer_horizon]
+                if batch:
+                    await conn.send([ITEMS, [i.to_wire() for i in batch]])
+                    result.items_out += len(batch)
         if reply is None:
             return
         await conn.send(reply)
@@ -198,8 +223,9 @@ def _receive(session: Session, tree: SqliteTree, msg: Any) -> Any:
 
 
 async def sync_once(store: Store, host: str, port: int, name: str,
-                    max_frame: int) -> SyncResult:
-    """Reconcile collection ``name`` with the agent at host:port (initiator)."""
+                    max_frame: int, peer_horizon_ms: int = 0) -> SyncResult:
+    """Reconcile collection ``name`` with the agent at host:port (initiator).
+    ``peer_horizon_ms``: the tombstone horizon its heartbeat advertised."""
     check_name(name)
     result = SyncResult(name)
     t0 = time.monotonic()
@@ -208,22 +234,24 @@ async def sync_once(store: Store, host: str, port: int, name: str,
         async with stream:
             conn = Framed(stream, max_frame)
             session = Session(reader=None)  # type: ignore[arg-type]
-            hello = await store.with_tree(name, lambda t: _hello(session, t, name))
+            mine = next((c.horizon for c in store.digests() if c.name == name), 0)
+            hello = await store.with_tree(
+                name, lambda t: _hello(session, t, name, mine >> COUNTER_BITS))
             await conn.send(hello)
             first = await conn.receive()
             if isinstance(first, list) and first and first[0] == DONE:
                 result.messages = 2
             else:
-                await _exchange(store, conn, session, name, first, result)
+                await _exchange(store, conn, session, name, first, result, peer_horizon_ms)
                 result.messages = session.messages_in + session.messages_out
             result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out
     result.seconds = time.monotonic() - t0
     return result
 
 
-def _hello(session: Session, tree: SqliteTree, name: str) -> Any:
+def _hello(session: Session, tree: SqliteTree, name: str, horizon_ms: int) -> Any:
     session.reader = tree
-    return session.hello(name)
+    return session.hello(name, horizon_ms)
 
 
 async def handle_connection(store: Store, stream: SocketStream, max_frame: int,
@@ -241,9 +269,12 @@ async def handle_connection(store: Store, stream: SocketStream, max_frame: int,
                     raise ProtocolError("expected HELLO")
                 name = hello[1]
                 check_name(name)
+                peer_horizon_ms = hello[7] if len(hello) > 7 else 0
+                if type(peer_horizon_ms) is not int or not 0 <= peer_horizon_ms < 1 << 47:
+                    raise ProtocolError("bad horizon in HELLO")
                 session = Session(reader=None)  # type: ignore[arg-type]
                 result = SyncResult(name)
-                await _exchange(store, conn, session, name, hello, result)
+                await _exchange(store, conn, session, name, hello, result, peer_horizon_ms)
                 stats["sync_served"] = stats.get("sync_served", 0) + 1
                 stats["sync_bytes_in"] = stats.get("sync_bytes_in", 0) + conn.bytes_in
                 stats["sync_bytes_out"] = stats.get("sync_bytes_out", 0) + conn.bytes_out
@@ -295,22 +326,24 @@ class SyncService:
             await listener.serve(handler, task_group=tg)
 
     async def run(self, peers: Any) -> None:
-        """``peers()`` returns [(peer_key, host, sync_port, {collection: state_hash})]."""
+        """``peers()`` returns [(peer_key, host, sync_port, {collection: state_hash},
+        {collection: tombstone horizon ms})]."""
         async with anyio.create_task_group() as tg:
             while True:
-                targets = {key: (host, port) for key, host, port, _ in peers()}
+                current = peers()
+                targets = {p[0]: p for p in current}
                 ours = {c.name: c.state_hash for c in self.store.digests()}
                 plan = self.planner.plan(anyio.current_time(), ours,
-                                         [(key, d) for key, _, _, d in peers()])
+                                         [(p[0], p[3]) for p in current])
                 for key, name in plan:
-                    host, port = targets[key]
-                    tg.start_soon(self._one, key, host, port, name)
+                    _, host, port, _, horizons = targets[key]
+                    tg.start_soon(self._one, key, host, port, name, horizons.get(name, 0))
                 await anyio.sleep(self.interval)
 
-    async def _one(self, key: str, host: str, port: int, name: str) -> None:
+    async def _one(self, key: str, host: str, port: int, name: str, horizon_ms: int) -> None:
         ok = False
         try:
-            r = await sync_once(self.store, host, port, name, self.max_frame)
+            r = await sync_once(self.store, host, port, name, self.max_frame, horizon_ms)
             ok = True
             self.stats["sync_runs"] = self.stats.get("sync_runs", 0) + 1
             self.stats["sync_bytes_in"] = self.stats.get("sync_bytes_in", 0) + r.bytes_in

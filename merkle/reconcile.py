@@ -25,7 +25,8 @@ Theory of operation:
 
 Messages (msgpack arrays):
 
-* ``[HELLO, collection, salt, root_hash, root_count, child_hashes, child_counts]``
+* ``[HELLO, collection, salt, root_hash, root_count, child_hashes, child_counts,
+  horizon_ms]`` (horizon_ms optional, 0 when absent)
 * ``[STEP, nodes, leaves, wants, final]`` with ``nodes = [[level, idx,
   child_hashes, child_counts], ...]``, ``leaves = [[level, idx, digests], ...]``,
   ``wants = [[level, idx, digests or None], ...]`` (None: everything there)
@@ -94,12 +95,14 @@ class Session:
 
     # --- initiator ---------------------------------------------------------
 
-    def hello(self, collection: str) -> list[Any]:
+    def hello(self, collection: str, horizon_ms: int = 0) -> list[Any]:
+        """``horizon_ms``: the sender's tombstone horizon, so that the other side
+        does not ship it items it would refuse (see agent.tombstones)."""
         total, count = self.reader.node(0, 0)
         hashes, counts = self._children(0, 0)
         self.messages_out += 1
         return [HELLO, collection, self.salt, _summary(self.salt, total, count), count,
-                hashes, counts]
+                hashes, counts, horizon_ms]
 
     # --- both sides --------------------------------------------------------
 

@@ -87,3 +87,21 @@ def test_purge_adopt_and_refuse_keep_replicas_equal(tmp_path: Path) -> None:
         await b.close()
 
     anyio.run(main, backend="trio")
+
+
+def test_drop_stale_removes_only_that_version_and_keeps_the_tree_true(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = await Store.open(tmp_path, A)
+        old = await s.put("c", "x", 1)
+        await s.put("c", "y", 2)
+        newer = await s.put("c", "y", 3)
+        stale_y = Item("y", newer.hlc - 1, A, False, b"\x02")  # not what is stored
+        assert await s.drop_stale("c", [old, stale_y]) == 1
+        assert await s.get("c", "x") is None
+        assert (await s.get("c", "y")) == newer
+        info = s.digests()[0]
+        assert info.count == info.total == 1
+        assert (await s.verify("c"))["ok"]
+        await s.close()
+
+    anyio.run(main, backend="trio")
