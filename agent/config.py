@@ -315,7 +315,7 @@ FIELDS: dict[str, FieldSpec] = {
                   "seconds a remote clock may run ahead before its writes are refused"),
         FieldSpec("sync_concurrency", _int_range(1, 64), "2", "sync sessions at once"),
         FieldSpec("tombstone_grace", _positive_float(1, 86400 * 3650), "604800",
-                  "reserved for tombstone purging; tombstones are kept for now (README)"),
+                  "age in seconds a tombstone must reach before it may be purged"),
         FieldSpec("discovery", _choice("none", "multicast"), "none",
                   "none, or multicast for zero-config LAN discovery"),
         FieldSpec("multicast_group", _multicast_group, "239.255.77.46",
