@@ -105,3 +105,39 @@ def test_drop_stale_removes_only_that_version_and_keeps_the_tree_true(tmp_path: 
         await s.close()
 
     anyio.run(main, backend="trio")
+
+
+def test_schema_v1_database_upgrades_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    import agent.store as store_mod
+
+    async def write() -> None:
+        s = await Store.open(tmp_path, A)
+        await s.put("c", "kept", {"v": 1})
+        await s.put("c", "gone", 2)
+        await s.delete("c", "gone")
+        await s.close()
+
+    anyio.run(write, backend="trio")
+    # Turn it into what a version-1 agent left behind.
+    db = sqlite3.connect(tmp_path / store_mod.DB_FILE)
+    db.executescript("""
+        DROP INDEX items_tombstones;
+        ALTER TABLE collections DROP COLUMN horizon;
+        UPDATE meta SET v = 1 WHERE k = 'schema_version';
+    """)
+    db.close()
+
+    async def reopen() -> None:
+        s = await Store.open(tmp_path, A)
+        info = s.digests()[0]
+        assert (info.count, info.total, info.horizon) == (1, 2, 0)
+        assert await s.get("c", "kept") is not None
+        assert (await s.verify("c"))["ok"]
+        version = await s.call(lambda w: w.conn.execute(
+            "SELECT v FROM meta WHERE k='schema_version'").fetchone()[0])
+        assert int(version) == len(store_mod.MIGRATIONS) == 2
+        await s.close()
+
+    anyio.run(reopen, backend="trio")
