@@ -179,6 +179,7 @@ class Agent:
             tg.start_soon(self._snapshot_loop)
             tg.start_soon(self._tombstone_loop)
             tg.start_soon(supervision.loop_lag_monitor, self)
+            tg.start_soon(supervision.trim_startup_memory)
             self._start_optional_services(tg)
             for svc in self.services:
                 tg.start_soon(svc, self)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,23 @@ async def systemd_loop(agent: Agent, notifier: Notifier) -> None:
         if lines:
             notifier.notify(*lines)
         await anyio.sleep(period)
+
+
+TRIM_AFTER = 5.0
+
+
+async def trim_startup_memory() -> None:
+    """Once start-up is over, hand the memory its temporaries used back to the
+    OS (~0.6 MiB of a ~40 MiB agent): a collection, then glibc's malloc_trim.
+    Without glibc (musl) only the collection happens."""
+    await anyio.sleep(TRIM_AFTER)
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 async def loop_lag_monitor(agent: Agent) -> None:
