@@ -2,10 +2,11 @@
 
 Rules:
 
-* One thread owns the only connection (WAL, synchronous=NORMAL). Async callers
-  queue operations; the thread drains whatever is queued into one transaction
-  (group commit), each operation in its own SAVEPOINT so that one failing
-  operation does not undo the others. Waiters are woken once per batch.
+* One thread owns the only writing connection (WAL, synchronous=NORMAL).
+  Async callers queue operations; the thread drains whatever is queued into
+  one transaction (group commit), each operation in its own SAVEPOINT so that
+  one failing operation does not undo the others. Waiters are woken once per
+  batch. A second connection on its own thread only checkpoints the WAL.
 * Every change, local or remote, goes through :meth:`_Writer.apply_items`: the
   item rows, the Merkle node sums of every level and the live counts are
   written in the same transaction. A kill -9 at any moment leaves a database
