@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from agent import clock, health, identity, snapshot, supervision, wire
+from agent import clock, health, identity, snapshot, supervision, tombstones, wire
 from agent.config import PREFIX, Config, ConfigError, HostPort, load_reloadable
 from agent.membership import (
     Event,
@@ -179,7 +179,7 @@ class Agent:
             tg.start_soon(self._snapshot_loop)
             tg.start_soon(self._tombstone_loop)
             tg.start_soon(supervision.loop_lag_monitor, self)
-            tg.start_soon(supervision.trim_startup_memory)
+            tg.start_soon(supervision.trim_memory)
             self._start_optional_services(tg)
             for svc in self.services:
                 tg.start_soon(svc, self)
@@ -281,8 +281,6 @@ class Agent:
 
     async def _tombstone_loop(self) -> None:
         """Purge tombstones when agent.tombstones says it is safe."""
-        from agent import tombstones
-
         while True:
             await anyio.sleep(TOMBSTONE_EVERY_INTERVALS * self.cfg.interval)
             if self.store is None:
@@ -413,7 +411,9 @@ class Agent:
         assert self.sock is not None
         while True:
             data, src = await self.sock.receive()
-            self.core.receive(data, src, anyio.current_time())
+            now = anyio.current_time()
+            self.core.receive(data, src, now)
+            self.core.push(now)
             await self._flush()
 
     async def _tick_loop(self) -> None:

@@ -52,6 +52,8 @@ from agent.wire import ALIVE, LEFT, SUSPECT, Addr, Digest, Entry
 
 #: after joining, seeds that are not members are retried every this many ticks
 SEED_RETRY = 10
+#: at most this many extra heartbeat rounds per interval to spread joins (push)
+PUSH_PER_INTERVAL = 5
 #: freshest entries put first in every heartbeat
 FRESH_ENTRIES = 6
 #: entries that fit one datagram next to a heartbeat's own fields (~40 bytes each)
@@ -190,6 +192,9 @@ class Membership:
     _events: list[Event] = field(default_factory=list)
     _state_sent: dict[Addr, float] = field(default_factory=dict)
     _leaving: bool = False
+    _announced: bool = False  # sent the immediate heartbeat round that follows joining
+    _push_due: bool = False  # a member joined or restarted since the last round
+    _last_push: float = -1e9
     _digest_offset: int = 0
     _rr_offset: int = 0
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -227,6 +232,7 @@ class Membership:
             return
         self.heartbeat += 1
         self.bump_lc()
+        self._push_due = False  # this round carries the news
         self._update_health(now)
         self._expire(now)
         targets = self._pick_targets()
@@ -240,6 +246,23 @@ class Membership:
             for addr in self._seeds[: self.params.max_seeds]:
                 if addr not in known:
                     self._send_heartbeat(addr, want_state=True)
+
+    def push(self, now: float) -> bool:
+        """An extra round of heartbeats when a member joined or restarted since
+        the last round, without advancing our counter, at most PUSH_PER_INTERVAL
+        times per interval. The shell calls it after each datagram it hands in:
+        news of a join then spreads in fractions of an interval instead of
+        whole intervals (memberlist gossips every 200 ms for the same reason),
+        and an idle swarm sends nothing extra."""
+        self.now = now
+        if (not self._push_due or self._leaving
+                or now - self._last_push < self.params.interval / PUSH_PER_INTERVAL):
+            return False
+        self._push_due = False
+        self._last_push = now
+        for addr in self._pick_targets():
+            self._send_heartbeat(addr, want_state=False)
+        return True
 
     def leave(self, now: float) -> None:
         """Announce departure to every known member. Idempotent."""
@@ -274,6 +297,13 @@ class Membership:
             if msg.sender_id != self.me.node_id:
                 for entry in msg.peers:
                     self._merge(entry, None, now, direct=False)
+        if not self._announced and self.joined:
+            # Just joined: tell a few members now rather than at the next tick,
+            # so the swarm learns of us up to an interval sooner.
+            self._announced = True
+            if not self._leaving:
+                for addr in self._pick_targets():
+                    self._send_heartbeat(addr, want_state=False)
 
     def _admit(self, host: str, now: float) -> bool:
         """Token bucket per source address. A healthy peer sends a few
@@ -484,6 +514,7 @@ class Membership:
                 m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
                 if restarted:
                     self._events.append(MemberRestarted(m.node_id, e.incarnation))
+                    self._push_due = True
                 self._refresh_health(m, now)
             return m
         if e.heartbeat > m.heartbeat:
@@ -524,6 +555,7 @@ class Membership:
         m.healthy = now - progress_at <= self.suspect_after()
         self.members[e.node_id] = m
         self._events.append(MemberJoined(e.node_id, (host, port)))
+        self._push_due = True
         return m
 
     def _note_tomb(self, e: Entry, now: float) -> None:

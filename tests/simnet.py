@@ -25,6 +25,8 @@ class SimNet:
     params: Params = field(default_factory=lambda: Params(interval=1.0, suspect_after=5.0,
                                                           ttl=30.0))
     now: float = 0.0
+    #: call Membership.push after every delivered datagram, as the agent does
+    push: bool = False
     nodes: dict[Addr, Membership] = field(default_factory=dict)
     down: set[Addr] = field(default_factory=set)
     blocked: set[tuple[Addr, Addr]] = field(default_factory=set)
@@ -97,6 +99,8 @@ class SimNet:
                 if node is None:
                     continue
                 node.receive(data, src, self.now)
+                if self.push:
+                    node.push(self.now)
                 self._drain(dst)
             for addr, node in self.nodes.items():
                 if addr in self.down or self._next_tick[addr] > self.now:

@@ -228,3 +228,20 @@ def test_a_flooding_source_is_rate_limited_and_others_still_heard() -> None:
     assert node.stats["drop_rate_limited"] >= 10_000 - limit - 1
     net.run(5)
     assert net.converged([1, 2, 3])
+
+
+def test_push_rounds_spread_a_join_sooner_and_cost_nothing_when_idle() -> None:
+    def join_time(seed: int, push: bool) -> float:
+        net = swarm(n=20, seed=seed, push=push)
+        everyone = list(range(1, 21))
+        net.run_until(lambda: net.converged(everyone), timeout=20)
+        net.run(3)
+        if push:
+            # Idle: no join or restart since the last tick, so no extra round.
+            assert not any(node.push(net.now) for node in net.nodes.values())
+        net.add(21, seeds=[net.addr_of(1)])
+        return net.run_until(lambda: net.converged([*everyone, 21]), timeout=20)
+
+    with_push = sum(join_time(s, True) for s in (1, 2, 3))
+    without = sum(join_time(s, False) for s in (1, 2, 3))
+    assert with_push < without
