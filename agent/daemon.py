@@ -314,7 +314,7 @@ class Agent:
         self.closers.append(self.store.close)
         self.extra_routes.extend(routes(self.store, cfg.max_value))
         self.sync = SyncService(self.store, cfg.bind, cfg.effective_sync_port, cfg.interval,
-                                cfg.sync_concurrency, cfg.max_value)
+                                cfg.sync_concurrency, cfg.max_value, cfg.tombstone_grace)
         if cfg.sync_port is not None:
             self.core.me.sync_port = cfg.sync_port
         self._publish_digests()

@@ -163,17 +163,24 @@ class SyncResult:
 
 
 async def _exchange(store: Store, conn: Framed, session: Session, name: str,
-                    first: Any, result: SyncResult, peer_horizon_ms: int) -> None:
+                    first: Any, result: SyncResult, peer_horizon_ms: int,
+                    drop_before_ms: int = 0) -> None:
     """Alternate until the session is done. ``first`` is the peer's first frame.
 
-    Items older than the peer's tombstone horizon are not shipped (it would
-    refuse them): they are changes the swarm has moved past, and are removed
-    here once the session is over, so that the two replicas can agree."""
+    Items older than the peer's tombstone horizon are not shipped: it would
+    refuse them. Those also older than ``drop_before_ms`` are changes the
+    swarm has moved past, and are removed here once the session is over, so
+    that the two replicas can agree. Only the initiator passes a
+    ``drop_before_ms``, taken from the peer's heartbeat and never later than
+    now minus the grace: a HELLO from any TCP client can make us withhold
+    items, never delete them."""
     peer_horizon = peer_horizon_ms << COUNTER_BITS
+    drop_before = min(drop_before_ms, peer_horizon_ms) << COUNTER_BITS
     stale: list[Item] = []
     try:
         await _alternate(store, conn, session, name, first, result, peer_horizon, stale)
     finally:
+        stale = [i for i in stale if i.hlc < drop_before]
         if stale:
             with anyio.CancelScope(shield=True):
                 result.dropped = await store.drop_stale(name, stale)
@@ -223,7 +230,8 @@ def _receive(session: Session, tree: SqliteTree, msg: Any) -> Any:
 
 
 async def sync_once(store: Store, host: str, port: int, name: str,
-                    max_frame: int, peer_horizon_ms: int = 0) -> SyncResult:
+                    max_frame: int, peer_horizon_ms: int = 0,
+                    grace_s: float = 604800.0) -> SyncResult:
     """Reconcile collection ``name`` with the agent at host:port (initiator).
     ``peer_horizon_ms``: the tombstone horizon its heartbeat advertised."""
     check_name(name)
@@ -242,7 +250,9 @@ async def sync_once(store: Store, host: str, port: int, name: str,
             if isinstance(first, list) and first and first[0] == DONE:
                 result.messages = 2
             else:
-                await _exchange(store, conn, session, name, first, result, peer_horizon_ms)
+                drop_before_ms = int(time.time() * 1000) - int(grace_s * 1000)
+                await _exchange(store, conn, session, name, first, result, peer_horizon_ms,
+                                drop_before_ms)
                 result.messages = session.messages_in + session.messages_out
             result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out
     result.seconds = time.monotonic() - t0
@@ -296,8 +306,9 @@ class SyncService:
     """Serves sync sessions and starts them when heartbeats show a difference."""
 
     def __init__(self, store: Store, bind: str, port: int, interval: float,
-                 concurrency: int, max_value: int) -> None:
+                 concurrency: int, max_value: int, tombstone_grace: float = 604800.0) -> None:
         self.store = store
+        self.tombstone_grace = tombstone_grace
         self.bind = bind
         self.port = port
         self.interval = interval
@@ -343,7 +354,8 @@ class SyncService:
     async def _one(self, key: str, host: str, port: int, name: str, horizon_ms: int) -> None:
         ok = False
         try:
-            r = await sync_once(self.store, host, port, name, self.max_frame, horizon_ms)
+            r = await sync_once(self.store, host, port, name, self.max_frame, horizon_ms,
+                                self.tombstone_grace)
             ok = True
             self.stats["sync_runs"] = self.stats.get("sync_runs", 0) + 1
             self.stats["sync_bytes_in"] = self.stats.get("sync_bytes_in", 0) + r.bytes_in

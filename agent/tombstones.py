@@ -60,8 +60,12 @@ def choose(ours: Iterable[tuple[str, bytes, int]], peers: list[PeerView],
             if settled > horizon:
                 out[name] = Purge(settled, None)
                 continue
+        # A horizon later than now - grace cannot come from the settle rule:
+        # a peer advertising one is broken or lying, and is not followed.
+        latest = now_ms - int(grace_s * 1000)
         best = max((d for p, d in zip(peers, theirs, strict=True)
-                    if d is not None and p.healthy and hlc_of_ms(d.horizon_ms) > horizon),
+                    if d is not None and p.healthy
+                    and horizon < hlc_of_ms(d.horizon_ms) and d.horizon_ms <= latest),
                    key=lambda d: d.horizon_ms, default=None)
         if best is not None:
             out[name] = Purge(hlc_of_ms(best.horizon_ms), best.state_hash)

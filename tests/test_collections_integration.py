@@ -165,3 +165,43 @@ def test_tombstones_are_purged_everywhere_and_old_copies_stay_dead(swarm: Swarm)
     for x in (a, b, c):
         assert value(x, "t", "k1") == 404
         assert _coll(x, "t").get("vector_count") == 2
+
+
+def test_a_hello_claiming_a_late_horizon_cannot_delete_anything(swarm: Swarm) -> None:
+    """Any TCP client can open a sync session. One that claims an empty
+    replica and a tombstone horizon of "now" must get nothing, and take
+    nothing away."""
+    import time
+
+    import anyio
+
+    from agent.sync import Framed
+    from merkle.reconcile import ITEMS, Session
+    from merkle.tree import MemoryTree
+
+    a = swarm.add()
+    batch = {"items": {f"k{i}": i for i in range(50)}}
+    assert a.request("POST", "/api/collections/safe/items", batch)[0] == 200
+    before = _coll(a, "safe")
+
+    async def attack() -> int:
+        shipped = 0
+        stream = await anyio.connect_tcp(a.host, a.gossip_port)
+        async with stream:
+            conn = Framed(stream, 1 << 22)
+            session = Session(MemoryTree())
+            await conn.send(session.hello("safe", horizon_ms=int(time.time() * 1000)))
+            while not session.done:
+                msg = await conn.receive()
+                if msg[0] == ITEMS:
+                    shipped += len(msg[1])
+                    continue
+                reply = session.receive(msg)
+                if reply is None:
+                    break
+                await conn.send(reply)
+        return shipped
+
+    assert anyio.run(attack, backend="trio") == 0  # withheld: we would refuse them
+    assert _coll(a, "safe") == before
+    assert value(a, "safe", "k7") == 7

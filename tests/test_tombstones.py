@@ -42,7 +42,9 @@ def test_adopts_a_peers_higher_horizon_with_its_hash_as_proof() -> None:
                  GRACE)
     assert got == {"c": Purge(hlc_of_ms(NOW - 90_000), H2)}
     # An unhealthy peer's horizon is not followed.
-    assert choose(ours, [peer(H2, healthy=False, horizon_ms=NOW)], NOW, GRACE) == {}
+    assert choose(ours, [peer(H2, healthy=False, horizon_ms=NOW - 90_000)], NOW, GRACE) == {}
+    # Nor one later than now - grace: the settle rule cannot produce it.
+    assert choose(ours, [peer(H2, horizon_ms=NOW - 1_000)], NOW, GRACE) == {}
 
 
 def test_purge_adopt_and_refuse_keep_replicas_equal(tmp_path: Path) -> None:
