@@ -291,13 +291,10 @@ class Agent:
             todo = tombstones.choose(ours, peers, int(time.time() * 1000),
                                      self.cfg.tombstone_grace)
             for name, p in todo.items():
-                if p.expected is None:
-                    purged: int | None = await self.store.purge_tombstones(name, p.horizon)
-                    why = "every replica in sight had them"
-                else:
-                    purged = await self.store.adopt_horizon(name, p.horizon, p.expected)
-                    why = "as a peer did"
+                purged = await self.store.purge_tombstones(name, p.horizon, p.expected)
                 if purged:
+                    why = "every replica in sight had them" if p.expected is None \
+                        else "as a peer did"
                     log.info("purged %d tombstone(s) in %s (%s)", purged, name, why)
 
     async def _open_store(self) -> None:

@@ -63,6 +63,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_KEY_BYTES = 1024
 DB_FILE = "store.sqlite3"
 GROUP_MAX = 512
+#: shift from a position to its node at the deepest stored level
+LEAF_SHIFT = 64 - 4 * STORED_LEVELS
 
 MIGRATIONS: list[str] = [
     # 1: collections, items, tree nodes
@@ -249,7 +251,6 @@ class _Writer:
         leaf_delta: dict[int, list[int]] = {}
         rows = []
         live = 0
-        shift = 64 - 4 * STORED_LEVELS
         cid = coll.id
         for it in items:
             old = existing.get(it.key)
@@ -257,9 +258,9 @@ class _Writer:
                 continue
             existing[it.key] = it
             pos = it.pos
-            d = leaf_delta.get(pos >> shift)
+            d = leaf_delta.get(pos >> LEAF_SHIFT)
             if d is None:
-                d = leaf_delta[pos >> shift] = [0, 0]
+                d = leaf_delta[pos >> LEAF_SHIFT] = [0, 0]
             d[0] += int.from_bytes(it.digest, "big")
             if old is None:
                 d[1] += 1
@@ -304,20 +305,14 @@ class _Writer:
             "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?)",
             [(coll.id, lv, ix, n[0].to_bytes(32, "big"), n[1]) for (lv, ix), n in dirty.items()])
 
-    def adopt_horizon(self, name: str, horizon: int, expected: bytes) -> int | None:
-        """Purge like a peer that advertises ``horizon`` and ``expected`` as its
-        state_hash did, but only if that makes this replica equal to it (proof
-        that both held the same items). Returns the count purged, or None."""
-        coll = self.colls.get(name)
-        if coll is None or horizon <= coll.horizon:
-            return None
-        digests = [d for (d,) in self.conn.execute(
-            "SELECT digest FROM items WHERE coll=? AND deleted=1 AND hlc<?", (coll.id, horizon))]
-        total, count = coll.root()
-        after = (total - sum(int.from_bytes(d, "big") for d in digests)) % MOD
-        if state_hash(after, count - len(digests)) != expected:
-            return None
-        return self.purge_tombstones(name, horizon)
+    def _subtract(self, coll: _Collection, removed: Iterable[tuple[int, bytes]]) -> None:
+        """Take deleted rows, as (position, digest), out of the stored levels."""
+        leaf_delta: dict[int, list[int]] = {}
+        for pos, digest in removed:
+            d = leaf_delta.setdefault(pos >> LEAF_SHIFT, [0, 0])
+            d[0] -= int.from_bytes(digest, "big")
+            d[1] -= 1
+        self._fold(coll, leaf_delta)
 
     def drop_stale(self, name: str, items: list[Item]) -> int:
         """Remove these exact versions (live or not): a peer past its tombstone
@@ -326,45 +321,41 @@ class _Writer:
         coll = self.colls.get(name)
         if coll is None or not items:
             return 0
-        shift = 64 - 4 * STORED_LEVELS
-        leaf_delta: dict[int, list[int]] = {}
-        removed = live = 0
-        for it in items:
-            cur = self.conn.execute("DELETE FROM items WHERE coll=? AND key=? AND digest=?",
-                                    (coll.id, it.key, it.digest))
-            if cur.rowcount != 1:
-                continue  # replaced meanwhile: keep the newer version
-            removed += 1
-            live -= 0 if it.deleted else 1
-            d = leaf_delta.setdefault(it.pos >> shift, [0, 0])
-            d[0] -= int.from_bytes(it.digest, "big")
-            d[1] -= 1
-        self._fold(coll, leaf_delta)
+        gone = [it for it in items if self.conn.execute(
+            "DELETE FROM items WHERE coll=? AND key=? AND digest=?",
+            (coll.id, it.key, it.digest)).rowcount == 1]  # else replaced meanwhile: keep it
+        self._subtract(coll, ((it.pos, it.digest) for it in gone))
+        live = sum(1 for it in gone if not it.deleted)
         if live:
-            coll.live += live
+            coll.live -= live
             self.conn.execute("UPDATE collections SET live=? WHERE id=?", (coll.live, coll.id))
-        return removed
+        return len(gone)
 
-    def purge_tombstones(self, name: str, horizon: int) -> int:
+    def purge_tombstones(self, name: str, horizon: int,
+                         expected: bytes | None = None) -> int | None:
         """Drop the tombstones older than ``horizon`` (an HLC) and raise the
         collection's horizon to it; from then on remote items older than the
         horizon are refused, so what was purged cannot come back. Returns how
-        many tombstones went. The rule for choosing a horizon is the agent's."""
+        many tombstones went. The rule for choosing a horizon is the agent's.
+
+        With ``expected`` (a peer's state_hash, when adopting its horizon) the
+        purge happens only if it leaves this replica with exactly that hash,
+        proof that both held the same items; else nothing changes and the
+        answer is None."""
         coll = self.colls.get(name)
         if coll is None or horizon <= coll.horizon:
-            return 0
-        rows = self.conn.execute(
+            return None if expected is not None else 0
+        rows = [(key, pos + SHIFT, digest) for key, pos, digest in self.conn.execute(
             "SELECT key, pos, digest FROM items WHERE coll=? AND deleted=1 AND hlc<?",
-            (coll.id, horizon)).fetchall()
-        shift = 64 - 4 * STORED_LEVELS
-        leaf_delta: dict[int, list[int]] = {}
-        for _key, pos, digest in rows:
-            d = leaf_delta.setdefault((pos + SHIFT) >> shift, [0, 0])
-            d[0] -= int.from_bytes(digest, "big")
-            d[1] -= 1
+            (coll.id, horizon))]
+        if expected is not None:
+            total, count = coll.root()
+            after = (total - sum(int.from_bytes(d, "big") for _, _, d in rows)) % MOD
+            if state_hash(after, count - len(rows)) != expected:
+                return None
         self.conn.executemany("DELETE FROM items WHERE coll=? AND key=?",
-                              [(coll.id, r[0]) for r in rows])
-        self._fold(coll, leaf_delta)
+                              [(coll.id, key) for key, _, _ in rows])
+        self._subtract(coll, ((pos, digest) for _, pos, digest in rows))
         coll.horizon = horizon
         self.conn.execute("UPDATE collections SET horizon=? WHERE id=?", (horizon, coll.id))
         return len(rows)
@@ -830,14 +821,13 @@ class Store:
     async def apply_remote(self, name: str, items: list[Item]) -> tuple[int, int]:
         return await self.call(lambda w: w.apply_remote(name, items))
 
-    async def purge_tombstones(self, name: str, horizon: int) -> int:
-        return await self.call(lambda w: w.purge_tombstones(name, horizon))
+    async def purge_tombstones(self, name: str, horizon: int,
+                               expected: bytes | None = None) -> int | None:
+        return await self.call(lambda w: w.purge_tombstones(name, horizon, expected))
 
     async def drop_stale(self, name: str, items: list[Item]) -> int:
         return await self.call(lambda w: w.drop_stale(name, items))
 
-    async def adopt_horizon(self, name: str, horizon: int, expected: bytes) -> int | None:
-        return await self.call(lambda w: w.adopt_horizon(name, horizon, expected))
 
     async def verify(self, name: str, repair: bool = False) -> dict[str, Any]:
         return await self.call(lambda w: w.verify(name, repair))

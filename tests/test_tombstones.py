@@ -72,8 +72,8 @@ def test_purge_adopt_and_refuse_keep_replicas_equal(tmp_path: Path) -> None:
         assert (await a.verify("c"))["ok"]
 
         # b adopts only with the right proof.
-        assert await b.adopt_horizon("c", horizon, b"\0" * 16) is None
-        assert await b.adopt_horizon("c", horizon, info.state_hash) == 10
+        assert await b.purge_tombstones("c", horizon, expected=b"\0" * 16) is None
+        assert await b.purge_tombstones("c", horizon, expected=info.state_hash) == 10
         assert b.digests()[0].state_hash == info.state_hash
 
         # An old copy of a deleted item cannot come back.
