@@ -24,8 +24,9 @@ from typing import Any
 
 import anyio
 
-from agent.clock import HLC
-from agent.store import SqliteTree, Store, _Writer, encode_value
+from agent.core.clock import HLC
+from agent.store import SqliteTree, Store, encode_value
+from agent.store.db import _Writer
 from merkle.loopback import run_pair
 from merkle.tree import Item
 

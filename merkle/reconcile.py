@@ -97,7 +97,7 @@ class Session:
 
     def hello(self, collection: str, horizon_ms: int = 0) -> list[Any]:
         """``horizon_ms``: the sender's tombstone horizon, so that the other side
-        does not ship it items it would refuse (see agent.tombstones)."""
+        does not ship it items it would refuse (see agent.core.tombstones)."""
         total, count = self.reader.node(0, 0)
         hashes, counts = self._children(0, 0)
         self.messages_out += 1

@@ -1,4 +1,4 @@
-from agent.clock import HLC, counter, physical_ms
+from agent.core.clock import HLC, counter, physical_ms
 
 
 def test_monotonic_even_when_the_wall_clock_goes_back() -> None:

@@ -175,7 +175,7 @@ def test_a_hello_claiming_a_late_horizon_cannot_delete_anything(swarm: Swarm) ->
 
     import anyio
 
-    from agent.sync import Framed
+    from agent.net.stream import Framed
     from merkle.reconcile import ITEMS, Session
     from merkle.tree import MemoryTree
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity
 from agent.config import FIELDS, ConfigError, HostPort, load
+from agent.runtime import identity
 from tests.agents import run_cli
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent import wire
-from agent.membership import (
+from agent.core import wire
+from agent.core.membership import (
     IncarnationRaised,
     MemberExpired,
     MemberLeft,

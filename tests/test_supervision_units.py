@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import discovery, snapshot
 from agent.config import ConfigError, load_reloadable
-from agent.sdnotify import Notifier
-from agent.supervision import tick_is_recent
+from agent.net import discovery
+from agent.runtime import snapshot
+from agent.runtime.sdnotify import Notifier
+from agent.runtime.supervision import tick_is_recent
 
 
 def test_notifier_abstract_socket_and_watchdog_settings() -> None:

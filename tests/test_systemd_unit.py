@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from agent.config import FIELDS, PREFIX, load
-from agent.unit_files import render_env, render_unit
+from agent.face.unit_files import render_env, render_unit
 from tests.agents import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_files_are_the_rendered_ones() -> None:
-    # After changing FIELDS or the unit: python -m agent.unit_files systemd/
+    # After changing FIELDS or the unit: python -m agent.face.unit_files systemd/
     assert (REPO / "systemd" / "hs-gossip.service").read_text() == render_unit()
     assert (REPO / "systemd" / "hs-gossip.env").read_text() == render_env()
 

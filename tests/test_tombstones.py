@@ -1,4 +1,4 @@
-"""Tombstone purging: the rule (agent.tombstones) and the store's purge,
+"""Tombstone purging: the rule (agent.core.tombstones) and the store's purge,
 adoption and horizon refusal."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import anyio
 
-from agent.clock import COUNTER_BITS
+from agent.core.clock import COUNTER_BITS
+from agent.core.tombstones import PeerView, Purge, choose, hlc_of_ms
+from agent.core.wire import Digest
 from agent.store import Store
-from agent.tombstones import PeerView, Purge, choose, hlc_of_ms
-from agent.wire import Digest
 from merkle.tree import Item
 
 A, B = b"a" * 16, b"b" * 16

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import wire
+from agent.core import wire
 
 node_ids = st.binary(min_size=16, max_size=16)
 small = st.integers(min_value=0, max_value=2**53 - 1)

@@ -106,7 +106,7 @@ def render_env() -> str:
 
 
 if __name__ == "__main__":
-    # Regenerate the shipped copies: python -m agent.unit_files systemd/
+    # Regenerate the shipped copies: python -m agent.face.unit_files systemd/
     import sys
     from pathlib import Path
 

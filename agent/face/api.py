@@ -23,7 +23,7 @@ from starlette.routing import Route
 from agent import __version__
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from agent.runtime.agent import Agent
 
 
 def build_app(agent: Agent) -> Starlette:
@@ -124,7 +124,7 @@ async def serve_api(
             task_status.started(cfg.api.port)
             await asyncio_serve(app, hc, shutdown_trigger=shutdown)  # type: ignore[arg-type]
     except OSError as e:
-        from agent.daemon import StartupError
+        from agent.runtime.errors import StartupError
 
         raise StartupError(
             f"cannot bind HTTP API {cfg.api} (HS_GOSSIP_API): {e.strerror or e}"

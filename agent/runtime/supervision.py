@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from agent.sdnotify import Notifier
+from agent.runtime.sdnotify import Notifier
 
 if TYPE_CHECKING:
-    from agent.daemon import Agent
+    from agent.runtime.agent import Agent
 
 log = logging.getLogger("hs_gossip.supervision")
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.clock import COUNTER_BITS
-from agent.wire import Digest
+from agent.core.clock import COUNTER_BITS
+from agent.core.wire import Digest
 
 
 @dataclass(frozen=True)

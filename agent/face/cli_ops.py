@@ -8,8 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from agent.cli import command, fail
-from agent.unit_files import ENV_PATH, UNIT_PATH, render_env, render_unit
+from agent.face.cli import command, fail
+from agent.face.unit_files import ENV_PATH, UNIT_PATH, render_env, render_unit
 
 
 def installed_executable() -> str:

@@ -20,7 +20,7 @@ from starlette.routing import Route
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from agent.daemon import Agent
+    from agent.runtime.agent import Agent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

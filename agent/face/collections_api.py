@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agent.clock import counter, physical_ms
+from agent.core.clock import counter, physical_ms
 from agent.store import Store, StoreError, check_key, check_name, decode_value
 from merkle.tree import Item
 

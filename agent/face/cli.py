@@ -40,7 +40,7 @@ def fail(msg: str, code: int = 1) -> int:
 
 def setup_logging(level: str, fmt: str) -> None:
     try:
-        from agent.logging_setup import configure
+        from agent.runtime.logging_setup import configure
     except ImportError:
         logging.basicConfig(level=level, stream=sys.stdout,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -72,8 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in warnings:
         log.warning("%s", w)
 
-    from agent import identity
-    from agent.daemon import Agent, StartupError
+    from agent.runtime import identity
+    from agent.runtime.agent import Agent
+    from agent.runtime.errors import StartupError
 
     try:
         ident = identity.load_for_start(cfg.data_dir)
@@ -238,7 +239,7 @@ cmd_status.add_arguments = _peers_args  # type: ignore[attr-defined]
 
 @command("demo", "start N agents on loopback and show a live peers table")
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.face.demo import run_demo
 
     return run_demo(args.n, args.interval, args.duration)
 
@@ -256,8 +257,8 @@ cmd_demo.add_arguments = _demo_args  # type: ignore[attr-defined]
 
 def _load_plugins() -> None:
     """Subcommands and agent hooks living in other modules register themselves on import."""
-    import agent.cli_data
-    import agent.cli_ops  # noqa: F401
+    import agent.face.cli_data
+    import agent.face.cli_ops  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import UDPSocket
 
-from agent.udp import Addr
+from agent.net.udp import Addr
 
 log = logging.getLogger("hs_gossip.discovery")
 MAGIC = b"HSG1"

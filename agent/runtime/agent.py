@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from agent import clock, health, identity, snapshot, supervision, tombstones, wire
 from agent.config import PREFIX, Config, ConfigError, HostPort, load_reloadable
-from agent.membership import (
+from agent.core import clock, tombstones, wire
+from agent.core.membership import (
     Event,
     IncarnationRaised,
     Member,
@@ -46,12 +46,14 @@ from agent.membership import (
     Params,
     SelfInfo,
 )
-from agent.sdnotify import Notifier
-from agent.udp import Addr, GossipSocket, normalize
+from agent.net.udp import Addr, GossipSocket, normalize
+from agent.runtime import health, identity, snapshot, supervision
+from agent.runtime.errors import StartupError
+from agent.runtime.sdnotify import Notifier
 
 if TYPE_CHECKING:
+    from agent.runtime.sync_service import SyncService
     from agent.store import Store
-    from agent.sync import SyncService
 
 log = logging.getLogger("hs_gossip")
 
@@ -66,10 +68,6 @@ SNAPSHOT_REFRESH = 600.0
 TOMBSTONE_EVERY_INTERVALS = 10
 #: how long in-flight API requests get to finish on shutdown (seconds)
 API_DRAIN = 5.0
-
-
-class StartupError(Exception):
-    """The agent cannot start (port taken, unresolvable address). One line."""
 
 
 async def resolve(hp: HostPort, family: int = 0) -> list[Addr]:
@@ -160,7 +158,7 @@ class Agent:
         await self._resolve_seeds(force=True)
         await self._open_store()
 
-        from agent import metrics  # prometheus_client import is slow; only the daemon needs it
+        from agent.face import metrics  # prometheus_client import is slow; only the daemon needs it
 
         self.extra_routes.extend(metrics.routes(self))
         async with anyio.create_task_group() as tg:
@@ -206,7 +204,7 @@ class Agent:
         log.info("agent stopped")
 
     async def _serve_api(self, *, task_status: TaskStatus[int]) -> None:
-        from agent.api import serve_api  # Starlette import is the slow part of start-up
+        from agent.face.api import serve_api  # Starlette import is the slow part of start-up
 
         try:
             await serve_api(self, self._shutdown.wait, task_status=task_status)
@@ -219,7 +217,7 @@ class Agent:
             tg.start_soon(health.run, cfg.health_url, cfg.health_cmd, cfg.health_interval,
                           self.core.set_app_healthy)
         if cfg.discovery == "multicast":
-            from agent import discovery
+            from agent.net import discovery
 
             tg.start_soon(discovery.run, cfg.multicast_group, cfg.multicast_port,
                           self.core.me.port, self.ident.node_id.bytes,
@@ -280,7 +278,7 @@ class Agent:
                 saved, saved_at = members, now
 
     async def _tombstone_loop(self) -> None:
-        """Purge tombstones when agent.tombstones says it is safe."""
+        """Purge tombstones when agent.core.tombstones says it is safe."""
         while True:
             await anyio.sleep(TOMBSTONE_EVERY_INTERVALS * self.cfg.interval)
             if self.store is None:
@@ -298,9 +296,9 @@ class Agent:
                     log.info("purged %d tombstone(s) in %s (%s)", purged, name, why)
 
     async def _open_store(self) -> None:
-        from agent.collections_api import routes
+        from agent.face.collections_api import routes
+        from agent.runtime.sync_service import SyncService
         from agent.store import Store, StoreError
-        from agent.sync import SyncService
 
         cfg = self.cfg
         try:
@@ -348,7 +346,7 @@ class Agent:
                 return
 
     def reload(self) -> None:
-        from agent import logging_setup
+        from agent.runtime import logging_setup
 
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:

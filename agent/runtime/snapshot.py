@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.udp import Addr
+from agent.net.udp import Addr
 
 log = logging.getLogger("hs_gossip.snapshot")
 FILENAME = "peers.json"

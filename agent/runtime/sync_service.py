@@ -18,15 +18,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import anyio
-import msgpack
-from anyio.abc import ByteStream, SocketStream
+from anyio.abc import SocketStream
 
-from agent.clock import COUNTER_BITS
+from agent.core.clock import COUNTER_BITS
+from agent.core.sync_plan import SyncPlanner
+from agent.net.stream import Framed, SyncError
 from agent.store import SqliteTree, Store, StoreError, check_name
 from merkle.loopback import item_batches
 from merkle.reconcile import DONE, HELLO, ITEMS, ProtocolError, Session
@@ -35,103 +36,7 @@ from merkle.tree import Item
 log = logging.getLogger("hs_gossip.sync")
 
 FRAME_OVERHEAD = 1 << 20
-IO_TIMEOUT = 15.0
 SESSION_TIMEOUT = 300.0
-BACKOFF_MIN = 1.0
-BACKOFF_MAX = 60.0
-
-
-class SyncError(Exception):
-    pass
-
-
-# --- planning (no I/O) ---------------------------------------------------------
-
-
-@dataclass
-class _PairState:
-    not_before: float = 0.0
-    failures: int = 0
-
-
-@dataclass
-class SyncPlanner:
-    concurrency: int = 2
-    cooldown: float = 2.0
-    running: set[str] = field(default_factory=set)  # peer keys with a session open
-    pairs: dict[tuple[str, str], _PairState] = field(default_factory=dict)
-
-    def plan(self, now: float, ours: dict[str, bytes],
-             peers: list[tuple[str, dict[str, bytes]]]) -> list[tuple[str, str]]:
-        """``peers`` is [(peer_key, {collection: state_hash})]; returns the
-        (peer_key, collection) sessions to start now."""
-        out: list[tuple[str, str]] = []
-        for peer, theirs in peers:
-            if len(self.running) + len(out) >= self.concurrency:
-                break
-            if peer in self.running:
-                continue
-            for name, h in sorted(theirs.items()):
-                if ours.get(name) == h:
-                    continue
-                st = self.pairs.get((peer, name))
-                if st is not None and now < st.not_before:
-                    continue
-                out.append((peer, name))
-                break
-        for peer, _ in out:
-            self.running.add(peer)
-        return out
-
-    def finished(self, peer: str, name: str, now: float, ok: bool) -> None:
-        self.running.discard(peer)
-        st = self.pairs.setdefault((peer, name), _PairState())
-        if ok:
-            st.failures = 0
-            st.not_before = now + self.cooldown
-        else:
-            st.failures += 1
-            st.not_before = now + min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (st.failures - 1))
-        if len(self.pairs) > 10_000:
-            self.pairs = {k: v for k, v in self.pairs.items() if v.not_before > now}
-
-
-# --- framing --------------------------------------------------------------------
-
-
-class Framed:
-    def __init__(self, stream: ByteStream, max_frame: int) -> None:
-        self.stream = stream
-        self.max_frame = max_frame
-        self.buf = bytearray()
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-    async def send(self, msg: Any) -> None:
-        data = msgpack.packb(msg, use_bin_type=True)
-        self.bytes_out += len(data) + 4
-        with anyio.fail_after(IO_TIMEOUT):
-            await self.stream.send(len(data).to_bytes(4, "big") + data)
-
-    async def _fill(self, n: int) -> None:
-        while len(self.buf) < n:
-            with anyio.fail_after(IO_TIMEOUT):
-                chunk = await self.stream.receive(65536)
-            self.buf += chunk
-
-    async def receive(self) -> Any:
-        await self._fill(4)
-        size = int.from_bytes(self.buf[:4], "big")
-        if size > self.max_frame:
-            raise SyncError(f"frame of {size} bytes exceeds the {self.max_frame}-byte limit")
-        await self._fill(4 + size)
-        data = bytes(self.buf[4:4 + size])
-        del self.buf[:4 + size]
-        self.bytes_in += size + 4
-        try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception:
-            raise SyncError("undecodable frame") from None
 
 
 def _items_from_wire(raw: Any) -> list[Item]:
@@ -324,7 +229,7 @@ class SyncService:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=self.port,
                                                        reuse_port=False)
         except OSError as e:
-            from agent.daemon import StartupError
+            from agent.runtime.errors import StartupError
 
             raise StartupError(
                 f"cannot listen for sync on TCP {self.bind}:{self.port} "

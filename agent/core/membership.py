@@ -47,8 +47,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from agent import wire
-from agent.wire import ALIVE, LEFT, SUSPECT, Addr, Digest, Entry
+from agent.core import wire
+from agent.core.wire import ALIVE, LEFT, SUSPECT, Addr, Digest, Entry
 
 #: after joining, seeds that are not members are retried every this many ticks
 SEED_RETRY = 10

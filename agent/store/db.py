@@ -41,7 +41,7 @@ import anyio
 import msgpack
 import sniffio
 
-from agent.clock import HLC, MAX_HLC
+from agent.core.clock import HLC, MAX_HLC
 from merkle.tree import (
     FANOUT,
     FANOUT_BITS,

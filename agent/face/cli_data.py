@@ -6,7 +6,7 @@ import argparse
 import json
 import urllib.parse
 
-from agent.cli import ApiError, api_request, command, fail
+from agent.face.cli import ApiError, api_request, command, fail
 
 
 def _path(name: str, key: str | None = None) -> str:

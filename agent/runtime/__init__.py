@@ -1,0 +1,2 @@
+"""The agent process: its task group, timers, sync service, maintenance loops
+and systemd supervision."""
