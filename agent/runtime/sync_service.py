@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,7 +28,6 @@ from agent.core.clock import COUNTER_BITS
 from agent.core.sync_plan import SyncPlanner
 from agent.net.stream import Framed, SyncError
 from agent.store import SqliteTree, Store, StoreError, check_name
-from merkle.loopback import item_batches
 from merkle.reconcile import DONE, HELLO, ITEMS, ProtocolError, Session
 from merkle.tree import Item
 
@@ -107,10 +105,7 @@ async def _alternate(store: Store, conn: Framed, session: Session, name: str, fi
         reply = await store.with_tree(name, partial(_receive, session, msg=msg))
         requests = session.take_sends()
         if requests:
-            # One batch per store call: a large transfer never sits in memory
-            # whole, and local writes interleave with it.
-            gen = await store.with_tree(name, partial(item_batches, requests=requests))
-            while (batch := await store.call(partial(_next_batch, gen))) is not None:
+            async for batch in store.item_batches(name, requests):
                 if peer_horizon:
                     stale.extend(i for i in batch if i.hlc < peer_horizon)
                     batch = [i for i in batch if i.hlc >= peer_horizon]
@@ -123,10 +118,6 @@ async def _alternate(store: Store, conn: Framed, session: Session, name: str, fi
         if session.done:
             return
         msg = await conn.receive()
-
-
-def _next_batch(gen: Iterator[list[Item]], _writer: object) -> list[Item] | None:
-    return next(gen, None)
 
 
 def _receive(session: Session, tree: SqliteTree, msg: Any) -> Any:

@@ -32,8 +32,9 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +43,8 @@ import msgpack
 import sniffio
 
 from agent.core.clock import HLC, MAX_HLC
+from merkle.loopback import item_batches
+from merkle.reconcile import SendRequest
 from merkle.tree import (
     FANOUT,
     FANOUT_BITS,
@@ -833,7 +836,18 @@ class Store:
         return await self.call(lambda w: w.verify(name, repair))
 
     async def with_tree(self, name: str, fn: Callable[[SqliteTree], T]) -> T:
+        """Run ``fn`` with a read-only view of the collection's tree, on the
+        store thread (the reconciliation session reads the tree)."""
         return await self.call(lambda w: fn(SqliteTree(w, name)))
+
+    async def item_batches(self, name: str,
+                           requests: list[SendRequest]) -> AsyncIterator[list[Item]]:
+        """The items a reconciliation session asked to ship, one bounded batch
+        per store call: a large transfer never sits in memory whole, and local
+        writes interleave with it."""
+        gen = await self.with_tree(name, partial(item_batches, requests=requests))
+        while (batch := await self.call(lambda _w: next(gen, None))) is not None:
+            yield batch
 
     def digests(self) -> list[CollectionInfo]:
         """Collections as of the last commit: no query, safe from the event loop."""
