@@ -26,7 +26,7 @@ import anyio
 
 from agent.core.clock import HLC
 from agent.store import SqliteTree, Store, encode_value
-from agent.store.db import _Writer
+from agent.store.db import _Writer, wall_ms
 from merkle.loopback import run_pair
 from merkle.tree import Item
 
@@ -39,7 +39,7 @@ def peak_rss_mib() -> float:
 
 def build(path: Path, n: int) -> float:
     """Write n items in batches of 10,000 through the store's one write path."""
-    w = _Writer(path / "store.sqlite3", HLC(), 1 << 20, 300)
+    w = _Writer(path / "store.sqlite3", HLC(wall_ms), 1 << 20, 300)
     t0 = time.perf_counter()
     for start in range(0, n, 10_000):
         items = [Item(f"key-{i:08d}", (1_700_000_000_000 + i) << 16, ORIGIN_A, False,
@@ -64,8 +64,8 @@ def sync_case(base: Path, n: int, d: int, seed: int) -> dict[str, Any]:
     a_dir, b_dir = base / f"a{d}", base / f"b{d}"
     for p in (a_dir, b_dir):
         shutil.copytree(base / "seed", p)
-    a = _Writer(a_dir / "store.sqlite3", HLC(), 1 << 20, 1e9)
-    b = _Writer(b_dir / "store.sqlite3", HLC(), 1 << 20, 1e9)
+    a = _Writer(a_dir / "store.sqlite3", HLC(wall_ms), 1 << 20, 1e9)
+    b = _Writer(b_dir / "store.sqlite3", HLC(wall_ms), 1 << 20, 1e9)
     changed = random.Random(seed).sample(range(n), d)
     diverge(a, changed[: d // 2], ORIGIN_A)
     diverge(b, changed[d // 2:], ORIGIN_B)

@@ -11,16 +11,11 @@ refused (a device with a clock years ahead must not drag the swarm along).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 COUNTER_BITS = 16
 COUNTER_MASK = (1 << COUNTER_BITS) - 1
 MAX_HLC = (1 << 63) - 1
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def physical_ms(hlc: int) -> int:
@@ -32,7 +27,10 @@ def counter(hlc: int) -> int:
 
 
 class HLC:
-    def __init__(self, last: int = 0, clock: Callable[[], int] = wall_ms) -> None:
+    """``clock`` returns the wall clock in Unix milliseconds; the process
+    passes the real one, tests and simulations their own."""
+
+    def __init__(self, clock: Callable[[], int], last: int = 0) -> None:
         self.last = last
         self._clock = clock
         self._lock = threading.Lock()

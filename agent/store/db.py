@@ -106,6 +106,11 @@ MIGRATIONS: list[str] = [
 ]
 
 
+def wall_ms() -> int:
+    """The real wall clock in Unix milliseconds, for the HLC of item versions."""
+    return time.time_ns() // 1_000_000
+
+
 class StoreError(Exception):
     """A request the store refuses (bad name, key, size). Safe to show users."""
 
@@ -678,9 +683,9 @@ class Store:
     carried out (it was queued) but nothing is left half-done."""
 
     def __init__(self, data_dir: Path, origin: bytes, max_value: int = 1 << 20,
-                 max_skew: float = 300.0) -> None:
+                 max_skew: float = 300.0, clock: Callable[[], int] | None = None) -> None:
         self.path = data_dir / DB_FILE
-        self.hlc = HLC()
+        self.hlc = HLC(clock or wall_ms)
         self._writer = _Writer(self.path, self.hlc, max_value, max_skew)
         self._writer.origin = origin
         self._writer.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
@@ -696,9 +701,9 @@ class Store:
 
     @classmethod
     async def open(cls, data_dir: Path, origin: bytes, max_value: int = 1 << 20,
-                   max_skew: float = 300.0) -> Store:
+                   max_skew: float = 300.0, clock: Callable[[], int] | None = None) -> Store:
         store = await anyio.to_thread.run_sync(
-            lambda: cls(data_dir, origin, max_value, max_skew))
+            lambda: cls(data_dir, origin, max_value, max_skew, clock))
         store._wake = _waker()
         store._checkpointer.thread.start()
         store._thread.start()
