@@ -25,8 +25,10 @@ from typing import Any
 import anyio
 
 from agent.core.clock import HLC
-from agent.store import SqliteTree, Store, encode_value
-from agent.store.db import _Writer, wall_ms
+from agent.store import Store, encode_value
+from agent.store.changes import Write
+from agent.store.store import wall_ms
+from agent.store.writer import Writer
 from merkle.loopback import run_pair
 from merkle.tree import Item
 
@@ -38,25 +40,25 @@ def peak_rss_mib() -> float:
 
 
 def build(path: Path, n: int) -> float:
-    """Write n items in batches of 10,000 through the store's one write path."""
-    w = _Writer(path / "store.sqlite3", HLC(wall_ms), 1 << 20, 300)
+    """Write n items in batches of 10,000 through the store's one change path."""
+    w = Writer(path / "store.sqlite3", HLC(wall_ms), ORIGIN_A, 1 << 20, 300)
     t0 = time.perf_counter()
     for start in range(0, n, 10_000):
         items = [Item(f"key-{i:08d}", (1_700_000_000_000 + i) << 16, ORIGIN_A, False,
                       encode_value({"i": i, "tag": "sensor"}))
                  for i in range(start, min(n, start + 10_000))]
         w.conn.execute("BEGIN")
-        w.apply_items("bench", items)
+        w.change("bench", [Write(it) for it in items])
         w.conn.execute("COMMIT")
     took = time.perf_counter() - t0
     w.conn.close()
     return took
 
 
-def diverge(w: _Writer, keys: list[int], origin: bytes) -> None:
+def diverge(w: Writer, keys: list[int], origin: bytes) -> None:
     w.conn.execute("BEGIN")
-    w.apply_items("bench", [Item(f"key-{i:08d}", (1_800_000_000_000 + i) << 16, origin, False,
-                                 encode_value({"i": i, "changed": True})) for i in keys])
+    w.change("bench", [Write(Item(f"key-{i:08d}", (1_800_000_000_000 + i) << 16, origin, False,
+                                  encode_value({"i": i, "changed": True}))) for i in keys])
     w.conn.execute("COMMIT")
 
 
@@ -64,13 +66,13 @@ def sync_case(base: Path, n: int, d: int, seed: int) -> dict[str, Any]:
     a_dir, b_dir = base / f"a{d}", base / f"b{d}"
     for p in (a_dir, b_dir):
         shutil.copytree(base / "seed", p)
-    a = _Writer(a_dir / "store.sqlite3", HLC(wall_ms), 1 << 20, 1e9)
-    b = _Writer(b_dir / "store.sqlite3", HLC(wall_ms), 1 << 20, 1e9)
+    a = Writer(a_dir / "store.sqlite3", HLC(wall_ms), ORIGIN_A, 1 << 20, 1e9)
+    b = Writer(b_dir / "store.sqlite3", HLC(wall_ms), ORIGIN_B, 1 << 20, 1e9)
     changed = random.Random(seed).sample(range(n), d)
     diverge(a, changed[: d // 2], ORIGIN_A)
     diverge(b, changed[d // 2:], ORIGIN_B)
 
-    def applier(w: _Writer):  # type: ignore[no-untyped-def]
+    def applier(w: Writer):  # type: ignore[no-untyped-def]
         def apply(items: list[Item]) -> None:
             w.conn.execute("BEGIN")
             w.apply_remote("bench", items)
@@ -78,7 +80,7 @@ def sync_case(base: Path, n: int, d: int, seed: int) -> dict[str, Any]:
         return apply
 
     t0 = time.perf_counter()
-    stats = run_pair(SqliteTree(a, "bench"), applier(a), SqliteTree(b, "bench"), applier(b),
+    stats = run_pair(a.tree("bench"), applier(a), b.tree("bench"), applier(b),
                      collection="bench")
     took = time.perf_counter() - t0
     assert a.infos() == b.infos(), "replicas differ after sync"

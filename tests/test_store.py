@@ -4,6 +4,7 @@ commit, and reconciliation between two stores."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -12,8 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.store import Store, StoreError
+from agent.store.changes import Change
+from agent.store.writer import Writer
 from merkle.loopback import run_pair
 from merkle.tree import Item, MemoryTree
+from tests import storehelp
 
 A, B = b"a" * 16, b"b" * 16
 
@@ -86,13 +90,38 @@ def test_verify_detects_and_repairs_a_damaged_index(tmp_path: Path) -> None:
         for i in range(50):
             await s.put("c", f"k{i}", i)
         good = s.digests()[0].state_hash
-        await s.call(lambda w: w.conn.execute("UPDATE nodes SET count=count+1 WHERE level=3"))
         await s.close()
+        storehelp.damage(tmp_path, "UPDATE nodes SET count=count+1 WHERE level=3")
         s = await Store.open(tmp_path, A)
         assert not (await s.verify("c"))["ok"]
         assert (await s.verify("c", repair=True))["repaired"]
         assert (await s.verify("c"))["ok"] and s.digests()[0].state_hash == good
         await s.close()
+
+    run(main)
+
+
+def test_repair_rewrites_rows_stored_under_a_wrong_digest_or_position(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = await Store.open(tmp_path, A)
+        for i in range(50):
+            await s.put("c", f"k{i}", i)
+        good = s.digests()[0].state_hash
+        await s.close()
+        right = storehelp.query(tmp_path, "SELECT key, digest, pos FROM items ORDER BY key")
+        storehelp.damage(tmp_path, """
+            UPDATE items SET digest = zeroblob(32) WHERE key = 'k7';
+            UPDATE items SET pos = pos + 1 WHERE key = 'k9';
+        """)
+        s = await Store.open(tmp_path, A)
+        report = await s.verify("c")
+        assert not report["ok"] and report["bad_digests"] == 2
+        assert (await s.verify("c", repair=True))["repaired"]
+        report = await s.verify("c")
+        assert report["ok"] and report["bad_digests"] == 0
+        assert s.digests()[0].state_hash == good
+        await s.close()
+        assert storehelp.query(tmp_path, "SELECT key, digest, pos FROM items ORDER BY key") == right
 
     run(main)
 
@@ -162,11 +191,13 @@ def test_incremental_tree_equals_rebuilt_and_memory_model(
 
 
 def test_two_stores_reconcile_to_the_same_root(tmp_path: Path) -> None:
-    async def main() -> None:
-        (tmp_path / "a").mkdir()
-        (tmp_path / "b").mkdir()
-        a = await Store.open(tmp_path / "a", A)
-        b = await Store.open(tmp_path / "b", B)
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+
+    async def fill() -> None:
+        a = await Store.open(a_dir, A)
+        b = await Store.open(b_dir, B)
         rng = random.Random(3)
         for i in range(2000):
             v = rng.randint(0, 9)
@@ -177,19 +208,27 @@ def test_two_stores_reconcile_to_the_same_root(tmp_path: Path) -> None:
         for i in range(5):
             await b.put("c", f"b{i}", "b-side")
         await b.delete("c", "k0")
+        assert a.digests() != b.digests()
+        await a.close()
+        await b.close()
 
-        # Run the reconciliation on the store threads, as the TCP driver does.
-        def session() -> None:
-            wa, wb = a._writer, b._writer
-            from agent.store import SqliteTree
+    run(fill)
 
-            run_pair(SqliteTree(wa, "c"), lambda items: wa.apply_remote("c", items),
-                     SqliteTree(wb, "c"), lambda items: wb.apply_remote("c", items))
+    # Reconcile in this thread, each batch of received items applied in its own
+    # committed transaction, as the store thread would (the stores are closed).
+    with storehelp.direct_writer(a_dir, A) as wa, storehelp.direct_writer(b_dir, B) as wb:
+        def applier(w: Writer) -> Callable[[list[Item]], None]:
+            def apply(items: list[Item]) -> None:
+                with storehelp.transaction(w):
+                    w.apply_remote("c", items)
+            return apply
 
-        # Both writers are idle, so driving them from this thread is safe here.
-        session()
-        for st_ in (a, b):
-            await st_.call(lambda w: None)  # commit what the session applied
+        stats = run_pair(wa.tree("c"), applier(wa), wb.tree("c"), applier(wb))
+        assert stats.items_a_to_b and stats.items_b_to_a
+
+    async def check() -> None:
+        a = await Store.open(a_dir, A)
+        b = await Store.open(b_dir, B)
         assert a.digests() == b.digests()
         assert (await a.verify("c"))["ok"] and (await b.verify("c"))["ok"]
         got = await a.get("c", "k0")
@@ -197,4 +236,80 @@ def test_two_stores_reconcile_to_the_same_root(tmp_path: Path) -> None:
         await a.close()
         await b.close()
 
-    run(main)
+    run(check)
+
+
+def pairs(changes: list[Change]) -> list[tuple[str, Item | None, Item | None]]:
+    """(key, old, new) of each change, checking that the record is consistent."""
+    for ch in changes:
+        assert ch.old is None or ch.old.key == ch.key
+        assert ch.new is None or ch.new.key == ch.key
+    return [(ch.key, ch.old, ch.new) for ch in changes]
+
+
+def test_every_kind_of_change_reports_old_and_new_and_keeps_the_tree_true(
+        tmp_path: Path) -> None:
+    def ok(w: Writer) -> None:
+        report, repaired = w.verify("c")
+        assert report["ok"] and repaired == []
+
+    with storehelp.direct_writer(tmp_path, A) as w:
+        with storehelp.transaction(w):
+            x1 = w.put("c", "x", 1)
+        assert pairs([x1]) == [("x", None, x1.new)] and x1.new is not None
+        ok(w)
+        with storehelp.transaction(w):
+            x2 = w.put("c", "x", 2)
+        assert pairs([x2]) == [("x", x1.new, x2.new)]
+        ok(w)
+        with storehelp.transaction(w):
+            many = w.put_many("c", {"y": 1, "z": 1})
+        y1, z1 = (ch.new for ch in many)
+        assert y1 is not None and z1 is not None
+        assert pairs(many) == [("y", None, y1), ("z", None, z1)]
+        ok(w)
+        with storehelp.transaction(w):
+            gone = w.delete("c", "x")
+            again = w.delete("c", "x")
+        assert gone is not None and again is None
+        xt = gone.new
+        assert xt is not None and xt.deleted and pairs([gone]) == [("x", x2.new, xt)]
+        ok(w)
+
+        # Remote: a newer y wins, an older z does not; a bad item is only counted.
+        y_new = Item("y", y1.hlc + 1, B, False, b"\x05")
+        z_old = Item("z", z1.hlc - 1, B, False, b"\x05")
+        with storehelp.transaction(w):
+            remote, rejected = w.apply_remote("c", [y_new, z_old, Item("w", 1, b"?", False, b"")])
+        assert pairs(remote) == [("y", y1, y_new)] and rejected == 1
+        ok(w)
+
+        # Stale drop: z is removed; the y asked for was replaced meanwhile and stays.
+        with storehelp.transaction(w):
+            dropped = w.drop_stale("c", [z1, y1])
+        assert pairs(dropped) == [("z", z1, None)]
+        assert w.get("c", "y") == y_new and w.get("c", "z") is None
+        ok(w)
+
+        # Purge: tombstones older than the horizon go, live items stay.
+        with storehelp.transaction(w):
+            refused = w.purge_tombstones("c", xt.hlc + 1, expected=b"\0" * 16)
+            purged = w.purge_tombstones("c", xt.hlc + 1)
+        assert refused is None and purged is not None
+        assert pairs(purged) == [("x", xt, None)] and w.get("c", "x") is None
+        assert [(i.name, i.count, i.total) for i in w.infos()] == [("c", 1, 1)]
+        ok(w)
+        good = w.infos()
+
+    # Repair: a row under a wrong digest is rewritten with the right one.
+    storehelp.damage(tmp_path, "UPDATE items SET digest = zeroblob(32) WHERE key = 'y'")
+    with storehelp.direct_writer(tmp_path, A) as w:
+        with storehelp.transaction(w):
+            report, repaired = w.verify("c", repair=True)
+        assert report["repaired"] and report["bad_digests"] == 1
+        [(key, old, new)] = pairs(repaired)
+        assert key == "y" and old == new == y_new  # same version...
+        assert old is not None and new is not None
+        assert old.digest == bytes(32) and new.digest == y_new.digest  # ...right digest now
+        ok(w)
+        assert w.infos() == good

@@ -13,6 +13,7 @@ from agent.core.tombstones import PeerView, Purge, choose, hlc_of_ms
 from agent.core.wire import Digest
 from agent.store import Store
 from merkle.tree import Item
+from tests import storehelp
 
 A, B = b"a" * 16, b"b" * 16
 H1, H2 = b"1" * 16, b"2" * 16
@@ -58,9 +59,9 @@ def test_purge_adopt_and_refuse_keep_replicas_equal(tmp_path: Path) -> None:
         for k in range(0, 20, 2):
             await a.delete("c", f"k{k}")
         # b receives everything a has, tombstones included.
-        items = await a.call(lambda w: [Item(k, h, o, bool(d), v) for k, h, o, d, v in
-                                        w.conn.execute("SELECT key, hlc, origin, deleted, value "
-                                                       "FROM items ORDER BY key")])
+        items = sorted([i async for batch in a.item_batches("c", [(0, 0, None)])
+                        for i in batch], key=lambda i: i.key)
+        assert len(items) == 20 and sum(i.deleted for i in items) == 10
         await b.apply_remote("c", items)
         assert a.digests()[0].state_hash == b.digests()[0].state_hash
         stale_live = Item("k0", items[0].hlc - 5, B, False, b"\x01")
@@ -110,8 +111,6 @@ def test_drop_stale_removes_only_that_version_and_keeps_the_tree_true(tmp_path: 
 
 
 def test_schema_v1_database_upgrades_in_place(tmp_path: Path) -> None:
-    import sqlite3
-
     import agent.store as store_mod
 
     async def write() -> None:
@@ -123,13 +122,11 @@ def test_schema_v1_database_upgrades_in_place(tmp_path: Path) -> None:
 
     anyio.run(write, backend="trio")
     # Turn it into what a version-1 agent left behind.
-    db = sqlite3.connect(tmp_path / store_mod.DB_FILE)
-    db.executescript("""
+    storehelp.damage(tmp_path, """
         DROP INDEX items_tombstones;
         ALTER TABLE collections DROP COLUMN horizon;
         UPDATE meta SET v = 1 WHERE k = 'schema_version';
     """)
-    db.close()
 
     async def reopen() -> None:
         s = await Store.open(tmp_path, A)
@@ -137,8 +134,7 @@ def test_schema_v1_database_upgrades_in_place(tmp_path: Path) -> None:
         assert (info.count, info.total, info.horizon) == (1, 2, 0)
         assert await s.get("c", "kept") is not None
         assert (await s.verify("c"))["ok"]
-        version = await s.call(lambda w: w.conn.execute(
-            "SELECT v FROM meta WHERE k='schema_version'").fetchone()[0])
+        [(version,)] = storehelp.query(tmp_path, "SELECT v FROM meta WHERE k='schema_version'")
         assert int(version) == len(store_mod.MIGRATIONS) == 2
         await s.close()
 

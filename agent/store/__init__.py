@@ -1,13 +1,20 @@
-"""The only owner of SQLite: schema and migrations, the single change path,
-the Merkle index over the items, the checkpointer."""
+"""The only owner of SQLite.
 
-from agent.store.db import (
-    DB_FILE,
-    MIGRATIONS,
+* :mod:`~agent.store.values`: errors, name and key rules, value encoding.
+* :mod:`~agent.store.schema`: tables, migrations, the writing connection.
+* :mod:`~agent.store.changes`: the one change path and the Merkle index it keeps.
+* :mod:`~agent.store.tree`: the read-only tree view reconciliation uses.
+* :mod:`~agent.store.writer`: the operations, run on the store thread.
+* :mod:`~agent.store.checkpoint`: the WAL checkpointer thread.
+* :mod:`~agent.store.store`: the async face: thread, queue, group commit.
+"""
+
+from agent.store.schema import DB_FILE, MIGRATIONS
+from agent.store.store import Store
+from agent.store.tree import SqliteTree
+from agent.store.values import (
     CollectionInfo,
     ItemRejected,
-    SqliteTree,
-    Store,
     StoreError,
     check_key,
     check_name,

@@ -1,0 +1,288 @@
+"""The one change path, and the Merkle index it keeps true.
+
+Rules:
+
+* Every change to an item row goes through :func:`change`: local writes and
+  deletes, remote items, stale drops, tombstone purges and repairs. It takes a
+  collection and a list of proposals and returns what changed, one
+  :class:`Change` (key, old version, new version) per proposal that took
+  effect, in order. From that same list, in the caller's transaction, it writes
+  the item rows, the node sums of every stored level and the live count, so a
+  kill -9 at any moment leaves a database whose tree matches its items.
+  Anything else that must see every change in the same transaction (a change
+  log for streaming to followers) is written there, from that list.
+* What a proposal does is decided against the stored row only:
+  :class:`Write` wins by last-writer-wins on (hlc, origin, digest), the same
+  answer on every replica; :class:`Remove` takes out exactly the version it
+  names (a row replaced meanwhile stays); :class:`Correct` rewrites a row that
+  holds the right version under a wrong digest or position (repair).
+* The node sums of levels 0-3 (at most 4,369 nodes) are kept in the database
+  and mirrored in memory per collection (:class:`Collection`); deeper levels
+  are computed from the items on demand through the (collection, position)
+  index (~244 items per level-3 node at 1M items). Keeping level 4 too would
+  double the rows written per item for little gain in sync speed.
+* :func:`recount` rebuilds the index from the items alone; :func:`rebuild`
+  replaces the stored index by it. Both run on the store thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+
+from agent.store.schema import ITEM_COLUMNS, SHIFT, row_item
+from merkle.tree import FANOUT_BITS, MOD, STORED_LEVELS, Item, node_index
+
+#: shift from a position to its node at the deepest stored level
+LEAF_SHIFT = 64 - 4 * STORED_LEVELS
+#: keys per SELECT ... IN (...) (SQLite's default limit is 999 variables)
+KEY_CHUNK = 500
+
+NodeSums = dict[tuple[int, int], list[int]]  # (level, idx) -> [sum, count]
+
+
+class Collection:
+    """Store-thread state of one collection: its id, live count, horizon and
+    the mirror of its stored node sums."""
+
+    def __init__(self, cid: int, name: str, live: int, nodes: NodeSums,
+                 horizon: int = 0) -> None:
+        self.id = cid
+        self.name = name
+        self.live = live
+        self.nodes = nodes
+        self.horizon = horizon
+
+    def root(self) -> tuple[int, int]:
+        s, c = self.nodes.get((0, 0), (0, 0))
+        return s, c
+
+
+def load_nodes(conn: sqlite3.Connection, cid: int) -> NodeSums:
+    return {
+        (level, idx): [int.from_bytes(total, "big"), count]
+        for level, idx, total, count in conn.execute(
+            "SELECT level, idx, total, count FROM nodes WHERE coll=?", (cid,))
+    }
+
+
+def load_collections(conn: sqlite3.Connection) -> dict[str, Collection]:
+    return {
+        name: Collection(cid, name, live, load_nodes(conn, cid), horizon)
+        for cid, name, live, horizon in conn.execute(
+            "SELECT id, name, live, horizon FROM collections")
+    }
+
+
+# --- proposals and what they changed ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Store ``item`` if its version beats the stored one (last writer wins)."""
+
+    item: Item
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """Remove the row of ``item.key`` if it holds exactly this version (same
+    digest); a newer version stored meanwhile stays."""
+
+    item: Item
+
+
+@dataclass(frozen=True, slots=True)
+class Correct:
+    """The row of ``item.key`` holds this version (same hlc, origin, flag and
+    value) under a wrong digest or position: store it with the right ones."""
+
+    item: Item
+
+
+Proposal = Write | Remove | Correct
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change to one item row. ``old`` is None for an insert, ``new`` is
+    None when the row was removed; a tombstone is a ``new`` with deleted set."""
+
+    key: str
+    old: Item | None
+    new: Item | None
+
+
+def change(conn: sqlite3.Connection, coll: Collection,
+           proposals: list[Proposal]) -> list[Change]:
+    """Carry out ``proposals`` in the current transaction and return what
+    changed. The rows, the node sums and the live count are all derived from
+    the returned list, so they cannot disagree with it."""
+    if not proposals:
+        return []
+    changes = _decide(_stored(conn, coll, {p.item.key for p in proposals}), proposals)
+    if changes:
+        _write_rows(conn, coll, changes)
+        _update_index(conn, coll, changes)
+        # Whatever else must record every change in this transaction goes here.
+    return changes
+
+
+def _stored(conn: sqlite3.Connection, coll: Collection, keys: set[str]) -> dict[str, Item]:
+    """The stored rows of ``keys``, as stored (digest and position included)."""
+    found: dict[str, Item] = {}
+    todo = list(keys)
+    for start in range(0, len(todo), KEY_CHUNK):
+        chunk = todo[start:start + KEY_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+                f"SELECT {ITEM_COLUMNS} FROM items WHERE coll=? AND key IN ({marks})",
+                (coll.id, *chunk)):
+            found[row[0]] = row_item(*row)
+    return found
+
+
+def _decide(stored: dict[str, Item], proposals: list[Proposal]) -> list[Change]:
+    """Which proposals take effect, each judged against the row as the earlier
+    ones in the list left it. Pure: no SQL."""
+    current: dict[str, Item | None] = dict(stored)
+    out: list[Change] = []
+    for p in proposals:
+        it = p.item
+        old = current.get(it.key)
+        new: Item | None
+        if isinstance(p, Write):
+            if old is not None and old.version >= it.version:
+                continue
+            new = it
+        elif isinstance(p, Remove):
+            if old is None or old.digest != it.digest:
+                continue
+            new = None
+        else:
+            if old is None or old != it or (old.digest == it.digest and old.pos == it.pos):
+                continue
+            new = it
+        current[it.key] = new
+        out.append(Change(it.key, old, new))
+    return out
+
+
+def _write_rows(conn: sqlite3.Connection, coll: Collection, changes: list[Change]) -> None:
+    final: dict[str, Item | None] = {}
+    for ch in changes:
+        final[ch.key] = ch.new
+    cid = coll.id
+    rows = [(cid, it.key, it.pos - SHIFT, it.hlc, it.origin, it.deleted, it.value, it.digest)
+            for it in final.values() if it is not None]  # the column order of ``items``
+    gone = [(coll.id, key) for key, it in final.items() if it is None]
+    if rows:
+        conn.executemany("INSERT OR REPLACE INTO items VALUES (?,?,?,?,?,?,?,?)", rows)
+    if gone:
+        conn.executemany("DELETE FROM items WHERE coll=? AND key=?", gone)
+
+
+def _update_index(conn: sqlite3.Connection, coll: Collection, changes: list[Change]) -> None:
+    """Take each old version out of the node sums and put each new one in;
+    count the live items that came and went. (Written out for both sides:
+    this loop runs once per changed item on bulk writes.)"""
+    leaf_delta: dict[int, list[int]] = {}
+    live = 0
+    for ch in changes:
+        new = ch.new
+        if new is not None:
+            d = leaf_delta.get(new.pos >> LEAF_SHIFT)
+            if d is None:
+                d = leaf_delta[new.pos >> LEAF_SHIFT] = [0, 0]
+            d[0] += int.from_bytes(new.digest, "big")
+            d[1] += 1
+            live += not new.deleted
+        old = ch.old
+        if old is not None:
+            d = leaf_delta.get(old.pos >> LEAF_SHIFT)
+            if d is None:
+                d = leaf_delta[old.pos >> LEAF_SHIFT] = [0, 0]
+            d[0] -= int.from_bytes(old.digest, "big")
+            d[1] -= 1
+            live -= not old.deleted
+    _fold(conn, coll, leaf_delta)
+    if live:
+        coll.live += live
+        conn.execute("UPDATE collections SET live=? WHERE id=?", (coll.live, coll.id))
+
+
+def _fold(conn: sqlite3.Connection, coll: Collection, leaf_delta: dict[int, list[int]]) -> None:
+    """Add per-leaf (sum, count) deltas to the stored levels, one level at a
+    time: each node is touched once per batch however many items changed."""
+    dirty: NodeSums = {}
+    nodes = coll.nodes
+    level_delta = leaf_delta
+    for level in range(STORED_LEVELS, -1, -1):
+        parent_delta: dict[int, list[int]] = {}
+        for idx, (dsum, dcount) in level_delta.items():
+            node = nodes.get((level, idx))
+            if node is None:
+                node = nodes[(level, idx)] = [0, 0]
+            node[0] = (node[0] + dsum) % MOD
+            node[1] += dcount
+            dirty[(level, idx)] = node
+            p = parent_delta.get(idx >> FANOUT_BITS)
+            if p is None:
+                parent_delta[idx >> FANOUT_BITS] = [dsum, dcount]
+            else:
+                p[0] += dsum
+                p[1] += dcount
+        level_delta = parent_delta
+    conn.executemany(
+        "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?)",
+        [(coll.id, lv, ix, n[0].to_bytes(32, "big"), n[1]) for (lv, ix), n in dirty.items()])
+
+
+# --- verification and repair ----------------------------------------------------
+
+
+@dataclass
+class Recount:
+    """The index of a collection as its items say it should be."""
+
+    nodes: NodeSums = field(default_factory=dict)
+    live: int = 0
+    #: rows stored under a wrong digest or position, with the right ones
+    corrections: list[Correct] = field(default_factory=list)
+
+
+def recount(conn: sqlite3.Connection, coll: Collection) -> Recount:
+    """Recompute every digest, position and stored node sum from the items."""
+    out = Recount()
+    fresh = out.nodes
+    for key, hlc, origin, deleted, value, digest, pos in conn.execute(
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE coll=?", (coll.id,)):
+        item = Item(key, hlc, origin, bool(deleted), value)
+        if item.digest != digest or item.pos != pos + SHIFT:
+            out.corrections.append(Correct(item))
+        out.live += 0 if deleted else 1
+        d = int.from_bytes(item.digest, "big")
+        for level in range(STORED_LEVELS + 1):
+            n = fresh.setdefault((level, node_index(item.pos, level)), [0, 0])
+            n[0] = (n[0] + d) % MOD
+            n[1] += 1
+    return out
+
+
+def mismatched_nodes(conn: sqlite3.Connection, coll: Collection,
+                     fresh: NodeSums) -> list[tuple[int, int]]:
+    """The stored nodes (as in the database, not the mirror) that differ from ``fresh``."""
+    stored = {k: v for k, v in load_nodes(conn, coll.id).items() if v[1] or v[0]}
+    return sorted(set(stored) ^ set(fresh) |
+                  {k for k in stored.keys() & fresh.keys() if stored[k] != fresh[k]})
+
+
+def rebuild(conn: sqlite3.Connection, coll: Collection, counted: Recount) -> None:
+    """Replace the stored node sums and live count by ``counted``. The rows of
+    ``counted.corrections`` must have gone through :func:`change` first, so
+    that the items agree with it."""
+    conn.execute("DELETE FROM nodes WHERE coll=?", (coll.id,))
+    conn.executemany("INSERT INTO nodes VALUES (?,?,?,?,?)", [
+        (coll.id, lv, ix, n[0].to_bytes(32, "big"), n[1]) for (lv, ix), n in counted.nodes.items()])
+    conn.execute("UPDATE collections SET live=? WHERE id=?", (counted.live, coll.id))
+    coll.nodes, coll.live = counted.nodes, counted.live

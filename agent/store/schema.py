@@ -1,0 +1,114 @@
+"""The on-disk format: tables, migrations, how a row maps to an item, and how
+the writing connection is opened.
+
+Rules:
+
+* ``MIGRATIONS[n]`` takes a database from schema version n to n+1 inside one
+  transaction; the version is kept in ``meta``. A database newer than this
+  code is refused, never opened.
+* Positions are unsigned 64-bit; SQLite stores them shifted by 2**63 to fit
+  its signed integers (``SHIFT``).
+* The last HLC handed out is saved in ``meta`` with every commit, so that a
+  restarted agent never issues a version older than one it already wrote.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from agent.store.values import StoreError
+from merkle.tree import Item
+
+DB_FILE = "store.sqlite3"
+SHIFT = 1 << 63
+#: the columns of an item row, in the order :func:`row_item` takes them
+ITEM_COLUMNS = "key, hlc, origin, deleted, value, digest, pos"
+
+MIGRATIONS: list[str] = [
+    # 1: collections, items, tree nodes
+    """
+    CREATE TABLE collections (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        live INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE items (
+        coll INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        hlc INTEGER NOT NULL,
+        origin BLOB NOT NULL,
+        deleted INTEGER NOT NULL,
+        value BLOB,
+        digest BLOB NOT NULL,
+        PRIMARY KEY (coll, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX items_by_pos ON items (coll, pos);
+    CREATE TABLE nodes (
+        coll INTEGER NOT NULL,
+        level INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        total BLOB NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (coll, level, idx)
+    ) WITHOUT ROWID;
+    """,
+    # 2: tombstone horizon per collection; tombstones findable by age
+    """
+    ALTER TABLE collections ADD COLUMN horizon INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX items_tombstones ON items (coll, hlc) WHERE deleted = 1;
+    """,
+]
+
+
+def row_item(key: str, hlc: int, origin: bytes, deleted: int, value: bytes | None,
+             digest: bytes, pos: int | None = None) -> Item:
+    """An item from the columns of a row, as stored (digest and position are
+    taken from the row, not recomputed: verification compares the two)."""
+    return Item(key, hlc, origin, bool(deleted), value, digest,
+                -1 if pos is None else pos + SHIFT)
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """The writing connection: autocommit (the caller opens transactions), WAL,
+    schema migrated to the newest version."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("PRAGMA busy_timeout=5000")
+    # Index pages for random positions: a bigger cache keeps bulk writes fast.
+    conn.execute("PRAGMA cache_size=-32768")
+    migrate(conn, path)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v)")
+    row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"database {path} has schema version {version}, newer than this "
+            f"agent understands ({len(MIGRATIONS)}); upgrade the agent")
+    for n in range(version, len(MIGRATIONS)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in MIGRATIONS[n].split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (n + 1,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def saved_clock(conn: sqlite3.Connection) -> int | None:
+    row = conn.execute("SELECT v FROM meta WHERE k='hlc'").fetchone()
+    return int(row[0]) if row else None
+
+
+def save_clock(conn: sqlite3.Connection, hlc: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('hlc', ?)", (hlc,))

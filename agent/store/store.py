@@ -1,0 +1,267 @@
+"""The async face of the store: one thread owns the writing connection;
+callers in the event loop queue typed operations and await their result.
+
+Rules:
+
+* The thread drains whatever is queued into one transaction (group commit),
+  each operation in its own SAVEPOINT so that one failing operation does not
+  undo the others. Waiters are woken once per batch.
+* Operations are the methods below; there is no way to run arbitrary code on
+  the store thread except a read-only tree view (:meth:`Store.with_tree`).
+* Every method is a checkpoint; a cancelled call may still be carried out (it
+  was queued) but nothing is left half-done.
+* :meth:`Store.digests` answers from the state of the last commit, without a
+  query, so the event loop can read it at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import sniffio
+
+from agent.core.clock import HLC
+from agent.store.checkpoint import WAL_SAFETY_PAGES, Checkpointer
+from agent.store.schema import DB_FILE
+from agent.store.tree import SqliteTree
+from agent.store.values import CollectionInfo, StoreError
+from agent.store.writer import Writer
+from merkle.loopback import item_batches
+from merkle.reconcile import SendRequest
+from merkle.tree import Item
+
+log = logging.getLogger("hs_gossip.store")
+
+T = TypeVar("T")
+#: operations per transaction at most
+GROUP_MAX = 512
+
+
+def wall_ms() -> int:
+    """The real wall clock in Unix milliseconds, for the HLC of item versions."""
+    return time.time_ns() // 1_000_000
+
+
+class _Op:
+    __slots__ = ("error", "event", "fn", "result")
+
+    def __init__(self, fn: Callable[[Writer], Any], event: anyio.Event | None) -> None:
+        self.fn = fn
+        self.event = event
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _waker() -> Callable[[Callable[[], None]], None]:
+    """A non-blocking way for the store thread to run a callback in the event loop."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        return token.run_sync_soon
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    return loop.call_soon_threadsafe  # type: ignore[return-value]
+
+
+class Store:
+    """Replicated collections in SQLite. Create inside the event loop with
+    :meth:`open`."""
+
+    def __init__(self, data_dir: Path, origin: bytes, max_value: int = 1 << 20,
+                 max_skew: float = 300.0, clock: Callable[[], int] | None = None) -> None:
+        self.path = data_dir / DB_FILE
+        self.hlc = HLC(clock or wall_ms)
+        self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew)
+        self._writer.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
+        self._checkpointer = Checkpointer(self.path)
+        self._queue: queue.Queue[_Op | None] = queue.Queue()
+        self._digests: list[CollectionInfo] = self._writer.infos()
+        self._wake: Callable[[Callable[[], None]], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="hs-gossip-store", daemon=True)
+        self.write_seconds = 0.0
+        self.batches = 0
+        self.ops = 0
+        self.on_change: Callable[[], None] | None = None
+
+    @classmethod
+    async def open(cls, data_dir: Path, origin: bytes, max_value: int = 1 << 20,
+                   max_skew: float = 300.0, clock: Callable[[], int] | None = None) -> Store:
+        store = await anyio.to_thread.run_sync(
+            lambda: cls(data_dir, origin, max_value, max_skew, clock))
+        store._wake = _waker()
+        store._checkpointer.thread.start()
+        store._thread.start()
+        return store
+
+    # --- thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        w = self._writer
+        conn = w.conn
+        while True:
+            op = self._queue.get()
+            if op is None:
+                break
+            batch = [op]
+            while len(batch) < GROUP_MAX:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            t0 = time.perf_counter()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if len(batch) == 1:
+                    # Alone, an op needs no savepoint (whose statement journal
+                    # costs ~20% on big batches): on error the whole
+                    # transaction is its rollback.
+                    self._run_alone(batch[0])
+                else:
+                    for i, o in enumerate(batch):
+                        conn.execute(f"SAVEPOINT op{i}")
+                        try:
+                            o.result = o.fn(w)
+                        except BaseException as e:  # handed to the waiting caller
+                            o.error = e
+                            conn.execute(f"ROLLBACK TO op{i}")
+                            # The node mirror may hold changes of the undone op.
+                            w.reload()
+                        conn.execute(f"RELEASE op{i}")
+                w.save_clock()
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                # Disk full, I/O error: nothing of this batch was kept.
+                log.error("store write failed, batch rolled back: %s", e)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                w.reload()
+                for o in batch:
+                    if o.error is None:
+                        o.error = StoreError(f"database write failed: {e}")
+            self.write_seconds += time.perf_counter() - t0
+            self._checkpointer.dirty.set()
+            self.batches += 1
+            self.ops += len(batch)
+            self._digests = w.infos()
+            self._notify(batch)
+        self._checkpointer.stop()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+
+    def _run_alone(self, o: _Op) -> None:
+        try:
+            o.result = o.fn(self._writer)
+        except BaseException as e:  # handed to the waiting caller
+            o.error = e
+            self._writer.conn.execute("ROLLBACK")
+            self._writer.reload()
+            self._writer.conn.execute("BEGIN IMMEDIATE")
+
+    def _notify(self, batch: list[_Op]) -> None:
+        events = [o.event for o in batch if o.event is not None]
+        callback = self.on_change
+        if self._wake is None:
+            return
+
+        def wake() -> None:
+            for ev in events:
+                ev.set()
+            if callback is not None:
+                callback()
+
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            self._wake(wake)
+
+    async def _call(self, fn: Callable[[Writer], T]) -> T:
+        """Run ``fn`` on the store thread inside a (grouped) transaction."""
+        op = _Op(fn, anyio.Event())
+        self._queue.put(op)
+        assert op.event is not None
+        with anyio.CancelScope(shield=True):
+            await op.event.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[no-any-return]
+
+    # --- local operations -------------------------------------------------------
+
+    async def put(self, name: str, key: str, value: Any) -> Item:
+        change = await self._call(lambda w: w.put(name, key, value))
+        assert change.new is not None
+        return change.new
+
+    async def put_many(self, name: str, values: dict[str, Any]) -> int:
+        """Write many items in one transaction, all or nothing; returns how many changed."""
+        return len(await self._call(lambda w: w.put_many(name, values)))
+
+    async def delete(self, name: str, key: str) -> Item | None:
+        """The tombstone written, or None if there was no live item."""
+        change = await self._call(lambda w: w.delete(name, key))
+        return None if change is None else change.new
+
+    async def get(self, name: str, key: str) -> Item | None:
+        return await self._call(lambda w: w.get(name, key))
+
+    async def list_items(self, name: str, prefix: str = "", after: str = "",
+                         limit: int = 100) -> list[Item]:
+        return await self._call(lambda w: w.list_items(name, prefix, after, limit))
+
+    # --- replication ------------------------------------------------------------
+
+    async def apply_remote(self, name: str, items: list[Item]) -> tuple[int, int]:
+        """Apply items from a peer; returns (changed, rejected)."""
+        changes, rejected = await self._call(lambda w: w.apply_remote(name, items))
+        return len(changes), rejected
+
+    async def purge_tombstones(self, name: str, horizon: int,
+                               expected: bytes | None = None) -> int | None:
+        """Tombstones purged; None if ``expected`` was given and not met."""
+        gone = await self._call(lambda w: w.purge_tombstones(name, horizon, expected))
+        return None if gone is None else len(gone)
+
+    async def drop_stale(self, name: str, items: list[Item]) -> int:
+        """How many of these exact versions were removed."""
+        return len(await self._call(lambda w: w.drop_stale(name, items)))
+
+    async def verify(self, name: str, repair: bool = False) -> dict[str, Any]:
+        report, _ = await self._call(lambda w: w.verify(name, repair))
+        return report
+
+    async def with_tree(self, name: str, fn: Callable[[SqliteTree], T]) -> T:
+        """Run ``fn`` with a read-only view of the collection's tree, on the
+        store thread (the reconciliation session reads the tree)."""
+        return await self._call(lambda w: fn(w.tree(name)))
+
+    async def item_batches(self, name: str,
+                           requests: list[SendRequest]) -> AsyncIterator[list[Item]]:
+        """The items a reconciliation session asked to ship, one bounded batch
+        per store call: a large transfer never sits in memory whole, and local
+        writes interleave with it."""
+        gen = await self.with_tree(name, partial(item_batches, requests=requests))
+        while (batch := await self._call(lambda _w: next(gen, None))) is not None:
+            yield batch
+
+    def digests(self) -> list[CollectionInfo]:
+        """Collections as of the last commit: no query, safe from the event loop."""
+        return self._digests
+
+    async def close(self) -> None:
+        """Finish queued work, checkpoint the WAL and close."""
+        self._queue.put(None)
+        await anyio.to_thread.run_sync(self._thread.join)
