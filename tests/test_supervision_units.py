@@ -1,21 +1,31 @@
-"""sd_notify, the peer snapshot, SIGHUP settings and the discovery beacon,
-each on its own, without an agent."""
+"""sd_notify, the watchdog loop, the agent's view, the peer snapshot, SIGHUP
+settings and the discovery beacon, each on its own, without a running agent."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
+import uuid
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
+import anyio
 import pytest
+import trio.testing
 
-from agent.config import ConfigError, load_reloadable
+from agent.config import Config, ConfigError, load_reloadable
+from agent.core.membership import Member, Membership, Params, SelfInfo
+from agent.face import api, metrics
 from agent.net import discovery
 from agent.runtime import snapshot
+from agent.runtime.agent import Agent
+from agent.runtime.identity import Identity
 from agent.runtime.sdnotify import Notifier
-from agent.runtime.supervision import tick_is_recent
+from agent.runtime.supervision import systemd_loop, tick_is_recent
+from agent.runtime.view import AgentView, build_view
 
 
 def test_notifier_abstract_socket_and_watchdog_settings() -> None:
@@ -89,3 +99,137 @@ def test_discovery_beacon_round_trip_and_rejects_noise() -> None:
     assert discovery.decode(discovery.encode(7946, nid)) == (7946, nid)
     for junk in (b"", b"HSG1", b"HSG2" + bytes(18), discovery.encode(1, nid) + b"x"):
         assert discovery.decode(junk) is None
+
+
+# --- the watchdog loop ----------------------------------------------------------
+
+
+class RecordingNotifier(Notifier):
+    def __init__(self, watchdog_s: float) -> None:
+        super().__init__({})
+        self.watchdog_s = watchdog_s
+        self.sent: list[tuple[float, tuple[str, ...]]] = []
+
+    def notify(self, *lines: str) -> bool:
+        self.sent.append((anyio.current_time(), lines))
+        return True
+
+
+def test_watchdog_pings_from_the_start_and_stop_when_ticks_stop() -> None:
+    """The agent has not ticked yet when the loop starts (last tick 0.0 on a
+    monotonic clock far from 0): that is not a stall. A tick loop that then
+    never ticks loses the pings after the grace of 3 intervals."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    n = RecordingNotifier(watchdog_s=3.0)  # pings every second
+
+    async def main() -> None:
+        clock.jump(10_000)
+        start = anyio.current_time()
+        with anyio.move_on_after(6.5):
+            await systemd_loop(n, lambda: "ok", lambda: 0.0, interval=1.0)
+        n.sent = [(t - start, lines) for t, lines in n.sent]
+
+    anyio.run(main, backend="trio", backend_options={"clock": clock})
+    pinged = [t for t, lines in n.sent if "WATCHDOG=1" in lines]
+    assert pinged == [0.0, 1.0, 2.0, 3.0]
+
+
+# --- the agent's view -------------------------------------------------------------
+
+
+def one_healthy_one_not(core: Membership) -> None:
+    for i, healthy in ((1, True), (2, False)):
+        nid = bytes([i]) * 16
+        core.members[nid] = Member(nid, incarnation=1, heartbeat=5, host=f"10.0.0.{i}",
+                                   port=7946, http_port=50050, role=0, last_progress=90.0,
+                                   name=f"n{i}", healthy=healthy)
+
+
+def a_core() -> Membership:
+    me = SelfInfo(node_id=bytes(16), incarnation=3, name="me", port=7946, http_port=50050)
+    core = Membership(me, Params(), random.Random(1), now=100.0)
+    one_healthy_one_not(core)
+    return core
+
+
+def test_view_is_a_frozen_snapshot() -> None:
+    core = a_core()
+    v = build_view(core, started_wall=1000.0, wall_now=1010.0, mono_now=100.0)
+    with pytest.raises(FrozenInstanceError):
+        v.healthy_peers = 2  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        v.peers[1].healthy = True  # type: ignore[misc]
+    assert isinstance(v.peers, tuple) and isinstance(v.counters, tuple)
+    # What happens to the agent afterwards does not show in a view taken before.
+    core.members[bytes([2]) * 16].healthy = True
+    del core.members[bytes([1]) * 16]
+    core.stats["heartbeats_in"] += 1
+    assert (v.peer_count, v.healthy_peers) == (2, 1)
+    assert [p.healthy for p in v.peers] == [True, False]
+    assert v.counters == ()
+    # Last seen: monotonic 90 is 10 s before monotonic 100, i.e. wall 1010.
+    assert v.peers[0].last_seen_secs == 1000 and v.uptime == 10.0
+
+
+def test_peers_json_keeps_its_shape() -> None:
+    v = build_view(a_core(), started_wall=1000.0, wall_now=1010.0, mono_now=100.0)
+    assert json.dumps(api.peers_json(v)["peers"][1], separators=(",", ":")) == (
+        '{"node_id":"02020202-0202-0202-0202-020202020202","name":"n2",'
+        '"addr":"10.0.0.2:50050","gossip_addr":"10.0.0.2:7946","http_port":50050,'
+        '"role":"Edge","incarnation":1,"logical_clock":0,"collections":[],'
+        '"last_seen_secs":1000,"healthy":false,"app_healthy":null}')
+
+
+def healthy_as_shown(v: AgentView) -> tuple[int, float, float, str]:
+    """The healthy-peer figure as the API, the metrics and systemd show it."""
+    gauge = {s.labels["state"]: s.value
+             for fam in metrics.collect(v) if fam.name == "hs_gossip_peers"
+             for s in fam.samples}
+    return (api.cluster_status_json(v)["healthy_peers"], gauge["healthy"], gauge["unhealthy"],
+            v.status_line)
+
+
+def test_api_metrics_and_status_line_read_the_one_healthy_count() -> None:
+    v = build_view(a_core(), started_wall=0.0, wall_now=0.0, mono_now=0.0)
+    assert healthy_as_shown(v) == (1, 1, 1, "2 peers (1 healthy), 0 collections, role Edge")
+    # None of them counts again: a view that says otherwise is what they show.
+    forged = replace(v, healthy_peers=2)
+    assert healthy_as_shown(forged) == (2, 2, 0, "2 peers, 0 collections, role Edge")
+
+
+def test_agent_status_line_is_read_from_its_view() -> None:
+    agent = Agent(Config(), Identity(uuid.UUID(int=7), 1))
+    one_healthy_one_not(agent.core)
+
+    async def main() -> tuple[AgentView, str]:
+        return agent.view(), agent.status_line()
+
+    v, line = anyio.run(main, backend="trio")
+    assert (v.peer_count, v.healthy_peers) == (2, 1)
+    assert line == v.status_line == "2 peers (1 healthy), 0 collections, role Edge"
+
+
+def test_taken_api_port_is_a_startup_error_not_a_traceback(tmp_path: Path) -> None:
+    from agent.config import HostPort
+    from agent.runtime.errors import StartupError
+    from agent.store import Store
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cfg = Config(api=HostPort("127.0.0.1", taken.getsockname()[1]))
+    view = build_view(a_core(), started_wall=0.0, wall_now=0.0, mono_now=0.0)
+
+    async def main() -> None:
+        store = await Store.open(tmp_path, bytes(16), cfg.max_value, cfg.max_skew)
+        try:
+            await api.serve_api(cfg, lambda: view, store, anyio.sleep_forever,
+                                task_status=anyio.TASK_STATUS_IGNORED)
+        finally:
+            await store.close()
+
+    try:
+        with pytest.raises(StartupError, match=r"cannot bind HTTP API 127\.0\.0\.1:"):
+            anyio.run(main, backend="trio")
+    finally:
+        taken.close()

@@ -1,5 +1,13 @@
 """Local HTTP API: Starlette on Hypercorn, in the agent's own task group.
 
+Every agent route reads an immutable :class:`~agent.runtime.view.AgentView`,
+taken fresh per request from the ``view`` function the agent hands in; the
+API never touches the runtime's live objects. The collection routes
+(agent.face.collections_api) and ``/metrics`` (agent.face.metrics) are
+mounted here. The agent imports none of this: the ``run`` command gives it a
+function that imports this module on first use (Starlette is the slow part
+of start-up).
+
 Hypercorn's trio worker is used when the agent runs on trio (the default),
 its asyncio worker when the agent is embedded in an asyncio program.
 Integers in responses stay below 2**53 so JavaScript clients read them exactly.
@@ -8,7 +16,6 @@ Integers in responses stay below 2**53 so JavaScript clients read them exactly.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,49 +25,79 @@ from hypercorn.config import Config as HyperConfig
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from agent import __version__
+from agent.face import collections_api, metrics
+from agent.runtime.view import AgentView, PeerView
 
 if TYPE_CHECKING:
-    from agent.runtime.agent import Agent
+    from agent.config import Config, HostPort
+    from agent.store import Store
+
+ViewSource = Callable[[], AgentView]
 
 
-def build_app(agent: Agent) -> Starlette:
+def peer_json(p: PeerView) -> dict[str, Any]:
+    return {
+        "node_id": p.node_id,
+        "name": p.name,
+        "addr": p.addr,
+        "gossip_addr": p.gossip_addr,
+        "http_port": p.http_port,
+        "role": p.role,
+        "incarnation": p.incarnation,
+        "logical_clock": p.logical_clock,
+        "collections": [
+            {"name": d.name, "state_hash": d.state_hash, "vector_count": d.vector_count}
+            for d in p.collections
+        ],
+        "last_seen_secs": p.last_seen_secs,
+        "healthy": p.healthy,
+        "app_healthy": p.app_healthy,
+    }
+
+
+def peers_json(v: AgentView) -> dict[str, Any]:
+    """``GET /api/swarm/peers``."""
+    return {"gossip_enabled": True, "peer_count": v.peer_count,
+            "peers": [peer_json(p) for p in v.peers]}
+
+
+def cluster_status_json(v: AgentView) -> dict[str, Any]:
+    """``GET /api/cluster/status``."""
+    return {
+        "node_id": v.node_id,
+        "name": v.name,
+        "role": v.role,
+        "upstream_peer": None,
+        "downstream_peers": [],
+        "logical_clock": v.logical_clock,
+        "incarnation": v.incarnation,
+        "peer_count": v.peer_count,
+        "healthy_peers": v.healthy_peers,
+        "version": __version__,
+    }
+
+
+def swarm_stats_json(v: AgentView) -> dict[str, Any]:
+    """``GET /api/swarm/stats``: raw gossip counters (datagrams, bytes, drops
+    by cause) since start."""
+    return {"uptime_secs": round(v.uptime, 3), "counters": dict(v.counters)}
+
+
+def build_app(view: ViewSource, extra_routes: list[BaseRoute]) -> Starlette:
     async def peers(request: Request) -> JSONResponse:
-        members = sorted(agent.core.members.values(), key=lambda m: (m.host, m.port))
-        body = {
-            "gossip_enabled": True,
-            "peer_count": len(members),
-            "peers": [agent.peer_view(m) for m in members],
-        }
-        return JSONResponse(body)
+        return JSONResponse(peers_json(view()))
 
     async def cluster_status(request: Request) -> JSONResponse:
-        core = agent.core
-        return JSONResponse({
-            "node_id": str(agent.node_id),
-            "name": core.me.name,
-            "role": agent.role,
-            "upstream_peer": None,
-            "downstream_peers": [],
-            "logical_clock": core.lc,
-            "incarnation": core.me.incarnation,
-            "peer_count": len(core.members),
-            "healthy_peers": sum(1 for m in core.members.values() if m.healthy),
-            "version": __version__,
-        })
+        return JSONResponse(cluster_status_json(view()))
 
     async def swarm_stats(request: Request) -> JSONResponse:
-        """Raw gossip counters (datagrams, bytes, drops by cause) since start."""
-        counters = dict(agent.core.stats)
-        if agent.sock is not None:
-            counters.update(agent.sock.stats)
-        return JSONResponse({"uptime_secs": round(time.time() - agent.started_wall, 3),
-                             "counters": dict(sorted(counters.items()))})
+        return JSONResponse(swarm_stats_json(view()))
 
     async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "node_id": str(agent.node_id)})
+        return JSONResponse({"status": "ok", "node_id": view().node_id})
 
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"error": "not found", "path": request.url.path}, status_code=404)
@@ -69,19 +106,19 @@ def build_app(agent: Agent) -> Starlette:
         logging.getLogger("hs_gossip.api").exception("request failed: %s", request.url.path)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    routes: list[Any] = [
+    routes: list[BaseRoute] = [
         Route("/api/swarm/peers", peers),
         Route("/api/cluster/status", cluster_status),
         Route("/api/swarm/stats", swarm_stats),
         Route("/healthz", healthz),
-        *agent.extra_routes,
+        *extra_routes,
     ]
     return Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error})
 
 
-def _hyper_config(host: str, port: int) -> HyperConfig:
+def _hyper_config(bind: HostPort) -> HyperConfig:
     hc = HyperConfig()
-    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hc.bind = [str(bind)]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hs_gossip.http")
     hc.graceful_timeout = 1.0
@@ -91,19 +128,26 @@ def _hyper_config(host: str, port: int) -> HyperConfig:
 
 
 async def serve_api(
-    agent: Agent,
-    shutdown: Callable[[], Awaitable[Any]],
+    cfg: Config,
+    view: ViewSource,
+    store: Store,
+    shutdown: Callable[[], Awaitable[object]],
     *,
     task_status: TaskStatus[int],
 ) -> None:
-    """Serve until ``shutdown`` returns. Reports the bound port via task_status."""
-    cfg = agent.cfg
-    hc = _hyper_config(cfg.api.host, cfg.api.port)
+    """Serve the agent's routes, its collections' and ``/metrics`` until
+    ``shutdown`` returns. Reports the bound port via task_status."""
+    hc = _hyper_config(cfg.api)
     # Hypercorn logs "Running on ..." at INFO; the agent logs its own start line.
     logging.getLogger("hs_gossip.http").setLevel(logging.WARNING)
-    app = build_app(agent)
+    app = build_app(view, [*collections_api.routes(store, cfg.max_value),
+                           *metrics.routes(view)])
+
+    bound = False
 
     def started(binds: list[str]) -> None:
+        nonlocal bound
+        bound = True
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
 
     class _Status:
@@ -123,10 +167,26 @@ async def serve_api(
             # unless it was 0.
             task_status.started(cfg.api.port)
             await asyncio_serve(app, hc, shutdown_trigger=shutdown)  # type: ignore[arg-type]
-    except OSError as e:
+    except (OSError, BaseExceptionGroup) as e:
+        # Hypercorn's trio worker raises the bind error inside an exception
+        # group; before the port is reported, any OSError is the bind.
+        err = None if bound else _first_os_error(e)
+        if err is None:
+            raise
         from agent.runtime.errors import StartupError
 
         raise StartupError(
-            f"cannot bind HTTP API {cfg.api} (HS_GOSSIP_API): {e.strerror or e}"
+            f"cannot bind HTTP API {cfg.api} (HS_GOSSIP_API): {err.strerror or err}"
         ) from None
+
+
+def _first_os_error(e: BaseException) -> OSError | None:
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            found = _first_os_error(sub)
+            if found is not None:
+                return found
+    return None
 

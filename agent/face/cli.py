@@ -1,8 +1,11 @@
-"""Command line: ``hs-gossip run | peers | status | demo | --version``.
+"""Command line: ``hs-gossip run | peers | status | demo | put | get | del | ls |
+verify | install-unit | --version``.
 
 Errors are one line on stderr, never a traceback. Exit codes: 0 ok, 1 runtime
 failure (port taken, agent not reachable), 2 bad configuration or usage.
-Other modules add subcommands through :data:`COMMANDS`.
+The parser is built from explicit tables: :data:`COMMANDS` here, then
+agent.face.cli_data's and agent.face.cli_ops's, in that order. Their shared
+helpers live in agent.face.cli_common, so no command module imports this one.
 """
 
 from __future__ import annotations
@@ -12,30 +15,19 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.config import FIELDS, PREFIX, ConfigError, check_data_dir, load
+from agent.config import FIELDS, PREFIX, Config, ConfigError, check_data_dir, load
+from agent.face import cli_data, cli_ops
+from agent.face.cli_common import ApiError, Command, add_api_argument, api_get, fail
 
-Handler = Callable[[argparse.Namespace], int]
+if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
 
-#: name -> (help, handler). A handler returns the exit code and may carry an
-#: ``add_arguments(parser)`` attribute.
-COMMANDS: dict[str, tuple[str, Handler]] = {}
-
-
-def command(name: str, help: str) -> Callable[[Handler], Handler]:
-    def wrap(fn: Handler) -> Handler:
-        COMMANDS[name] = (help, fn)
-        return fn
-
-    return wrap
-
-
-def fail(msg: str, code: int = 1) -> int:
-    print(f"hs-gossip: {msg}", file=sys.stderr)
-    return code
+    from agent.runtime.view import AgentView, ApiServer
+    from agent.store import Store
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -58,7 +50,20 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"{spec.help} (env {PREFIX}{var}, default {spec.default_text})")
 
 
-@command("run", "run the agent in the foreground")
+def http_api(cfg: Config) -> ApiServer:
+    """The agent's HTTP API (agent.face.api), imported when the agent starts
+    serving: Starlette is the slow part of start-up."""
+
+    async def serve(view: Callable[[], AgentView], store: Store,
+                    shutdown: Callable[[], Awaitable[object]], *,
+                    task_status: TaskStatus[int]) -> None:
+        from agent.face.api import serve_api
+
+        await serve_api(cfg, view, store, shutdown, task_status=task_status)
+
+    return serve
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = {spec.attr: getattr(args, spec.attr) for spec in FIELDS.values()
                  if getattr(args, spec.attr, None) is not None}
@@ -85,9 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import anyio
 
-    agent = Agent(cfg, ident)
-    for hook in AGENT_HOOKS:
-        hook(agent)
+    agent = Agent(cfg, ident, api=http_api(cfg))
     try:
         anyio.run(agent.run, backend="trio")
     except StartupError as e:
@@ -102,12 +105,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-cmd_run.add_arguments = _add_run_arguments  # type: ignore[attr-defined]
-
-#: Functions called with the Agent before it runs (store, sync, metrics...).
-AGENT_HOOKS: list[Callable[[Any], None]] = []
-
-
 def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:
     out: list[BaseException] = []
     for e in eg.exceptions:
@@ -115,66 +112,7 @@ def _leaves(eg: BaseExceptionGroup[Any]) -> list[BaseException]:
     return out
 
 
-# --- API clients -------------------------------------------------------------
-
-
-def _add_api_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api", metavar="HOST:PORT",
-                   help="agent API address (default: $HS_GOSSIP_API or 127.0.0.1:50050)")
-
-
-def api_base(args: argparse.Namespace) -> str:
-    if getattr(args, "api", None):
-        text = str(args.api)
-    else:
-        try:
-            cfg, _ = load()
-        except ConfigError as e:
-            raise SystemExit(fail(str(e), 2)) from None
-        text = str(cfg.api)
-    if text.startswith("http://") or text.startswith("https://"):
-        return text.rstrip("/")
-    host, _, port = text.rpartition(":")
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host in ("[::]", "::"):
-        host = "[::1]"
-    return f"http://{host}:{port}"
-
-
-class ApiError(Exception):
-    pass
-
-
-def api_request(args: argparse.Namespace, method: str, path: str,
-                body: Any = None) -> tuple[int, Any]:
-    """Call the local API; returns (status, decoded JSON). ApiError when the
-    agent cannot be reached."""
-    import urllib.error  # not imported by the agent process itself
-    import urllib.request
-
-    url = api_base(args) + path
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as e:
-        try:
-            return e.code, json.loads(e.read() or b"null")
-        except ValueError:
-            return e.code, {"error": e.reason}
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise ApiError(f"cannot reach the agent at {url}: {reason} (is it running?)") from None
-
-
-def api_get(args: argparse.Namespace, path: str) -> Any:
-    status, body = api_request(args, "GET", path)
-    if status != 200:
-        raise ApiError(f"GET {path} answered {status}: {body}")
-    return body
+# --- peers, status -------------------------------------------------------------
 
 
 def _age(now: float, ts: float) -> str:
@@ -197,7 +135,6 @@ def format_peers(body: dict[str, Any], now: float) -> str:
     return "\n".join(lines)
 
 
-@command("peers", "list the peers the local agent knows")
 def cmd_peers(args: argparse.Namespace) -> int:
     import time
 
@@ -213,14 +150,10 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def _peers_args(p: argparse.ArgumentParser) -> None:
-    _add_api_argument(p)
+    add_api_argument(p)
     p.add_argument("--json", action="store_true", help="print the raw JSON")
 
 
-cmd_peers.add_arguments = _peers_args  # type: ignore[attr-defined]
-
-
-@command("status", "show the local agent's identity and role")
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         body = api_get(args, "/api/cluster/status")
@@ -234,10 +167,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-cmd_status.add_arguments = _peers_args  # type: ignore[attr-defined]
+# --- demo ------------------------------------------------------------------------
 
 
-@command("demo", "start N agents on loopback and show a live peers table")
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.face.demo import run_demo
 
@@ -252,27 +184,30 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="stop after this many seconds (default: until Ctrl-C)")
 
 
-cmd_demo.add_arguments = _demo_args  # type: ignore[attr-defined]
+# --- the parser ------------------------------------------------------------------
+
+COMMANDS: tuple[Command, ...] = (
+    Command("run", "run the agent in the foreground", cmd_run, _add_run_arguments),
+    Command("peers", "list the peers the local agent knows", cmd_peers, _peers_args),
+    Command("status", "show the local agent's identity and role", cmd_status, _peers_args),
+    Command("demo", "start N agents on loopback and show a live peers table", cmd_demo,
+            _demo_args),
+)
+
+#: every subcommand, in the order ``--help`` lists them
+ALL_COMMANDS: tuple[Command, ...] = (*COMMANDS, *cli_data.COMMANDS, *cli_ops.COMMANDS)
 
 
-def _load_plugins() -> None:
-    """Subcommands and agent hooks living in other modules register themselves on import."""
-    import agent.face.cli_data
-    import agent.face.cli_ops  # noqa: F401
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
+def build_parser(commands: tuple[Command, ...] = ALL_COMMANDS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hs-gossip", description="Gossip swarm agent for edge devices.")
     parser.add_argument("--version", action="version", version=f"hs-gossip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, handler) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments = getattr(handler, "add_arguments", None)
-        if add_arguments is not None:
-            add_arguments(p)
-        p.set_defaults(handler=handler)
+    for c in commands:
+        p = sub.add_parser(c.name, help=c.help, description=c.help)
+        if c.add_arguments is not None:
+            c.add_arguments(p)
+        p.set_defaults(handler=c.run)
     return parser
 
 

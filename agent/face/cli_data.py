@@ -6,7 +6,7 @@ import argparse
 import json
 import urllib.parse
 
-from agent.face.cli import ApiError, api_request, command, fail
+from agent.face.cli_common import ApiError, Command, add_api_argument, api_request, fail
 
 
 def _path(name: str, key: str | None = None) -> str:
@@ -28,12 +28,6 @@ def _call(args: argparse.Namespace, method: str, path: str, body: object = None)
     return 0
 
 
-def _api_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api", metavar="HOST:PORT",
-                   help="agent API address (default: $HS_GOSSIP_API or 127.0.0.1:50050)")
-
-
-@command("put", "write an item: hs-gossip put COLLECTION KEY JSON")
 def cmd_put(args: argparse.Namespace) -> int:
     try:
         value = json.loads(args.value)
@@ -46,13 +40,10 @@ def _put_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("collection")
     p.add_argument("key")
     p.add_argument("value", help="a JSON value, e.g. '{\"x\": 1}'")
-    _api_arg(p)
+    add_api_argument(p)
 
 
-cmd_put.add_arguments = _put_args  # type: ignore[attr-defined]
 
-
-@command("get", "read an item: hs-gossip get COLLECTION KEY")
 def cmd_get(args: argparse.Namespace) -> int:
     try:
         status, doc = api_request(args, "GET", _path(args.collection, args.key))
@@ -69,7 +60,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 def _key_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("collection")
     p.add_argument("key")
-    _api_arg(p)
+    add_api_argument(p)
 
 
 def _get_args(p: argparse.ArgumentParser) -> None:
@@ -77,18 +68,12 @@ def _get_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true", help="print the version too")
 
 
-cmd_get.add_arguments = _get_args  # type: ignore[attr-defined]
 
-
-@command("del", "delete an item: hs-gossip del COLLECTION KEY")
 def cmd_del(args: argparse.Namespace) -> int:
     return _call(args, "DELETE", _path(args.collection, args.key))
 
 
-cmd_del.add_arguments = _key_args  # type: ignore[attr-defined]
 
-
-@command("ls", "list collections, or the items of one: hs-gossip ls [COLLECTION]")
 def cmd_ls(args: argparse.Namespace) -> int:
     if not args.collection:
         return _call(args, "GET", "/api/collections")
@@ -101,13 +86,10 @@ def _ls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("collection", nargs="?")
     p.add_argument("--prefix", default="")
     p.add_argument("--limit", type=int, default=100)
-    _api_arg(p)
+    add_api_argument(p)
 
 
-cmd_ls.add_arguments = _ls_args  # type: ignore[attr-defined]
 
-
-@command("verify", "rebuild a collection's hash tree from its items and compare")
 def cmd_verify(args: argparse.Namespace) -> int:
     path = _path(args.collection) + "/verify" + ("?repair=1" if args.repair else "")
     try:
@@ -123,7 +105,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("collection")
     p.add_argument("--repair", action="store_true", help="rewrite the index if it differs")
-    _api_arg(p)
+    add_api_argument(p)
 
 
-cmd_verify.add_arguments = _verify_args  # type: ignore[attr-defined]
+COMMANDS: tuple[Command, ...] = (
+    Command("put", "write an item: hs-gossip put COLLECTION KEY JSON", cmd_put, _put_args),
+    Command("get", "read an item: hs-gossip get COLLECTION KEY", cmd_get, _get_args),
+    Command("del", "delete an item: hs-gossip del COLLECTION KEY", cmd_del, _key_args),
+    Command("ls", "list collections, or the items of one: hs-gossip ls [COLLECTION]", cmd_ls,
+            _ls_args),
+    Command("verify", "rebuild a collection's hash tree from its items and compare",
+            cmd_verify, _verify_args),
+)

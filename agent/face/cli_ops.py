@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from agent.face.cli import command, fail
+from agent.face.cli_common import Command, fail
 from agent.face.unit_files import ENV_PATH, UNIT_PATH, render_env, render_unit
 
 
@@ -24,7 +24,6 @@ def installed_executable() -> str:
     return str(Path(sys.executable).parent / "hs-gossip")
 
 
-@command("install-unit", "install the systemd unit and its env file")
 def cmd_install_unit(args: argparse.Namespace) -> int:
     prefix = Path(args.prefix)
     executable = args.exec or installed_executable()
@@ -58,4 +57,7 @@ def _install_unit_args(p: argparse.ArgumentParser) -> None:
                    help="hs-gossip executable for ExecStart (default: this one)")
 
 
-cmd_install_unit.add_arguments = _install_unit_args  # type: ignore[attr-defined]
+COMMANDS: tuple[Command, ...] = (
+    Command("install-unit", "install the systemd unit and its env file", cmd_install_unit,
+            _install_unit_args),
+)

@@ -35,7 +35,6 @@ from agent.core import clock, tombstones, wire
 from agent.core.membership import (
     Event,
     IncarnationRaised,
-    Member,
     MemberExpired,
     MemberJoined,
     MemberLeft,
@@ -50,6 +49,7 @@ from agent.net.udp import Addr, GossipSocket, normalize
 from agent.runtime import health, identity, snapshot, supervision
 from agent.runtime.errors import StartupError
 from agent.runtime.sdnotify import Notifier
+from agent.runtime.view import AgentView, ApiServer, build_view
 
 if TYPE_CHECKING:
     from agent.runtime.sync_service import SyncService
@@ -94,8 +94,8 @@ class Agent:
     services: list[Callable[[Agent], Coroutine[Any, Any, None]]] = field(default_factory=list)
     #: called on shutdown, in reverse order of registration
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    #: Starlette routes contributed by other modules, mounted by the API
-    extra_routes: list[Any] = field(default_factory=list)
+    #: serves the HTTP API (given by the face); None: no API
+    api: ApiServer | None = None
     #: monotonic time of the last completed gossip tick (watchdog evidence)
     last_tick: float = 0.0
     ticks: int = 0
@@ -122,7 +122,22 @@ class Agent:
         )
         self.core = Membership(me, params, random.Random(), now=0.0)
 
-    # --- views for the API -------------------------------------------------
+    # --- the view the face reads -------------------------------------------
+
+    def view(self) -> AgentView:
+        """An immutable snapshot (see agent.runtime.view); on the event loop."""
+        return build_view(
+            self.core, started_wall=self.started_wall, wall_now=time.time(),
+            mono_now=anyio.current_time(), http_port=self.http_port,
+            socket_stats=None if self.sock is None else self.sock.stats,
+            sync=getattr(self, "sync", None), store=self.store, loop_lag=self.loop_lag)
+
+    def status_line(self) -> str:
+        """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""
+        return self.view().status_line
+
+    def _record_loop_lag(self, lag: float) -> None:
+        self.loop_lag = lag
 
     @property
     def node_id(self) -> uuid.UUID:
@@ -157,10 +172,6 @@ class Agent:
         self._load_snapshot()
         await self._resolve_seeds(force=True)
         await self._open_store()
-
-        from agent.face import metrics  # prometheus_client import is slow; only the daemon needs it
-
-        self.extra_routes.extend(metrics.routes(self))
         async with anyio.create_task_group() as tg:
             await tg.start(self.sync.serve)
             tg.start_soon(self.sync.run, self.sync_targets)
@@ -176,14 +187,15 @@ class Agent:
             tg.start_soon(self._signal_loop)
             tg.start_soon(self._snapshot_loop)
             tg.start_soon(self._tombstone_loop)
-            tg.start_soon(supervision.loop_lag_monitor, self)
+            tg.start_soon(supervision.loop_lag_monitor, self._record_loop_lag)
             tg.start_soon(supervision.trim_memory)
             self._start_optional_services(tg)
             for svc in self.services:
                 tg.start_soon(svc, self)
             self.notifier.notify("READY=1", "STATUS=" + self.status_line())
             if self.notifier.enabled:
-                tg.start_soon(supervision.systemd_loop, self, self.notifier)
+                tg.start_soon(supervision.systemd_loop, self.notifier, self.status_line,
+                              lambda: self.last_tick, cfg.interval)
             task_status.started()
             await self._shutdown.wait()
             self.notifier.notify("STOPPING=1", "STATUS=leaving the swarm")
@@ -204,10 +216,11 @@ class Agent:
         log.info("agent stopped")
 
     async def _serve_api(self, *, task_status: TaskStatus[int]) -> None:
-        from agent.face.api import serve_api  # Starlette import is the slow part of start-up
-
         try:
-            await serve_api(self, self._shutdown.wait, task_status=task_status)
+            if self.api is None or self.store is None:
+                task_status.started(0)
+                return
+            await self.api(self.view, self.store, self._shutdown.wait, task_status=task_status)
         finally:
             self._api_done.set()
 
@@ -230,14 +243,6 @@ class Agent:
                 log.error("ignoring %sFAULT_STALL_TICK_AFTER=%r: not a number", PREFIX, stall)
             else:
                 log.warning("fault injection: the gossip loop will hang after %ss", stall)
-
-    def status_line(self) -> str:
-        """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""
-        healthy = sum(1 for m in self.core.members.values() if m.healthy)
-        total = len(self.core.members)
-        peers = f"{total} peers" if healthy == total else f"{total} peers ({healthy} healthy)"
-        ncoll = len(self.core.digests)
-        return f"{peers}, {ncoll} collection{'' if ncoll == 1 else 's'}, role {self.role}"
 
     # --- peer snapshot (rejoin when the seeds are down) -----------------------
 
@@ -296,7 +301,6 @@ class Agent:
                     log.info("purged %d tombstone(s) in %s (%s)", purged, name, why)
 
     async def _open_store(self) -> None:
-        from agent.face.collections_api import routes
         from agent.runtime.sync_service import SyncService
         from agent.store import Store, StoreError
 
@@ -307,7 +311,6 @@ class Agent:
         except (StoreError, OSError, sqlite3.Error) as e:
             raise StartupError(f"cannot open the database in {cfg.data_dir}: {e}") from None
         self.closers.append(self.store.close)
-        self.extra_routes.extend(routes(self.store, cfg.max_value))
         self.sync = SyncService(self.store, cfg.bind, cfg.effective_sync_port, cfg.interval,
                                 cfg.sync_concurrency, cfg.max_value, cfg.tombstone_grace)
         if cfg.sync_port is not None:
@@ -447,32 +450,7 @@ class Agent:
                 identity.save(self.cfg.data_dir,
                               identity.Identity(self.ident.node_id, ev.incarnation))
 
-    # --- API views -----------------------------------------------------------
-
-    def peer_view(self, m: Member) -> dict[str, Any]:
-        return {
-            "node_id": str(uuid.UUID(bytes=m.node_id)),
-            "name": m.name,
-            "addr": _join(m.host, m.http_port),
-            "gossip_addr": _join(m.host, m.port),
-            "http_port": m.http_port,
-            "role": wire.ROLES[m.role] if m.role < len(wire.ROLES) else "Unknown",
-            "incarnation": m.incarnation,
-            "logical_clock": m.lc,
-            "collections": [
-                {"name": d.name, "state_hash": d.state_hash.hex(), "vector_count": d.count}
-                for d in m.digests
-            ],
-            "last_seen_secs": int(self.wall_time_of(m.last_progress)),
-            "healthy": m.healthy,
-            "app_healthy": m.app_healthy,
-        }
-
 
 def _short(node_id: bytes) -> str:
     return str(uuid.UUID(bytes=node_id))[:8] if len(node_id) == 16 else "?"
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -7,20 +7,20 @@
   run either.
 * ``loop_lag_monitor``: how late a short timer fires, the best cheap measure of
   an event loop that is overloaded or blocked by synchronous work.
+
+Both take what they read and report as plain functions, so this module knows
+nothing of the agent that runs them.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import anyio
 
 from agent.runtime.sdnotify import Notifier
-
-if TYPE_CHECKING:
-    from agent.runtime.agent import Agent
 
 log = logging.getLogger("hs_gossip.supervision")
 
@@ -34,27 +34,35 @@ def tick_is_recent(last_tick: float, now: float, interval: float) -> bool:
     return now - last_tick <= max(TICK_GRACE_INTERVALS * interval, 1.0)
 
 
-async def systemd_loop(agent: Agent, notifier: Notifier) -> None:
+async def systemd_loop(notifier: Notifier, status_line: Callable[[], str],
+                       last_tick: Callable[[], float], interval: float) -> None:
+    """``status_line()``: the STATUS= text now; ``last_tick()``: monotonic
+    time of the last completed gossip tick; ``interval``: the gossip interval."""
     # Ping at a third of the watchdog period so one late ping is not fatal.
     period = min(notifier.watchdog_s / 3, 5.0) if notifier.watchdog_s else 5.0
-    last_status = agent.status_line()  # sent with READY=1
+    last_status = status_line()  # sent with READY=1
+    # The tick loop starts together with this one: until its first tick, the
+    # start counts as the last evidence (not the tick time 0 of an agent that
+    # has not ticked yet, which read as a stall of the whole uptime).
+    started = anyio.current_time()
     stalled = False
     while True:
         now = anyio.current_time()
         lines = []
-        status = agent.status_line()
+        status = status_line()
         if status != last_status:
             lines.append("STATUS=" + status)
             last_status = status
         if notifier.watchdog_s:
-            if tick_is_recent(agent.last_tick, now, agent.cfg.interval):
+            ticked = max(last_tick(), started)
+            if tick_is_recent(ticked, now, interval):
                 lines.append("WATCHDOG=1")
                 if stalled:
                     log.warning("gossip loop is making progress again")
                     stalled = False
             elif not stalled:
                 log.error("gossip loop made no progress for %.1fs; withholding the "
-                          "systemd watchdog ping", now - agent.last_tick)
+                          "systemd watchdog ping", now - ticked)
                 stalled = True
         if lines:
             notifier.notify(*lines)
@@ -83,13 +91,14 @@ async def trim_memory() -> None:
         await anyio.sleep(TRIM_EVERY)
 
 
-async def loop_lag_monitor(agent: Agent) -> None:
+async def loop_lag_monitor(report: Callable[[float], None]) -> None:
+    """Calls ``report(seconds late)`` every LAG_PERIOD."""
     worst_logged = 0.0
     while True:
         start = anyio.current_time()
         await anyio.sleep(LAG_PERIOD)
         lag = max(0.0, anyio.current_time() - start - LAG_PERIOD)
-        agent.loop_lag = lag
+        report(lag)
         if lag > 1.0 and lag > 2 * worst_logged:
             log.warning("event loop ran %.2fs late", lag)
             worst_logged = lag

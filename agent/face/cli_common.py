@@ -1,0 +1,95 @@
+"""What every CLI command module shares: the :class:`Command` table row, the
+one-line error (:func:`fail`) and the client of the local HTTP API.
+
+Command modules (cli, cli_data, cli_ops) import this and never each other;
+agent.face.cli builds the parser from their ``COMMANDS`` tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import ConfigError, load
+
+#: runs a parsed command line, returns the exit code
+Handler = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``hs-gossip NAME ...``."""
+
+    name: str
+    help: str
+    run: Handler
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def fail(msg: str, code: int = 1) -> int:
+    """Print the one-line error on stderr; returns the exit code."""
+    print(f"hs-gossip: {msg}", file=sys.stderr)
+    return code
+
+
+def add_api_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", metavar="HOST:PORT",
+                   help="agent API address (default: $HS_GOSSIP_API or 127.0.0.1:50050)")
+
+
+def api_base(args: argparse.Namespace) -> str:
+    if getattr(args, "api", None):
+        text = str(args.api)
+    else:
+        try:
+            cfg, _ = load()
+        except ConfigError as e:
+            raise SystemExit(fail(str(e), 2)) from None
+        text = str(cfg.api)
+    if text.startswith("http://") or text.startswith("https://"):
+        return text.rstrip("/")
+    host, _, port = text.rpartition(":")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"http://{host}:{port}"
+
+
+class ApiError(Exception):
+    pass
+
+
+def api_request(args: argparse.Namespace, method: str, path: str,
+                body: Any = None) -> tuple[int, Any]:
+    """Call the local API; returns (status, decoded JSON). ApiError when the
+    agent cannot be reached."""
+    import urllib.error  # not imported by the agent process itself
+    import urllib.request
+
+    url = api_base(args) + path
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"null")
+        except ValueError:
+            return e.code, {"error": e.reason}
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ApiError(f"cannot reach the agent at {url}: {reason} (is it running?)") from None
+
+
+def api_get(args: argparse.Namespace, path: str) -> Any:
+    status, body = api_request(args, "GET", path)
+    if status != 200:
+        raise ApiError(f"GET {path} answered {status}: {body}")
+    return body

@@ -1,0 +1,189 @@
+"""An immutable snapshot of the agent, and the contract between the runtime and
+the face that reads it.
+
+:func:`build_view` is the one place that turns the live state (the membership
+core, socket, sync service and store counters) into an :class:`AgentView`:
+frozen dataclasses and tuples only, so whatever reads it (HTTP API, metrics,
+the systemd STATUS line) cannot change the agent and sees one consistent
+moment. Derived figures, such as how many peers are healthy, are computed
+here once and nowhere else.
+
+The runtime never imports the face. The face hands the agent an
+:class:`ApiServer`, a callable the agent runs in its task group with a
+function returning a fresh view, the store, and the shutdown trigger.
+
+Rules: build a view on the event loop (the membership core is not
+thread-safe); a view is cheap to build and never cached, so it is never stale.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from agent.config import HostPort
+from agent.core import wire
+from agent.core.membership import Member, Membership
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
+    from agent.runtime.sync_service import SyncService
+    from agent.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class DigestView:
+    """One collection as a peer last announced it."""
+
+    name: str
+    state_hash: str  # hex
+    vector_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """One member of the swarm, as ``/api/swarm/peers`` shows it."""
+
+    node_id: str
+    name: str
+    addr: str  # host:port of its HTTP API
+    gossip_addr: str
+    http_port: int
+    role: str
+    incarnation: int
+    logical_clock: int
+    collections: tuple[DigestView, ...]
+    last_seen_secs: int  # Unix seconds of the last news of it
+    healthy: bool
+    app_healthy: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncView:
+    """Sync sessions since start (started here, and answered for peers)."""
+
+    runs: int
+    failures: int
+    served: int
+    bytes_in: int
+    bytes_out: int
+    items_in: int
+    items_out: int
+    seconds_total: float  # duration of the sessions started here
+
+
+@dataclass(frozen=True, slots=True)
+class StoreView:
+    """SQLite write transactions (group commits) since start."""
+
+    batches: int
+    write_seconds: float
+    ops: int
+    collections: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    node_id: str
+    name: str
+    role: str
+    incarnation: int
+    logical_clock: int
+    http_port: int
+    uptime: float  # seconds since the agent object was made
+    peers: tuple[PeerView, ...]  # sorted by gossip address
+    peer_count: int
+    healthy_peers: int
+    #: membership and socket counters (datagrams, bytes, drops by cause), by name
+    counters: tuple[tuple[str, int], ...]
+    collections: int  # local collections
+    sync: SyncView | None
+    store: StoreView | None
+    loop_lag: float  # seconds the last event-loop timer fired late
+
+    @property
+    def status_line(self) -> str:
+        """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""
+        total, healthy = self.peer_count, self.healthy_peers
+        peers = f"{total} peers" if healthy == total else f"{total} peers ({healthy} healthy)"
+        n = self.collections
+        return f"{peers}, {n} collection{'' if n == 1 else 's'}, role {self.role}"
+
+
+class ApiServer(Protocol):
+    """What serves HTTP, given by the face. It reports the bound port through
+    ``task_status`` and returns once ``shutdown()`` returns and in-flight
+    requests are done; a port it cannot bind is a StartupError."""
+
+    def __call__(self, view: Callable[[], AgentView], store: Store,
+                 shutdown: Callable[[], Awaitable[object]], *,
+                 task_status: TaskStatus[int]) -> Awaitable[None]: ...
+
+
+def role_name(role: int) -> str:
+    return wire.ROLES[role] if role < len(wire.ROLES) else "Unknown"
+
+
+def build_view(core: Membership, *, started_wall: float, wall_now: float, mono_now: float,
+               http_port: int = 0, socket_stats: Mapping[str, int] | None = None,
+               sync: SyncService | None = None, store: Store | None = None,
+               loop_lag: float = 0.0) -> AgentView:
+    """The agent as of now. ``wall_now``/``mono_now`` are read together by the
+    caller: members' last-seen times are monotonic and shown as wall clock."""
+    offset = wall_now - mono_now
+    members = sorted(core.members.values(), key=lambda m: (m.host, m.port))
+    peers = tuple(_peer(m, offset) for m in members)
+    counters = dict(core.stats)
+    if socket_stats is not None:
+        counters.update(socket_stats)
+    store_view = None
+    collections = len(core.digests)
+    if store is not None:
+        collections = len(store.digests())
+        store_view = StoreView(store.batches, store.write_seconds, store.ops, collections)
+    return AgentView(
+        node_id=str(uuid.UUID(bytes=core.me.node_id)),
+        name=core.me.name,
+        role=role_name(core.me.role),
+        incarnation=core.me.incarnation,
+        logical_clock=core.lc,
+        http_port=http_port,
+        uptime=wall_now - started_wall,
+        peers=peers,
+        peer_count=len(peers),
+        healthy_peers=sum(1 for p in peers if p.healthy),
+        counters=tuple(sorted(counters.items())),
+        collections=collections,
+        sync=None if sync is None else _sync(sync.stats, sync.seconds_total),
+        store=store_view,
+        loop_lag=loop_lag,
+    )
+
+
+def _peer(m: Member, wall_minus_mono: float) -> PeerView:
+    return PeerView(
+        node_id=str(uuid.UUID(bytes=m.node_id)),
+        name=m.name,
+        addr=str(HostPort(m.host, m.http_port)),
+        gossip_addr=str(HostPort(m.host, m.port)),
+        http_port=m.http_port,
+        role=role_name(m.role),
+        incarnation=m.incarnation,
+        logical_clock=m.lc,
+        collections=tuple(DigestView(d.name, d.state_hash.hex(), d.count) for d in m.digests),
+        last_seen_secs=int(wall_minus_mono + m.last_progress),
+        healthy=m.healthy,
+        app_healthy=m.app_healthy,
+    )
+
+
+def _sync(s: Mapping[str, int], seconds_total: float) -> SyncView:
+    return SyncView(
+        runs=s.get("sync_runs", 0), failures=s.get("sync_failures", 0),
+        served=s.get("sync_served", 0), bytes_in=s.get("sync_bytes_in", 0),
+        bytes_out=s.get("sync_bytes_out", 0), items_in=s.get("sync_items_in", 0),
+        items_out=s.get("sync_items_out", 0), seconds_total=seconds_total,
+    )
