@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.addr import join_host_port
+
 PREFIX = "HS_GOSSIP_"
 
 
@@ -47,7 +49,7 @@ class HostPort:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Config:
     health_cmd: str | None = None
     health_interval: float = 10.0
     snapshot_max_age: float = 24 * 3600.0
+    #: None: a fresh random seed every start (agent.runtime.rng)
+    seed: int | None = None
 
     @property
     def suspect_after(self) -> float:
@@ -329,12 +333,17 @@ FIELDS: dict[str, FieldSpec] = {
                   "seconds between application health checks"),
         FieldSpec("snapshot_max_age", _positive_float(1, 86400 * 365), "86400",
                   "saved peers older than this are not used to rejoin"),
+        FieldSpec("seed", _int_range(0, 2**64 - 1), "(random)",
+                  "debugging aid: one integer that every random choice (peer picks, "
+                  "tick jitter) derives from, for reproducible runs; never in "
+                  "production, agents sharing a seed pick the same peers"),
     )
 }
 
 #: Variables read outside the Config (recognised, so not warned about).
-#: FAULT_STALL_TICK_AFTER (seconds) is fault injection: the gossip tick loop
-#: hangs that long after start, to prove the systemd watchdog notices.
+#: FAULT_STALL_TICK_AFTER (seconds) is fault injection, read only by
+#: agent.runtime.faults.from_environ for the ``run`` command: the gossip tick
+#: loop hangs that long after start, to prove the systemd watchdog notices.
 EXTRA_VARS = {"ENV_FILE", "FAULT_STALL_TICK_AFTER"}
 
 #: Settings a running agent applies again on SIGHUP; the rest need a restart.

@@ -12,8 +12,8 @@ import random
 import uuid
 from dataclasses import dataclass, field
 
+from agent.core.addr import Addr
 from agent.core.membership import Event, Membership, Params, SelfInfo
-from agent.core.wire import Addr
 
 
 @dataclass

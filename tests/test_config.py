@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
+import uuid
 from pathlib import Path
 
 import pytest
 
 from agent.config import FIELDS, ConfigError, HostPort, load
-from agent.runtime import identity
+from agent.runtime import faults, identity, snapshot
+from agent.runtime.files import atomic_write
 from tests.agents import run_cli
 
 
@@ -107,6 +111,64 @@ def test_corrupt_identity_is_an_error_not_a_new_node(tmp_path: Path) -> None:
     out = run_cli("run", env={"HS_GOSSIP_DATA_DIR": str(tmp_path)}, cwd=tmp_path)
     assert out.returncode == 2 and "corrupt" in out.stderr
     assert (tmp_path / identity.FILENAME).read_text() == "{not json"
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each os.fsync was called on: "file" or "dir"."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_atomic_write_syncs_the_file_then_the_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = _record_fsyncs(monkeypatch)
+    target = tmp_path / "state.json"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    # The rename is only durable once the directory is synced, after the file.
+    assert synced == ["file", "dir", "file", "dir"]
+    # Both state files are written through it.
+    synced.clear()
+    identity.save(tmp_path, identity.Identity(uuid.uuid4(), 3))
+    snapshot.save(tmp_path, [("aa", "10.0.0.1", 7946, 1.0)], lc=1)
+    assert synced == ["file", "dir", "file", "dir"]
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_no_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "state.json"
+    atomic_write(target, b"old")
+
+    def broken_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_fault_injection_comes_from_one_function(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    var = "HS_GOSSIP_FAULT_STALL_TICK_AFTER"
+    assert faults.from_environ({}) == faults.NO_FAULTS == faults.Faults()
+    assert faults.from_environ({var: "1.5"}) == faults.Faults(stall_tick_after=1.5)
+    with caplog.at_level(logging.ERROR, logger="hs_gossip"):
+        assert faults.from_environ({var: "soon"}) == faults.NO_FAULTS
+    assert f"ignoring {var}='soon': not a number" in caplog.text
+    # Recognised by the config loader, so not warned about as a typo.
+    _, warnings = load(environ={var: "1.5"}, cwd=tmp_path)
+    assert warnings == []
 
 
 def test_port_in_use_is_one_line(tmp_path: Path) -> None:

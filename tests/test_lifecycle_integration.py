@@ -108,6 +108,8 @@ def test_watchdog_pings_stop_when_gossip_loop_hangs(
     assert a.proc is not None and a.proc.poll() is None
     assert a.get("/healthz")["status"] == "ok"
     assert "withholding the systemd watchdog ping" in a.log()
+    # The variable reached the agent as its Faults (read once, by the run command).
+    assert "fault injection: the gossip loop will hang after 1.5s" in a.log()
 
 
 def test_sigterm_leaves_at_once_and_loses_no_acknowledged_write(swarm: Swarm) -> None:

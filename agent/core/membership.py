@@ -48,7 +48,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from agent.core import wire
-from agent.core.wire import ALIVE, LEFT, SUSPECT, Addr, Digest, Entry
+from agent.core.addr import Addr
+from agent.core.wire import ALIVE, LEFT, SUSPECT, Digest, Entry
 
 #: after joining, seeds that are not members are retried every this many ticks
 SEED_RETRY = 10

@@ -57,9 +57,6 @@ class DecodeError(Exception):
         self.reason = reason
 
 
-Addr = tuple[str, int]
-
-
 @dataclass(frozen=True)
 class Digest:
     """One replicated collection as advertised in a heartbeat."""

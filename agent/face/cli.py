@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in warnings:
         log.warning("%s", w)
 
-    from agent.runtime import identity
+    from agent.runtime import faults, identity
     from agent.runtime.agent import Agent
     from agent.runtime.errors import StartupError
 
@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import anyio
 
-    agent = Agent(cfg, ident, api=http_api(cfg))
+    agent = Agent(cfg, ident, api=http_api(cfg), faults=faults.from_environ())
     try:
         anyio.run(agent.run, backend="trio")
     except StartupError as e:

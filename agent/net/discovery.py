@@ -4,6 +4,11 @@ Every few seconds an agent sends ``b"HSG1" | gossip port (2 bytes) | node_id
 (16 bytes)`` to the group; agents that hear it add the sender's address and
 port as a seed, and membership does the rest. TTL 1: discovery never leaves
 the local link. Anything else arriving on the group port is ignored.
+
+This is the agent's second UDP socket. Its datagrams cross the same seal as
+gossip (agent.net.seal, kind DISCOVERY) in :class:`DiscoverySocket`, the only
+place here that touches datagram bytes; one the seal refuses to open is
+counted (``drop_unopened``) and dropped.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from collections import Counter
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import UDPSocket
 
-from agent.net.udp import Addr
+from agent.core.addr import Addr
+from agent.net.seal import CLEARTEXT, Kind, Seal
 
 log = logging.getLogger("hs_gossip.discovery")
 MAGIC = b"HSG1"
@@ -45,36 +53,85 @@ def _socket(group: str, port: int) -> socket.socket:
     return s
 
 
+class DiscoverySocket:
+    """Sends to ``group:port`` and receives what arrives on the socket, through
+    the seal. Errors are counted, never raised: discovery is best effort."""
+
+    def __init__(self, sock: UDPSocket, group: str, port: int,
+                 seal: Seal = CLEARTEXT) -> None:
+        self._sock = sock
+        self._group = group
+        self._port = port
+        self._seal = seal
+        self.stats: Counter[str] = Counter()
+
+    @classmethod
+    async def join(cls, group: str, port: int, seal: Seal = CLEARTEXT) -> DiscoverySocket:
+        """Bind the group port and join the group. Raises OSError."""
+        return cls(await UDPSocket.from_socket(_socket(group, port)), group, port, seal)
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._sock.sendto(self._seal.seal(data, Kind.DISCOVERY),
+                                    self._group, self._port)
+        except (OSError, anyio.BrokenResourceError) as e:
+            self.stats["send_errors"] += 1
+            log.debug("multicast announce failed: %s", e)
+
+    async def receive(self) -> tuple[bytes, Addr]:
+        """The next opened datagram and its source address."""
+        while True:
+            try:
+                datagram, (host, port) = await self._sock.receive()
+            except (OSError, anyio.BrokenResourceError):
+                self.stats["receive_errors"] += 1
+                await anyio.lowlevel.checkpoint()
+                continue
+            data = self._seal.open(datagram, Kind.DISCOVERY)
+            if data is None:
+                self.stats["drop_unopened"] += 1
+                continue
+            return data, (host, port)
+
+    async def aclose(self) -> None:
+        await self._sock.aclose()
+
+
 async def run(group: str, port: int, gossip_port: int, node_id: bytes,
-              found: Callable[[Addr], None]) -> None:
+              found: Callable[[Addr], None], seal: Seal = CLEARTEXT) -> None:
     try:
-        sock = await UDPSocket.from_socket(_socket(group, port))
+        sock = await DiscoverySocket.join(group, port, seal)
     except OSError as e:
         log.warning("multicast discovery unavailable on %s:%d: %s", group, port, e)
         return
+    await serve(sock, gossip_port, node_id, found)
+
+
+async def serve(sock: DiscoverySocket, gossip_port: int, node_id: bytes,
+                found: Callable[[Addr], None]) -> None:
+    """Announce this agent and report every other agent heard, until cancelled.
+    Closes ``sock`` on the way out."""
     announce = encode(gossip_port, node_id)
     seen: set[Addr] = set()
 
     async def sender() -> None:
         while True:
-            try:
-                await sock.sendto(announce, group, port)
-            except (OSError, anyio.BrokenResourceError) as e:
-                log.debug("multicast announce failed: %s", e)
+            await sock.send(announce)
             await anyio.sleep(ANNOUNCE_EVERY)
 
-    async with sock, anyio.create_task_group() as tg:
-        tg.start_soon(sender)
-        while True:
-            try:
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender)
+            while True:
                 data, (host, _) = await sock.receive()
-            except (OSError, anyio.BrokenResourceError):
-                continue
-            msg = decode(data)
-            if msg is None or msg[1] == node_id:
-                continue
-            addr = (host, msg[0])
-            if addr not in seen:
-                seen.add(addr)
-                log.info("discovered agent at %s:%d", *addr)
-            found(addr)
+                msg = decode(data)
+                if msg is None or msg[1] == node_id:
+                    continue
+                addr = (host, msg[0])
+                if addr not in seen:
+                    seen.add(addr)
+                    log.info("discovered agent at %s:%d", *addr)
+                found(addr)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sock.aclose()

@@ -10,6 +10,8 @@
   destinations are mapped when the socket is IPv6.
 * Receives use a 65535-byte buffer (a shorter one silently truncates).
 * A failed sendto (unreachable network, full buffer) is counted, not raised.
+* Every datagram crosses the seal (agent.net.seal) on its way out and in; one
+  that the seal refuses to open is counted (``drop_unopened``) and dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import UDPSocket
 
-Addr = tuple[str, int]
+from agent.core.addr import Addr
+from agent.net.seal import CLEARTEXT, Kind, Seal
 
 
 def _make_socket(bind: str, port: int) -> socket.socket:
@@ -69,18 +72,19 @@ def _only_os_errors(e: BaseException) -> None:
 
 
 class GossipSocket:
-    def __init__(self, sock: UDPSocket, family: int) -> None:
+    def __init__(self, sock: UDPSocket, family: int, seal: Seal = CLEARTEXT) -> None:
         self._sock = sock
         self._family = family
+        self._seal = seal
         self.stats: Counter[str] = Counter()
         # anyio sockets refuse concurrent senders; the receive and tick loops both send.
         self._send_lock = anyio.Lock()
 
     @classmethod
-    async def bind(cls, bind: str, port: int) -> GossipSocket:
+    async def bind(cls, bind: str, port: int, seal: Seal = CLEARTEXT) -> GossipSocket:
         raw = _make_socket(bind, port)
         family = raw.family
-        return cls(await UDPSocket.from_socket(raw), family)
+        return cls(await UDPSocket.from_socket(raw), family, seal)
 
     @property
     def local_port(self) -> int:
@@ -99,22 +103,28 @@ class GossipSocket:
         if dest is None:
             self.stats["send_family_unreachable"] += 1
             return
+        datagram = self._seal.seal(data, Kind.GOSSIP)
         try:
             async with self._send_lock:
-                await self._sock.sendto(data, dest, addr[1])
+                await self._sock.sendto(datagram, dest, addr[1])
         except (OSError, anyio.BrokenResourceError) as e:
             _only_os_errors(e)
             self.stats["send_errors"] += 1
 
     async def receive(self) -> tuple[bytes, Addr]:
+        """The next opened datagram and its numeric source address."""
         while True:
             try:
-                data, (host, port) = await self._sock.receive()
+                datagram, (host, port) = await self._sock.receive()
             except (OSError, anyio.BrokenResourceError) as e:
                 # ICMP errors from an earlier send can surface here.
                 _only_os_errors(e)
                 self.stats["receive_errors"] += 1
                 await anyio.lowlevel.checkpoint()
+                continue
+            data = self._seal.open(datagram, Kind.GOSSIP)
+            if data is None:
+                self.stats["drop_unopened"] += 1
                 continue
             return data, (normalize(host), port)
 

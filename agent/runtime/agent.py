@@ -15,8 +15,6 @@ behind (structured concurrency).
 from __future__ import annotations
 
 import logging
-import os
-import random
 import signal
 import socket
 import sqlite3
@@ -30,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from agent.config import PREFIX, Config, ConfigError, HostPort, load_reloadable
+from agent.config import Config, ConfigError, HostPort, load_reloadable
 from agent.core import clock, tombstones, wire
+from agent.core.addr import Addr
 from agent.core.membership import (
     Event,
     IncarnationRaised,
@@ -45,9 +44,12 @@ from agent.core.membership import (
     Params,
     SelfInfo,
 )
-from agent.net.udp import Addr, GossipSocket, normalize
+from agent.net.seal import CLEARTEXT, Seal
+from agent.net.udp import GossipSocket, normalize
 from agent.runtime import health, identity, snapshot, supervision
 from agent.runtime.errors import StartupError
+from agent.runtime.faults import NO_FAULTS, Faults
+from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.view import AgentView, ApiServer, build_view
 
@@ -109,6 +111,12 @@ class Agent:
     loop_lag: float = 0.0
     _api_done: anyio.Event = field(default_factory=anyio.Event)
     _stall_tick_at: float = float("inf")
+    #: fault injection for tests; production runs get none
+    faults: Faults = NO_FAULTS
+    #: every datagram of both UDP sockets (gossip, discovery) crosses this
+    seal: Seal = CLEARTEXT
+    #: every RNG derives from it (HS_GOSSIP_SEED, else random per start)
+    seed: Seed = field(init=False)
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -120,7 +128,9 @@ class Agent:
             node_id=self.ident.node_id.bytes, incarnation=self.ident.incarnation,
             name=cfg.node_name, port=cfg.port, http_port=0,
         )
-        self.core = Membership(me, params, random.Random(), now=0.0)
+        self.seed = Seed.of(cfg.seed)
+        log.debug("random seed %d (HS_GOSSIP_SEED replays this run's choices)", self.seed.value)
+        self.core = Membership(me, params, self.seed.rng_for("membership"), now=0.0)
 
     # --- the view the face reads -------------------------------------------
 
@@ -162,7 +172,7 @@ class Agent:
         if advertise:
             self.core.me.host = advertise
         try:
-            self.sock = await GossipSocket.bind(cfg.bind, cfg.port)
+            self.sock = await GossipSocket.bind(cfg.bind, cfg.port, self.seal)
         except OSError as e:
             raise StartupError(
                 f"cannot bind UDP {cfg.bind}:{cfg.port} (HS_GOSSIP_PORT/HS_GOSSIP_BIND): "
@@ -234,15 +244,11 @@ class Agent:
 
             tg.start_soon(discovery.run, cfg.multicast_group, cfg.multicast_port,
                           self.core.me.port, self.ident.node_id.bytes,
-                          lambda addr: self.add_seeds([addr]))
-        stall = os.environ.get(PREFIX + "FAULT_STALL_TICK_AFTER")
-        if stall:
-            try:
-                self._stall_tick_at = anyio.current_time() + float(stall)
-            except ValueError:
-                log.error("ignoring %sFAULT_STALL_TICK_AFTER=%r: not a number", PREFIX, stall)
-            else:
-                log.warning("fault injection: the gossip loop will hang after %ss", stall)
+                          lambda addr: self.add_seeds([addr]), self.seal)
+        stall = self.faults.stall_tick_after
+        if stall is not None:
+            self._stall_tick_at = anyio.current_time() + stall
+            log.warning("fault injection: the gossip loop will hang after %gs", stall)
 
     # --- peer snapshot (rejoin when the seeds are down) -----------------------
 
@@ -415,7 +421,7 @@ class Agent:
             await self._flush()
 
     async def _tick_loop(self) -> None:
-        rng = random.Random()
+        rng = self.seed.rng_for("tick")
         while True:
             now = anyio.current_time()
             if now >= self._stall_tick_at:

@@ -14,10 +14,11 @@ and orphan what the swarm knew about it.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.runtime.files import atomic_write
 
 FILENAME = "identity.json"
 
@@ -30,23 +31,6 @@ class IdentityError(Exception):
 class Identity:
     node_id: uuid.UUID
     incarnation: int
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def read(data_dir: Path) -> Identity | None:
@@ -72,7 +56,7 @@ def read(data_dir: Path) -> Identity | None:
 
 def save(data_dir: Path, ident: Identity) -> None:
     body = json.dumps({"node_id": str(ident.node_id), "incarnation": ident.incarnation})
-    _write_atomic(data_dir / FILENAME, body.encode() + b"\n")
+    atomic_write(data_dir / FILENAME, body.encode() + b"\n")
 
 
 def load_for_start(data_dir: Path) -> Identity:

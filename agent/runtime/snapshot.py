@@ -3,8 +3,8 @@
 
 ``peers.json`` holds, per peer, its gossip address and when it was last seen
 alive (Unix seconds), and this agent's logical clock so that it never runs
-backwards across a restart. It is written atomically (temp file, fsync, rename) every
-30 s and at shutdown. At start, entries younger than
+backwards across a restart. It is written with agent.runtime.files.atomic_write
+every 30 s and at shutdown. At start, entries younger than
 ``HS_GOSSIP_SNAPSHOT_MAX_AGE`` become extra seeds. A corrupt file is logged and
 ignored: losing the snapshot only means waiting for the configured seeds.
 """
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.net.udp import Addr
+from agent.core.addr import Addr
+from agent.runtime.files import atomic_write
 
 log = logging.getLogger("hs_gossip.snapshot")
 FILENAME = "peers.json"
@@ -37,13 +37,7 @@ def save(data_dir: Path, peers: list[tuple[str, str, int, float]], lc: int = 0) 
     doc = {"version": 1, "saved": time.time(), "lc": lc,
            "peers": [{"node_id": n, "host": h, "port": p, "last_seen": round(t, 3)}
                      for n, h, p, t in peers]}
-    path = data_dir / FILENAME
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(data_dir / FILENAME, json.dumps(doc).encode())
 
 
 def load(data_dir: Path, max_age: float, now: float | None = None) -> Snapshot:
