@@ -1,7 +1,7 @@
 """Network addresses as the rest of the agent passes them around.
 
-An :data:`Addr` is a numeric ``(host, port)`` pair; names are resolved before
-an address gets this far (see agent.runtime.agent.resolve). Formatting one for
+An :data:`Addr` is a numeric ``(host, port)`` pair; host names are resolved
+by the agent process before an address gets this far. Formatting one for
 people and for URLs is :func:`join_host_port`, written once here: IPv6 hosts
 are bracketed (``[::1]:7946``) so the port stays unambiguous.
 """
