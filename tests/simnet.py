@@ -3,17 +3,29 @@
 Every node is a :class:`Membership` at its own address; datagrams are queued
 with a delivery time and may be dropped, delayed, duplicated or reordered, all
 from one seeded RNG. Time only moves when :meth:`SimNet.run` advances it.
+
+Rules: nodes are driven the way ``agent.runtime.agent`` drives its core, so
+that what passes here says something about the daemon: after each delivered
+datagram ``receive`` then ``push``; ``tick`` every interval with the daemon's
++-10% jitter. Node ``i`` lives at the i-th address of 10.0.0.0/8, so any
+swarm size up to 2**24 - 2 has distinct, valid addresses.
 """
 
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import random
 import uuid
 from dataclasses import dataclass, field
 
 from agent.core.addr import Addr
 from agent.core.membership import Event, Membership, Params, SelfInfo
+
+#: 10.0.0.0, the first address of the simulated network
+BASE = int(ipaddress.IPv4Address("10.0.0.0"))
+#: node indexes run from 1 to SIZE_LIMIT - 1 (10.255.255.255 is broadcast)
+SIZE_LIMIT = 2**24 - 1
 
 
 @dataclass
@@ -25,8 +37,9 @@ class SimNet:
     params: Params = field(default_factory=lambda: Params(interval=1.0, suspect_after=5.0,
                                                           ttl=30.0))
     now: float = 0.0
-    #: call Membership.push after every delivered datagram, as the agent does
-    push: bool = False
+    #: call Membership.push after every delivered datagram, as the agent does;
+    #: False only to measure what push rounds are worth
+    push: bool = True
     nodes: dict[Addr, Membership] = field(default_factory=dict)
     down: set[Addr] = field(default_factory=set)
     blocked: set[tuple[Addr, Addr]] = field(default_factory=set)
@@ -40,7 +53,7 @@ class SimNet:
 
     def add(self, i: int, seeds: list[Addr] | None = None, *, incarnation: int = 1,
             node_id: bytes | None = None) -> Membership:
-        addr = (f"10.0.0.{i}", 7946)
+        addr = self.addr_of(i)
         nid = node_id or uuid.UUID(int=self.rng.getrandbits(128), version=4).bytes
         me = SelfInfo(nid, incarnation, f"n{i}", 7946, 50050, addr[0])
         m = Membership(me, self.params, random.Random(self.rng.getrandbits(64)), self.now)
@@ -53,7 +66,11 @@ class SimNet:
         return m
 
     def addr_of(self, i: int) -> Addr:
-        return (f"10.0.0.{i}", 7946)
+        """10.0.0.i for i < 255, then on through 10.0.1.0 and up: never the
+        network (10.0.0.0) or broadcast (10.255.255.255) address."""
+        if not 1 <= i < SIZE_LIMIT:
+            raise ValueError(f"node index {i} outside 1..{SIZE_LIMIT - 1}")
+        return (str(ipaddress.IPv4Address(BASE + i)), 7946)
 
     def kill(self, i: int) -> None:
         """Crash: the node stops sending and receiving, without a word."""
@@ -106,7 +123,8 @@ class SimNet:
                 if addr in self.down or self._next_tick[addr] > self.now:
                     continue
                 node.tick(self.now)
-                self._next_tick[addr] = self.now + self.params.interval
+                # The daemon sleeps interval x uniform(0.9, 1.1) between ticks.
+                self._next_tick[addr] = self.now + self.params.interval * self.rng.uniform(0.9, 1.1)
                 self._drain(addr)
 
     def run_until(self, cond: object, timeout: float, step: float = 0.05) -> float:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.agents import Swarm, run_cli, wait_for
+from tests.agents import AgentProc, Swarm, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,13 +64,60 @@ def test_five_agents_find_each_other_lose_and_regain_members(swarm: Swarm) -> No
     # Restart: it comes back, once, with the same node_id and a higher incarnation.
     old_inc = leaver_status["incarnation"]
     leaver.start()
-    wait_for(lambda: all(leaver.node_id in a.peers() for a in rest[:3]), timeout=10,
-             what="restarted agent back")
-    for a in rest[:3]:
-        ids = [p["node_id"] for p in a.get("/api/swarm/peers")["peers"]]
-        assert len(ids) == len(set(ids))
     new = leaver.get("/api/cluster/status")
     assert new["node_id"] == leaver_status["node_id"] and new["incarnation"] > old_inc
+
+    def back(a: AgentProc) -> bool:
+        p = a.peers().get(leaver.node_id)
+        return p is not None and p["incarnation"] == new["incarnation"]
+
+    wait_for(lambda: all(back(a) for a in rest[:3]), timeout=10, what="restarted agent back")
+    for a in rest[:3]:
+        # The raw list, not a dict built from it: one record at the leaver's
+        # address, the new incarnation, and nothing else grew.
+        body = a.get("/api/swarm/peers")
+        at_addr = [p for p in body["peers"] if p["gossip_addr"] == leaver.gossip_addr]
+        assert [(p["node_id"], p["incarnation"]) for p in at_addr] == \
+            [(leaver.node_id, new["incarnation"])]
+        assert body["peer_count"] == len(body["peers"]) == 3
+
+
+def test_a_refuted_suspicion_is_saved_and_a_restart_starts_above_it(swarm: Swarm) -> None:
+    """A wrongly suspected agent raises its incarnation; peers then hold that
+    number, so it must be on disk: a restart that went back to the number
+    saved at start-up would not be taken for a restart by anyone."""
+    import socket
+    import uuid
+
+    from agent.core import wire
+    from agent.runtime import identity
+
+    a = swarm.add()
+    b = swarm.add(seeds=[a])
+    wait_for(lambda: all_see_each_other([a, b]), timeout=10, what="a and b see each other")
+    inc = a.get("/api/cluster/status")["incarnation"]
+    assert identity.read(a.data_dir) == identity.Identity(uuid.UUID(a.node_id), inc)
+
+    # Someone reports a as suspect at its current incarnation (a STATE
+    # datagram carries the rumour without adding its sender as a member).
+    rumour = wire.Entry(uuid.UUID(a.node_id).bytes, inc, 0, wire.SUSPECT, a.host,
+                        a.gossip_port, 0, 0)
+    [datagram] = wire.encode_state(uuid.uuid4().bytes, [rumour])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(datagram, (a.host, a.gossip_port))
+    wait_for(lambda: a.get("/api/cluster/status")["incarnation"] == inc + 1,
+             timeout=5, what="a to refute with a higher incarnation")
+    wait_for(lambda: identity.read(a.data_dir).incarnation == inc + 1,  # type: ignore[union-attr]
+             timeout=5, what="the raised incarnation saved")
+    wait_for(lambda: b.peers()[a.node_id]["incarnation"] == inc + 1, timeout=5,
+             what="b to hold the raised incarnation")
+
+    assert a.terminate() == 0
+    a.start()
+    restarted = a.get("/api/cluster/status")["incarnation"]
+    assert restarted == inc + 2  # above what peers last saw, not back at inc + 1
+    wait_for(lambda: b.peers().get(a.node_id, {}).get("incarnation") == restarted,
+             timeout=10, what="b to take the restarted a")
 
 
 def test_cli_peers_and_status_read_the_local_api(swarm: Swarm) -> None:
