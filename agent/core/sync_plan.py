@@ -1,8 +1,17 @@
 """Which (peer, collection) pairs to reconcile now: no I/O, time passed in.
 
-At most one session per peer at a time and at most ``concurrency`` overall;
-exponential backoff after a failure; a short cool-down after a success (the
-peer's digest is stale until its next heartbeat).
+Rules:
+
+* A pair is due when the peer's heartbeat digest for the collection differs
+  from ours and the pair is not waiting (backoff or cool-down).
+* At most one session per peer at a time and at most ``concurrency`` overall.
+* After a failure the pair waits ``BACKOFF_MIN`` seconds, doubling with each
+  failure in a row up to ``BACKOFF_MAX``; after a success it waits
+  ``cooldown`` (the peer's digest is stale until its next heartbeat), and the
+  failure count starts again.
+* The table of pair states is bounded (``max_pairs``): a swarm whose members
+  come and go must not grow it forever. Expired entries go first; if that is
+  not enough, those whose wait ends soonest.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from dataclasses import dataclass, field
 
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
+MAX_PAIRS = 10_000
 
 
 @dataclass
@@ -23,16 +33,18 @@ class _PairState:
 class SyncPlanner:
     concurrency: int = 2
     cooldown: float = 2.0
+    max_pairs: int = MAX_PAIRS
     running: set[str] = field(default_factory=set)  # peer keys with a session open
     pairs: dict[tuple[str, str], _PairState] = field(default_factory=dict)
 
     def plan(self, now: float, ours: dict[str, bytes],
              peers: list[tuple[str, dict[str, bytes]]]) -> list[tuple[str, str]]:
         """``peers`` is [(peer_key, {collection: state_hash})]; returns the
-        (peer_key, collection) sessions to start now."""
+        (peer_key, collection) sessions to start now. The caller reports the
+        end of each with :meth:`finished`."""
         out: list[tuple[str, str]] = []
         for peer, theirs in peers:
-            if len(self.running) + len(out) >= self.concurrency:
+            if len(self.running) >= self.concurrency:
                 break
             if peer in self.running:
                 continue
@@ -43,9 +55,8 @@ class SyncPlanner:
                 if st is not None and now < st.not_before:
                     continue
                 out.append((peer, name))
+                self.running.add(peer)
                 break
-        for peer, _ in out:
-            self.running.add(peer)
         return out
 
     def finished(self, peer: str, name: str, now: float, ok: bool) -> None:
@@ -56,6 +67,15 @@ class SyncPlanner:
             st.not_before = now + self.cooldown
         else:
             st.failures += 1
-            st.not_before = now + min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (st.failures - 1))
-        if len(self.pairs) > 10_000:
-            self.pairs = {k: v for k, v in self.pairs.items() if v.not_before > now}
+            # the exponent is capped: 2**1024 does not fit a float
+            doubling = BACKOFF_MIN * 2 ** min(st.failures - 1, 64)
+            st.not_before = now + min(BACKOFF_MAX, doubling)
+        if len(self.pairs) > self.max_pairs:
+            self._shrink(now)
+
+    def _shrink(self, now: float) -> None:
+        kept = {k: v for k, v in self.pairs.items() if v.not_before > now}
+        if len(kept) > self.max_pairs:
+            latest = sorted(kept.items(), key=lambda kv: kv[1].not_before)[-self.max_pairs:]
+            kept = dict(latest)
+        self.pairs = kept

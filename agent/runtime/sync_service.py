@@ -1,14 +1,15 @@
-"""Merkle delta sync between agents over TCP: who to sync with, and the wire.
+"""Merkle delta sync between agents over TCP: the sessions and the service.
 
-* :class:`SyncPlanner` (no I/O) picks (peer, collection) pairs whose heartbeat
-  digest differs from ours: at most one session per peer at a time, at most
-  ``concurrency`` overall, exponential backoff after a failure, a short
-  cool-down after a success (the peer's digest is stale until its next
-  heartbeat).
-* :func:`serve` answers sessions; :func:`sync_once` starts one. Frames are a
-  4-byte big-endian length and a msgpack body, capped in size; every read has
-  a timeout. The reconciliation itself is :class:`merkle.reconcile.Session`,
-  run on the store thread since it reads the tree.
+* Which (peer, collection) pairs to reconcile, and when, is decided by
+  :class:`agent.core.sync_plan.SyncPlanner` (no I/O): one session per peer,
+  a concurrency cap, backoff after failures, a cool-down after success.
+* TCP connections are opened, accepted and framed only in
+  :mod:`agent.net.stream` (length prefix, size cap, timeouts, the seal/open
+  seam). The frames themselves are encoded and validated only in
+  :mod:`merkle.frames`; the reconciliation is :class:`merkle.reconcile.Session`,
+  whose calls run on the store thread with a read-only view of the tree.
+* :func:`handle_connection` answers sessions; :func:`sync_once` starts one.
+  Salts come from the service's RNG (injected, so that runs can be replayed).
 * Interrupting a session at any point is safe: received items are applied in
   whole batches by last-writer-wins, and applying an item twice is a no-op.
 """
@@ -16,40 +17,31 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import anyio
-from anyio.abc import SocketStream
 
 from agent.core.clock import COUNTER_BITS
 from agent.core.sync_plan import SyncPlanner
-from agent.net.stream import Framed, SyncError
-from agent.store import SqliteTree, Store, StoreError, check_name
-from merkle.reconcile import DONE, HELLO, ITEMS, ProtocolError, Session
+from agent.net.stream import Framed, SyncError, connect, listen
+from agent.runtime.errors import StartupError
+from agent.store import Store, StoreError, check_name
+from merkle import frames
+from merkle.frames import SALT_LEN, Done, Frame, Hello, Items, ProtocolError
+from merkle.reconcile import Session
 from merkle.tree import Item
 
 log = logging.getLogger("hs_gossip.sync")
 
 FRAME_OVERHEAD = 1 << 20
 SESSION_TIMEOUT = 300.0
-
-
-def _items_from_wire(raw: Any) -> list[Item]:
-    if not isinstance(raw, list) or len(raw) < 2 or not isinstance(raw[1], list):
-        raise ProtocolError("bad ITEMS frame")
-    out = []
-    for f in raw[1]:
-        if not isinstance(f, list) or len(f) < 5:
-            raise ProtocolError("bad item")
-        key, hlc, origin, deleted, value = f[:5]
-        if (type(key) is not str or type(hlc) is not int or type(origin) is not bytes
-                or type(deleted) is not bool or not (value is None or type(value) is bytes)):
-            raise ProtocolError("bad item fields")
-        out.append(Item(key, hlc, origin, deleted, value))
-    return out
+#: what a failed session may raise; anything else is a bug and propagates
+SESSION_ERRORS = (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError,
+                  SyncError, ProtocolError, StoreError)
 
 
 @dataclass
@@ -65,8 +57,12 @@ class SyncResult:
     seconds: float = 0.0
 
 
+async def _receive(conn: Framed) -> Frame:
+    return frames.decode(await conn.receive())
+
+
 async def _exchange(store: Store, conn: Framed, session: Session, name: str,
-                    first: Any, result: SyncResult, peer_horizon_ms: int,
+                    first: Frame, result: SyncResult, peer_horizon_ms: int,
                     drop_before_ms: int = 0) -> None:
     """Alternate until the session is done. ``first`` is the peer's first frame.
 
@@ -92,17 +88,18 @@ async def _exchange(store: Store, conn: Framed, session: Session, name: str,
                         result.dropped, name)
 
 
-async def _alternate(store: Store, conn: Framed, session: Session, name: str, first: Any,
+async def _alternate(store: Store, conn: Framed, session: Session, name: str, first: Frame,
                      result: SyncResult, peer_horizon: int, stale: list[Item]) -> None:
     msg = first
     while True:
-        while isinstance(msg, list) and msg and msg[0] == ITEMS:
-            items = _items_from_wire(msg)
+        if isinstance(msg, Items):
+            items = list(msg.items)
             _, rejected = await store.apply_remote(name, items)
             result.items_in += len(items)
             result.rejected += rejected
-            msg = await conn.receive()
-        reply = await store.with_tree(name, partial(_receive, session, msg=msg))
+            msg = await _receive(conn)
+            continue
+        reply = await store.with_tree(name, partial(session.receive, frame=msg))
         requests = session.take_sends()
         if requests:
             async for batch in store.item_batches(name, requests):
@@ -110,40 +107,35 @@ async def _alternate(store: Store, conn: Framed, session: Session, name: str, fi
                     stale.extend(i for i in batch if i.hlc < peer_horizon)
                     batch = [i for i in batch if i.hlc >= peer_horizon]
                 if batch:
-                    await conn.send([ITEMS, [i.to_wire() for i in batch]])
+                    await conn.send(frames.encode(Items(tuple(batch))))
                     result.items_out += len(batch)
         if reply is None:
             return
-        await conn.send(reply)
+        await conn.send(frames.encode(reply))
         if session.done:
             return
-        msg = await conn.receive()
-
-
-def _receive(session: Session, tree: SqliteTree, msg: Any) -> Any:
-    session.reader = tree
-    return session.receive(msg)
+        msg = await _receive(conn)
 
 
 async def sync_once(store: Store, host: str, port: int, name: str,
                     max_frame: int, peer_horizon_ms: int = 0,
-                    grace_s: float = 604800.0) -> SyncResult:
+                    grace_s: float = 604800.0, *, salt: bytes) -> SyncResult:
     """Reconcile collection ``name`` with the agent at host:port (initiator).
-    ``peer_horizon_ms``: the tombstone horizon its heartbeat advertised."""
+    ``peer_horizon_ms``: the tombstone horizon its heartbeat advertised;
+    ``salt``: the session's (SALT_LEN bytes, fresh for every session)."""
     check_name(name)
     result = SyncResult(name)
+    session = Session(salt)
     t0 = time.monotonic()
     with anyio.fail_after(SESSION_TIMEOUT):
-        stream = await anyio.connect_tcp(host, port)
-        async with stream:
-            conn = Framed(stream, max_frame)
-            session = Session(reader=None)  # type: ignore[arg-type]
+        async with await connect(host, port, max_frame) as conn:
             mine = next((c.horizon for c in store.digests() if c.name == name), 0)
             hello = await store.with_tree(
-                name, lambda t: _hello(session, t, name, mine >> COUNTER_BITS))
-            await conn.send(hello)
-            first = await conn.receive()
-            if isinstance(first, list) and first and first[0] == DONE:
+                name, partial(session.hello, collection=name,
+                              horizon_ms=mine >> COUNTER_BITS))
+            await conn.send(frames.encode(hello))
+            first = await _receive(conn)
+            if isinstance(first, Done):
                 result.messages = 2
             else:
                 drop_before_ms = int(time.time() * 1000) - int(grace_s * 1000)
@@ -155,44 +147,29 @@ async def sync_once(store: Store, host: str, port: int, name: str,
     return result
 
 
-def _hello(session: Session, tree: SqliteTree, name: str, horizon_ms: int) -> Any:
-    session.reader = tree
-    return session.hello(name, horizon_ms)
-
-
-async def handle_connection(store: Store, stream: SocketStream, max_frame: int,
-                            stats: dict[str, int]) -> None:
+async def handle_connection(store: Store, conn: Framed, stats: dict[str, int]) -> None:
     """Answer one session on an accepted connection; errors are logged, not raised."""
-    peer = "?"
     try:
-        peer = str(stream.extra(anyio.abc.SocketAttribute.remote_address))
-        async with stream:
-            conn = Framed(stream, max_frame)
-            with anyio.fail_after(SESSION_TIMEOUT):
-                hello = await conn.receive()
-                if (not isinstance(hello, list) or len(hello) < 2 or hello[0] != HELLO
-                        or type(hello[1]) is not str):
-                    raise ProtocolError("expected HELLO")
-                name = hello[1]
-                check_name(name)
-                peer_horizon_ms = hello[7] if len(hello) > 7 else 0
-                if type(peer_horizon_ms) is not int or not 0 <= peer_horizon_ms < 1 << 47:
-                    raise ProtocolError("bad horizon in HELLO")
-                session = Session(reader=None)  # type: ignore[arg-type]
-                result = SyncResult(name)
-                await _exchange(store, conn, session, name, hello, result, peer_horizon_ms)
-                stats["sync_served"] = stats.get("sync_served", 0) + 1
-                stats["sync_bytes_in"] = stats.get("sync_bytes_in", 0) + conn.bytes_in
-                stats["sync_bytes_out"] = stats.get("sync_bytes_out", 0) + conn.bytes_out
-                stats["sync_items_in"] = stats.get("sync_items_in", 0) + result.items_in
-                stats["sync_items_out"] = stats.get("sync_items_out", 0) + result.items_out
-                if result.items_in or result.items_out:
-                    log.info("sync %s with %s: %d items in, %d out", name, peer,
-                             result.items_in, result.items_out)
-    except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError,
-            SyncError, ProtocolError, StoreError) as e:
+        with anyio.fail_after(SESSION_TIMEOUT):
+            hello = await _receive(conn)
+            if not isinstance(hello, Hello):
+                raise ProtocolError("expected HELLO")
+            name = hello.collection
+            check_name(name)
+            session = Session(hello.salt)  # the responder uses the initiator's salt
+            result = SyncResult(name)
+            await _exchange(store, conn, session, name, hello, result, hello.horizon_ms)
+            stats["sync_served"] = stats.get("sync_served", 0) + 1
+            stats["sync_bytes_in"] = stats.get("sync_bytes_in", 0) + conn.bytes_in
+            stats["sync_bytes_out"] = stats.get("sync_bytes_out", 0) + conn.bytes_out
+            stats["sync_items_in"] = stats.get("sync_items_in", 0) + result.items_in
+            stats["sync_items_out"] = stats.get("sync_items_out", 0) + result.items_out
+            if result.items_in or result.items_out:
+                log.info("sync %s with %s: %d items in, %d out", name, conn.peer,
+                         result.items_in, result.items_out)
+    except SESSION_ERRORS as e:
         stats["sync_served_failed"] = stats.get("sync_served_failed", 0) + 1
-        log.warning("sync session from %s failed: %s", peer, e or type(e).__name__)
+        log.warning("sync session from %s failed: %s", conn.peer, e or type(e).__name__)
 
 
 # --- the service wired into the agent ---------------------------------------------
@@ -202,8 +179,11 @@ class SyncService:
     """Serves sync sessions and starts them when heartbeats show a difference."""
 
     def __init__(self, store: Store, bind: str, port: int, interval: float,
-                 concurrency: int, max_value: int, tombstone_grace: float = 604800.0) -> None:
+                 concurrency: int, max_value: int, tombstone_grace: float = 604800.0,
+                 *, rng: random.Random | None = None) -> None:
         self.store = store
+        #: draws the salt of every session started here
+        self.rng = rng if rng is not None else random.Random()
         self.tombstone_grace = tombstone_grace
         self.bind = bind
         self.port = port
@@ -215,22 +195,14 @@ class SyncService:
         self.seconds_total = 0.0  # all of them, for the metrics summary
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        host = None if self.bind in ("0.0.0.0", "::") else self.bind
         try:
-            listener = await anyio.create_tcp_listener(local_host=host, local_port=self.port,
-                                                       reuse_port=False)
+            listener = await listen(self.bind, self.port, self.max_frame)
         except OSError as e:
-            from agent.runtime.errors import StartupError
-
             raise StartupError(
                 f"cannot listen for sync on TCP {self.bind}:{self.port} "
                 f"(HS_GOSSIP_SYNC_PORT): {e.strerror or e}") from None
         task_status.started()
-        async with listener, anyio.create_task_group() as tg:
-            async def handler(stream: SocketStream) -> None:
-                await handle_connection(self.store, stream, self.max_frame, self.stats)
-
-            await listener.serve(handler, task_group=tg)
+        await listener.serve(partial(handle_connection, self.store, stats=self.stats))
 
     async def run(self, peers: Any) -> None:
         """``peers()`` returns [(peer_key, host, sync_port, {collection: state_hash},
@@ -251,7 +223,7 @@ class SyncService:
         ok = False
         try:
             r = await sync_once(self.store, host, port, name, self.max_frame, horizon_ms,
-                                self.tombstone_grace)
+                                self.tombstone_grace, salt=self.rng.randbytes(SALT_LEN))
             ok = True
             self.stats["sync_runs"] = self.stats.get("sync_runs", 0) + 1
             self.stats["sync_bytes_in"] = self.stats.get("sync_bytes_in", 0) + r.bytes_in
@@ -264,8 +236,7 @@ class SyncService:
                 log.info("synced %s with %s:%d: %d items in, %d out, %d rejected, "
                          "%d bytes, %.2fs", name, host, port, r.items_in, r.items_out,
                          r.rejected, r.bytes_in + r.bytes_out, r.seconds)
-        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError,
-                SyncError, ProtocolError, StoreError) as e:
+        except SESSION_ERRORS as e:
             self.stats["sync_failures"] = self.stats.get("sync_failures", 0) + 1
             log.warning("sync of %s with %s:%d failed: %s", name, host, port,
                         e or type(e).__name__)
