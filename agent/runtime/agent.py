@@ -318,7 +318,8 @@ class Agent:
             raise StartupError(f"cannot open the database in {cfg.data_dir}: {e}") from None
         self.closers.append(self.store.close)
         self.sync = SyncService(self.store, cfg.bind, cfg.effective_sync_port, cfg.interval,
-                                cfg.sync_concurrency, cfg.max_value, cfg.tombstone_grace)
+                                cfg.sync_concurrency, cfg.max_value, cfg.tombstone_grace,
+                                rng=self.seed.rng_for("sync"))
         if cfg.sync_port is not None:
             self.core.me.sync_port = cfg.sync_port
         self._publish_digests()

@@ -180,10 +180,10 @@ class SyncService:
 
     def __init__(self, store: Store, bind: str, port: int, interval: float,
                  concurrency: int, max_value: int, tombstone_grace: float = 604800.0,
-                 *, rng: random.Random | None = None) -> None:
+                 *, rng: random.Random) -> None:
         self.store = store
         #: draws the salt of every session started here
-        self.rng = rng if rng is not None else random.Random()
+        self.rng = rng  # salts: derived from the agent's seed
         self.tombstone_grace = tombstone_grace
         self.bind = bind
         self.port = port
