@@ -26,7 +26,7 @@ import anyio
 
 from agent.core.clock import HLC
 from agent.store import Store, encode_value
-from agent.store.changes import Write
+from agent.store.changes import Kind
 from agent.store.store import wall_ms
 from agent.store.writer import Writer
 from merkle.loopback import run_pair
@@ -48,7 +48,7 @@ def build(path: Path, n: int) -> float:
                       encode_value({"i": i, "tag": "sensor"}))
                  for i in range(start, min(n, start + 10_000))]
         w.conn.execute("BEGIN")
-        w.change("bench", [Write(it) for it in items])
+        w.change("bench", Kind.WRITE, items)
         w.conn.execute("COMMIT")
     took = time.perf_counter() - t0
     w.conn.close()
@@ -57,8 +57,9 @@ def build(path: Path, n: int) -> float:
 
 def diverge(w: Writer, keys: list[int], origin: bytes) -> None:
     w.conn.execute("BEGIN")
-    w.change("bench", [Write(Item(f"key-{i:08d}", (1_800_000_000_000 + i) << 16, origin, False,
-                                  encode_value({"i": i, "changed": True}))) for i in keys])
+    w.change("bench", Kind.WRITE, [Item(f"key-{i:08d}", (1_800_000_000_000 + i) << 16, origin,
+                                        False, encode_value({"i": i, "changed": True}))
+                                   for i in keys])
     w.conn.execute("COMMIT")
 
 

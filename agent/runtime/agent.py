@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import sqlite3
 import time
 import uuid
@@ -29,8 +28,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from agent.config import Config, ConfigError, HostPort, load_reloadable
-from agent.core import clock, tombstones, wire
-from agent.core.addr import Addr
+from agent.core import clock, wire
 from agent.core.membership import (
     Event,
     IncarnationRaised,
@@ -45,13 +43,15 @@ from agent.core.membership import (
     SelfInfo,
 )
 from agent.net.seal import CLEARTEXT, Seal
-from agent.net.udp import GossipSocket, normalize
-from agent.runtime import health, identity, snapshot, supervision
+from agent.net.udp import GossipSocket
+from agent.runtime import health, identity, maintenance, snapshot, supervision
 from agent.runtime.errors import StartupError
 from agent.runtime.faults import NO_FAULTS, Faults
 from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
+from agent.runtime.seeds import Seeds, resolve
 from agent.runtime.view import AgentView, ApiServer, build_view
+from agent.store.store import wall_ms
 
 if TYPE_CHECKING:
     from agent.runtime.sync_service import SyncService
@@ -59,29 +59,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hs_gossip")
 
-#: how often unresolved or unanswering seeds are looked up again (seconds)
-SEED_RERESOLVE = 30.0
-#: the known peers are saved for the next start every this many intervals
-#: when they changed, and every SNAPSHOT_REFRESH seconds anyway (to keep the
-#: last-seen times fresh) - not more often, to spare devices' flash.
-SNAPSHOT_EVERY_INTERVALS = 30
-SNAPSHOT_REFRESH = 600.0
-#: how often the tombstone purge rule is evaluated
-TOMBSTONE_EVERY_INTERVALS = 10
 #: how long in-flight API requests get to finish on shutdown (seconds)
 API_DRAIN = 5.0
-
-
-async def resolve(hp: HostPort, family: int = 0) -> list[Addr]:
-    """Numeric addresses for host:port (hostnames cost ~340 us per sendto, so
-    they are resolved once, here)."""
-    infos = await anyio.getaddrinfo(hp.host, hp.port, family=family, type=socket.SOCK_DGRAM)
-    out: list[Addr] = []
-    for _fam, _t, _p, _c, sa in infos:
-        addr = (normalize(str(sa[0])), int(sa[1]))
-        if addr not in out:
-            out.append(addr)
-    return out
 
 
 @dataclass
@@ -102,10 +81,9 @@ class Agent:
     last_tick: float = 0.0
     ticks: int = 0
     _shutdown: anyio.Event = field(default_factory=anyio.Event)
-    _seeds_resolved_at: float = -1e9
     store: Store | None = None
     sync: SyncService = field(init=False)
-    _extra_seeds: list[Addr] = field(default_factory=list)
+    seeds: Seeds = field(init=False)
     notifier: Notifier = field(default_factory=Notifier)
     #: seconds the last event-loop timer fired late (see supervision)
     loop_lag: float = 0.0
@@ -131,6 +109,7 @@ class Agent:
         self.seed = Seed.of(cfg.seed)
         log.debug("random seed %d (HS_GOSSIP_SEED replays this run's choices)", self.seed.value)
         self.core = Membership(me, params, self.seed.rng_for("membership"), now=0.0)
+        self.seeds = Seeds(self.core, cfg.peers)
 
     # --- the view the face reads -------------------------------------------
 
@@ -180,8 +159,8 @@ class Agent:
             ) from None
         self.core.me.port = self.sock.local_port
         self._load_snapshot()
-        await self._resolve_seeds(force=True)
-        await self._open_store()
+        await self.seeds.refresh(force=True)
+        store = await self._open_store()
         async with anyio.create_task_group() as tg:
             await tg.start(self.sync.serve)
             tg.start_soon(self.sync.run, self.sync_targets)
@@ -195,8 +174,10 @@ class Agent:
             tg.start_soon(self._receive_loop)
             tg.start_soon(self._tick_loop)
             tg.start_soon(self._signal_loop)
-            tg.start_soon(self._snapshot_loop)
-            tg.start_soon(self._tombstone_loop)
+            tg.start_soon(maintenance.snapshot_loop, cfg.interval, cfg.data_dir,
+                          self._snapshot_rows, lambda: self.core.lc)
+            tg.start_soon(maintenance.tombstone_loop, cfg.interval, store, self.core,
+                          cfg.tombstone_grace, wall_ms)
             tg.start_soon(supervision.loop_lag_monitor, self._record_loop_lag)
             tg.start_soon(supervision.trim_memory)
             self._start_optional_services(tg)
@@ -244,7 +225,7 @@ class Agent:
 
             tg.start_soon(discovery.run, cfg.multicast_group, cfg.multicast_port,
                           self.core.me.port, self.ident.node_id.bytes,
-                          lambda addr: self.add_seeds([addr]), self.seal)
+                          lambda addr: self.seeds.add([addr]), self.seal)
         stall = self.faults.stall_tick_after
         if stall is not None:
             self._stall_tick_at = anyio.current_time() + stall
@@ -256,57 +237,18 @@ class Agent:
         saved = snapshot.load(self.cfg.data_dir, self.cfg.snapshot_max_age)
         if saved.peers:
             log.info("rejoin candidates from the peer snapshot: %d", len(saved.peers))
-            self.add_seeds(saved.peers)
+            self.seeds.add(saved.peers)
         if saved.lc > self.core.lc:
             # The logical clock must not run backwards across a restart.
             self.core.lc = saved.lc
 
-    def _snapshot_rows(self) -> list[tuple[str, str, int, float]]:
-        """Taken on the event loop: the membership core is not thread-safe."""
-        return [(m.node_id.hex(), m.host, m.port, self.wall_time_of(m.last_progress))
-                for m in self.core.members.values()]
-
-    def _write_snapshot(self, rows: list[tuple[str, str, int, float]], lc: int) -> None:
-        try:
-            snapshot.save(self.cfg.data_dir, rows, lc)
-        except OSError as e:
-            log.warning("cannot save the peer snapshot in %s: %s", self.cfg.data_dir, e)
+    def _snapshot_rows(self) -> list[maintenance.Row]:
+        return maintenance.snapshot_rows(self.core, self.wall_time_of)
 
     def _save_snapshot(self) -> None:
-        self._write_snapshot(self._snapshot_rows(), self.core.lc)
+        maintenance.write_snapshot(self.cfg.data_dir, self._snapshot_rows(), self.core.lc)
 
-    async def _snapshot_loop(self) -> None:
-        saved: set[tuple[str, str, int]] = set()
-        saved_at = -SNAPSHOT_REFRESH
-        while True:
-            await anyio.sleep(SNAPSHOT_EVERY_INTERVALS * self.cfg.interval)
-            rows = self._snapshot_rows()
-            members = {r[:3] for r in rows}
-            now = anyio.current_time()
-            if rows and (members != saved or now - saved_at >= SNAPSHOT_REFRESH):
-                # The fsync runs off the event loop; the rows are taken on it.
-                await anyio.to_thread.run_sync(self._write_snapshot, rows, self.core.lc)
-                saved, saved_at = members, now
-
-    async def _tombstone_loop(self) -> None:
-        """Purge tombstones when agent.core.tombstones says it is safe."""
-        while True:
-            await anyio.sleep(TOMBSTONE_EVERY_INTERVALS * self.cfg.interval)
-            if self.store is None:
-                continue
-            peers = [tombstones.PeerView(m.healthy, m.digests)
-                     for m in self.core.members.values()]
-            ours = [(c.name, c.state_hash, c.horizon) for c in self.store.digests()]
-            todo = tombstones.choose(ours, peers, int(time.time() * 1000),
-                                     self.cfg.tombstone_grace)
-            for name, p in todo.items():
-                purged = await self.store.purge_tombstones(name, p.horizon, p.expected)
-                if purged:
-                    why = "every replica in sight had them" if p.expected is None \
-                        else "as a peer did"
-                    log.info("purged %d tombstone(s) in %s (%s)", purged, name, why)
-
-    async def _open_store(self) -> None:
+    async def _open_store(self) -> Store:
         from agent.runtime.sync_service import SyncService
         from agent.store import Store, StoreError
 
@@ -323,6 +265,7 @@ class Agent:
         if cfg.sync_port is not None:
             self.core.me.sync_port = cfg.sync_port
         self._publish_digests()
+        return self.store
 
     def _publish_digests(self) -> None:
         if self.store is not None:
@@ -381,30 +324,6 @@ class Agent:
             raise StartupError(f"cannot resolve HS_GOSSIP_ADVERTISE={adv!r}: {e}") from None
         return addrs[0][0]
 
-    async def _resolve_seeds(self, force: bool = False) -> None:
-        now = anyio.current_time()
-        if not force and now - self._seeds_resolved_at < SEED_RERESOLVE:
-            return
-        self._seeds_resolved_at = now
-        seeds: list[Addr] = []
-        for hp in self.cfg.peers:
-            try:
-                seeds.extend(await resolve(hp))
-            except OSError as e:
-                log.warning("seed %s does not resolve (%s); will retry", hp, e)
-        seeds.extend(self.extra_seeds())
-        self.core.set_seeds(seeds)
-
-    def extra_seeds(self) -> list[Addr]:
-        """Seeds from other sources (saved peers, LAN discovery)."""
-        return list(self._extra_seeds)
-
-    def add_seeds(self, addrs: list[Addr]) -> None:
-        for a in addrs:
-            if a not in self._extra_seeds:
-                self._extra_seeds.append(a)
-        self.core.add_seeds(addrs)
-
     async def _flush(self) -> None:
         assert self.sock is not None
         for data, addr in self.core.take_outgoing():
@@ -433,7 +352,7 @@ class Agent:
             self.last_tick = now
             self.ticks += 1
             if not self.core.joined and self.cfg.peers:
-                await self._resolve_seeds()
+                await self.seeds.refresh()
             # +-10% jitter keeps a fleet booted together from ticking in lockstep.
             await anyio.sleep(self.cfg.interval * rng.uniform(0.9, 1.1))
 

@@ -25,9 +25,7 @@ from agent.core.clock import HLC, MAX_HLC
 from agent.store.changes import (
     Change,
     Collection,
-    Proposal,
-    Remove,
-    Write,
+    Kind,
     change,
     load_collections,
     mismatched_nodes,
@@ -85,11 +83,11 @@ class Writer:
     def tree(self, name: str) -> SqliteTree:
         return SqliteTree(self.conn, self.colls, name)
 
-    def change(self, name: str, proposals: list[Proposal]) -> list[Change]:
+    def change(self, name: str, kind: Kind, items: list[Item]) -> list[Change]:
         """The change path for collection ``name``, created if need be."""
         coll = self.collection(name, create=True)
         assert coll is not None
-        return change(self.conn, coll, proposals)
+        return change(self.conn, coll, kind, items)
 
     # --- local operations ------------------------------------------------------
 
@@ -105,7 +103,7 @@ class Writer:
     def put(self, name: str, key: str, value: Any) -> Change:
         check_name(name)
         item = Item(key, self.hlc.now(), self.origin, False, self._encode(key, value, many=False))
-        changes = self.change(name, [Write(item)])
+        changes = self.change(name, Kind.WRITE, [item])
         assert len(changes) == 1  # the clock is ahead of every stored version
         return changes[0]
 
@@ -115,7 +113,7 @@ class Writer:
         items = [Item(key, self.hlc.now(), self.origin, False,
                       self._encode(key, value, many=True))
                  for key, value in values.items()]
-        return self.change(name, [Write(it) for it in items])
+        return self.change(name, Kind.WRITE, items)
 
     def delete(self, name: str, key: str) -> Change | None:
         """Replace a live item by a tombstone; None if there is none."""
@@ -124,7 +122,8 @@ class Writer:
         old = self.get(name, key)
         if old is None or old.deleted:
             return None
-        changes = self.change(name, [Write(Item(key, self.hlc.now(), self.origin, True, None))])
+        changes = self.change(
+            name, Kind.WRITE, [Item(key, self.hlc.now(), self.origin, True, None)])
         assert len(changes) == 1  # the clock is ahead of every stored version
         return changes[0]
 
@@ -202,7 +201,7 @@ class Writer:
                         "(changes that reached no other agent within HS_GOSSIP_TOMBSTONE_GRACE)",
                         behind, name)
             rejected += behind
-        changes = self.change(name, [Write(it) for it in good]) if good else []
+        changes = self.change(name, Kind.WRITE, good) if good else []
         for it in good:
             self.hlc.observe(it.hlc)
         return changes, rejected
@@ -214,7 +213,7 @@ class Writer:
         coll = self.colls.get(name)
         if coll is None or not items:
             return []
-        return change(self.conn, coll, [Remove(it) for it in items])
+        return change(self.conn, coll, Kind.REMOVE, items)
 
     def purge_tombstones(self, name: str, horizon: int,
                          expected: bytes | None = None) -> list[Change] | None:
@@ -238,7 +237,7 @@ class Writer:
             after = (total - sum(int.from_bytes(it.digest, "big") for it in old)) % MOD
             if state_hash(after, count - len(old)) != expected:
                 return None
-        changes = change(self.conn, coll, [Remove(it) for it in old])
+        changes = change(self.conn, coll, Kind.REMOVE, old)
         coll.horizon = horizon
         self.conn.execute("UPDATE collections SET horizon=? WHERE id=?", (horizon, coll.id))
         return changes
@@ -258,7 +257,7 @@ class Writer:
         ok = not mismatched and counted.live == coll.live and not counted.corrections
         changes: list[Change] = []
         if repair and not ok:
-            changes = change(self.conn, coll, list(counted.corrections))
+            changes = change(self.conn, coll, Kind.CORRECT, counted.corrections)
             rebuild(self.conn, coll, counted)
         total, count = counted.nodes.get((0, 0), [0, 0])
         report = {"collection": name, "ok": ok, "items": count, "live": counted.live,

@@ -1,0 +1,76 @@
+"""Slow loops of the agent process: the peer snapshot kept for the next start,
+and tombstone purging. Each takes what it reads as arguments, so it owns no
+agent state; each ``async def`` sleeps between rounds and is cancelled with
+the agent's task group (a cancelled round leaves nothing half-written: the
+snapshot is replaced atomically and a purge is one store transaction).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from agent.core import tombstones
+from agent.core.membership import Membership
+from agent.runtime import snapshot
+from agent.store import Store
+
+log = logging.getLogger("hs_gossip")
+
+#: the known peers are saved for the next start every this many intervals
+#: when they changed, and every SNAPSHOT_REFRESH seconds anyway (to keep the
+#: last-seen times fresh) - not more often, to spare devices' flash.
+SNAPSHOT_EVERY_INTERVALS = 30
+SNAPSHOT_REFRESH = 600.0
+#: how often the tombstone purge rule is evaluated
+TOMBSTONE_EVERY_INTERVALS = 10
+
+#: (node_id hex, host, gossip port, wall time last seen)
+Row = tuple[str, str, int, float]
+
+
+def snapshot_rows(core: Membership, wall_time_of: Callable[[float], float]) -> list[Row]:
+    """Taken on the event loop: the membership core is not thread-safe."""
+    return [(m.node_id.hex(), m.host, m.port, wall_time_of(m.last_progress))
+            for m in core.members.values()]
+
+
+def write_snapshot(data_dir: Path, rows: list[Row], lc: int) -> None:
+    """Save the rows; a failure is logged, never raised (the agent runs on)."""
+    try:
+        snapshot.save(data_dir, rows, lc)
+    except OSError as e:
+        log.warning("cannot save the peer snapshot in %s: %s", data_dir, e)
+
+
+async def snapshot_loop(interval: float, data_dir: Path, rows: Callable[[], list[Row]],
+                        lc: Callable[[], int]) -> None:
+    saved: set[tuple[str, str, int]] = set()
+    saved_at = -SNAPSHOT_REFRESH
+    while True:
+        await anyio.sleep(SNAPSHOT_EVERY_INTERVALS * interval)
+        taken = rows()
+        members = {r[:3] for r in taken}
+        now = anyio.current_time()
+        if taken and (members != saved or now - saved_at >= SNAPSHOT_REFRESH):
+            # The fsync runs off the event loop; the rows are taken on it.
+            await anyio.to_thread.run_sync(write_snapshot, data_dir, taken, lc())
+            saved, saved_at = members, now
+
+
+async def tombstone_loop(interval: float, store: Store, core: Membership, grace: float,
+                         wall_ms: Callable[[], int]) -> None:
+    """Purge tombstones when agent.core.tombstones says it is safe."""
+    while True:
+        await anyio.sleep(TOMBSTONE_EVERY_INTERVALS * interval)
+        peers = [tombstones.PeerView(m.healthy, m.digests) for m in core.members.values()]
+        ours = [(c.name, c.state_hash, c.horizon) for c in store.digests()]
+        for name, p in tombstones.choose(ours, peers, wall_ms(), grace).items():
+            purged = await store.purge_tombstones(name, p.horizon, p.expected)
+            if purged:
+                why = "every replica in sight had them" if p.expected is None \
+                    else "as a peer did"
+                log.info("purged %d tombstone(s) in %s (%s)", purged, name, why)
