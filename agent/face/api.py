@@ -23,9 +23,12 @@ import sniffio
 from anyio.abc import TaskStatus
 from hypercorn.config import Config as HyperConfig
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
 from agent.face import collections_api, metrics
@@ -86,7 +89,12 @@ def swarm_stats_json(v: AgentView) -> dict[str, Any]:
     return {"uptime_secs": round(v.uptime, 3), "counters": dict(v.counters)}
 
 
-def build_app(view: ViewSource, extra_routes: list[BaseRoute]) -> Starlette:
+#: largest request body any route accepts (a batch write); see BodyLimit
+MAX_BODY = collections_api.MAX_BATCH_BODY
+
+
+def build_app(view: ViewSource, extra_routes: list[BaseRoute],
+              max_body: int = MAX_BODY) -> Starlette:
     async def peers(request: Request) -> JSONResponse:
         return JSONResponse(peers_json(view()))
 
@@ -99,11 +107,18 @@ def build_app(view: ViewSource, extra_routes: list[BaseRoute]) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "node_id": view().node_id})
 
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"error": "not found", "path": request.url.path}, status_code=404)
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        # 404, 405 and any other refusal raised by routing: JSON like the rest
+        status = getattr(exc, "status_code", 500)
+        body: dict[str, Any] = {"error": str(getattr(exc, "detail", "") or status).lower()}
+        if status == 404:
+            body = {"error": "not found", "path": request.url.path}
+        return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        logging.getLogger("hs_gossip.api").exception("request failed: %s", request.url.path)
+        # the traceback goes to the log, never to the client
+        logging.getLogger("hs_gossip.api").error(
+            "request failed: %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
     routes: list[BaseRoute] = [
@@ -113,7 +128,35 @@ def build_app(view: ViewSource, extra_routes: list[BaseRoute]) -> Starlette:
         Route("/healthz", healthz),
         *extra_routes,
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 500: server_error})
+    return Starlette(routes=routes, middleware=[Middleware(BodyLimit, limit=max_body)],
+                     exception_handlers={HTTPException: http_error, 500: server_error})
+
+
+class BodyLimit:
+    """Refuses, before the app runs, a request whose Content-Length is over
+    ``limit`` (413, JSON). Routes that read a body also count what streams in
+    (agent.face.json_input.read_limited), so a body without Content-Length is
+    bounded too."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and (not value.isdigit()
+                                                  or int(value) > self.limit):
+                    if value.isdigit():
+                        status, msg = 413, (f"body of {int(value)} bytes is over the limit "
+                                            f"of {self.limit} bytes")
+                    else:
+                        status, msg = 400, "Content-Length is not a number"
+                    resp = JSONResponse({"error": msg}, status_code=status,
+                                        headers={"Connection": "close"})
+                    await resp(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def _hyper_config(bind: HostPort) -> HyperConfig:
@@ -141,7 +184,8 @@ async def serve_api(
     # Hypercorn logs "Running on ..." at INFO; the agent logs its own start line.
     logging.getLogger("hs_gossip.http").setLevel(logging.WARNING)
     app = build_app(view, [*collections_api.routes(store, cfg.max_value),
-                           *metrics.routes(view)])
+                           *metrics.routes(view)],
+                    max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)))
 
     bound = False
 

@@ -4,24 +4,31 @@
 ``GET /api/collections/{name}/items?prefix=&after=&limit=``, ``POST
 /api/collections/{name}/items`` (a batch ``{"items": {key: value}}`` in one
 transaction) and ``POST /api/collections/{name}/verify[?repair=1]``. Errors are JSON
-``{"error": ...}`` with 400 (bad name, key, size or JSON), 404 (no such item)
-or 413 (body too large). Versions are shown as ``updated_ms`` (the HLC's
-wall-clock part, Unix milliseconds), ``counter`` and ``origin`` (node UUID), so
-every integer stays below 2**53.
+``{"error": ...}`` with 400 (bad name, key or JSON), 404 (no such item) or 413
+(body or value over its limit). Bodies are read and parsed by
+agent.face.json_input, so nothing that is not strict JSON reaches the store.
+Versions are shown as ``updated_ms`` (the HLC's wall-clock part, Unix
+milliseconds), ``counter`` and ``origin`` (node UUID), so every integer stays
+below 2**53. A stored value that cannot be served as JSON (written by an older
+agent or a buggy peer) is shown as ``"value": null`` with ``value_error`` and
+``value_msgpack_b64`` (its stored bytes), never as a 500.
 """
 
 from __future__ import annotations
 
-import json
+import base64
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent.core.clock import counter, physical_ms
-from agent.store import Store, StoreError, check_key, check_name, decode_value
+from agent.face.json_input import InputError, json_problem, parse_body, read_limited
+from agent.store import Store, StoreError, check_key, check_name, decode_value, encode_value
 from merkle.tree import Item
 
 MAX_PAGE = 1000
@@ -29,20 +36,68 @@ MAX_BATCH_ITEMS = 10_000
 MAX_BATCH_BODY = 16 << 20
 
 
+def put_body_limit(max_value: int) -> int:
+    """Largest PUT body: JSON may take up to twice the encoded size, plus the envelope."""
+    return 2 * max_value + 1024
+
+
 def _error(status: int, msg: str) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=status)
+
+
+def _store_error(e: StoreError) -> JSONResponse:
+    # a store error may name its own status (e.g. a full disk); otherwise the
+    # request itself was refused
+    return _error(int(getattr(e, "status", 400)), str(e))
+
+
+def value_fields(data: bytes | None) -> dict[str, Any]:
+    """``{"value": ...}``, or for stored bytes that are not strict JSON
+    ``{"value": None, "value_error": why, "value_msgpack_b64": the bytes}``."""
+    try:
+        value = decode_value(data)
+    except Exception as e:  # any undecodable bytes are reported, not raised
+        problem: str | None = f"stored value does not decode: {type(e).__name__}"
+    else:
+        problem = json_problem(value)
+        if problem is None:
+            return {"value": value}
+    return {"value": None, "value_error": f"not representable as JSON: {problem}",
+            "value_msgpack_b64": base64.b64encode(data or b"").decode("ascii")}
 
 
 def item_view(name: str, item: Item) -> dict[str, Any]:
     return {
         "collection": name,
         "key": item.key,
-        "value": decode_value(item.value),
+        **value_fields(item.value),
         "deleted": item.deleted,
         "updated_ms": physical_ms(item.hlc),
         "counter": counter(item.hlc),
         "origin": str(uuid.UUID(bytes=item.origin)),
     }
+
+
+def _path_is_utf8(request: Request) -> bool:
+    """The server decodes %XX escapes leniently (invalid UTF-8 becomes U+FFFD,
+    so two byte strings would land on one key); the raw path must decode
+    strictly."""
+    raw = request.scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        return True
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _too_large(value: Any, max_value: int, what: str) -> JSONResponse | None:
+    n = len(encode_value(value))
+    if n > max_value:
+        return _error(413, f"{what} is {n} bytes encoded; the limit is {max_value} "
+                           "(HS_GOSSIP_MAX_VALUE)")
+    return None
 
 
 def routes(store: Store, max_value: int) -> list[Route]:
@@ -56,6 +111,8 @@ def routes(store: Store, max_value: int) -> list[Route]:
     def _target(request: Request) -> tuple[str, str] | JSONResponse:
         name = request.path_params["name"]
         key = request.path_params.get("key", "x")
+        if not _path_is_utf8(request):
+            return _error(400, "the path is not valid UTF-8 once %XX escapes are decoded")
         try:
             check_name(name)
             check_key(key)
@@ -67,19 +124,20 @@ def routes(store: Store, max_value: int) -> list[Route]:
         t = _target(request)
         if isinstance(t, JSONResponse):
             return t
-        body = await request.body()
-        if len(body) > 2 * max_value + 1024:
-            return _error(413, f"body larger than the value limit ({max_value} bytes encoded)")
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, 'body must be JSON: {"value": ...}')
+            doc = parse_body(await read_limited(request.headers, request.stream(),
+                                                put_body_limit(max_value)))
+        except InputError as e:
+            return _error(e.status, str(e))
         if not isinstance(doc, dict) or "value" not in doc:
             return _error(400, 'body must be a JSON object with a "value" field')
+        refused = _too_large(doc["value"], max_value, "value")
+        if refused is not None:
+            return refused
         try:
             item = await store.put(t[0], t[1], doc["value"])
         except StoreError as e:
-            return _error(400, str(e))
+            return _store_error(e)
         return JSONResponse(item_view(t[0], item))
 
     async def get_item(request: Request) -> JSONResponse:
@@ -120,20 +178,22 @@ def routes(store: Store, max_value: int) -> list[Route]:
         t = _target(request)
         if isinstance(t, JSONResponse):
             return t
-        body = await request.body()
-        if len(body) > MAX_BATCH_BODY:
-            return _error(413, f"batch body larger than {MAX_BATCH_BODY} bytes")
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, 'body must be JSON: {"items": {"key": value, ...}}')
+            doc = parse_body(await read_limited(request.headers, request.stream(),
+                                                MAX_BATCH_BODY))
+        except InputError as e:
+            return _error(e.status, str(e))
         items = doc.get("items") if isinstance(doc, dict) else None
         if not isinstance(items, dict) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
             return _error(400, f'"items" must map 1-{MAX_BATCH_ITEMS} keys to values')
+        for key, value in items.items():
+            refused = _too_large(value, max_value, f"value of {key!r}")
+            if refused is not None:
+                return refused
         try:
             changed = await store.put_many(t[0], items)
         except StoreError as e:
-            return _error(400, str(e))
+            return _store_error(e)
         return JSONResponse({"collection": t[0], "written": changed})
 
     async def verify(request: Request) -> JSONResponse:
@@ -143,15 +203,26 @@ def routes(store: Store, max_value: int) -> list[Route]:
         try:
             report = await store.verify(t[0], repair=request.query_params.get("repair") == "1")
         except StoreError as e:
-            return _error(404, str(e))
+            return _error(int(getattr(e, "status", 404)), str(e))
         return JSONResponse(report)
 
+    Handler = Callable[[Request], Awaitable[JSONResponse]]
+
+    def by_method(handlers: dict[str, Handler]) -> Handler:
+        # one route per path, so a 405 lists every allowed method in Allow
+        handlers = {**handlers, "HEAD": handlers["GET"]} if "GET" in handlers else handlers
+
+        async def dispatch(request: Request) -> JSONResponse:
+            return await handlers[request.method](request)
+        return dispatch
+
+    items_path = "/api/collections/{name}/items"
     return [
         Route("/api/collections", list_collections, methods=["GET"]),
         Route("/api/collections/{name}/verify", verify, methods=["POST"]),
-        Route("/api/collections/{name}/items", put_batch, methods=["POST"]),
-        Route("/api/collections/{name}/items", list_items, methods=["GET"]),
-        Route("/api/collections/{name}/items/{key:path}", get_item, methods=["GET"]),
-        Route("/api/collections/{name}/items/{key:path}", put_item, methods=["PUT"]),
-        Route("/api/collections/{name}/items/{key:path}", delete_item, methods=["DELETE"]),
+        Route(items_path, by_method({"GET": list_items, "POST": put_batch}),
+              methods=["GET", "POST"]),
+        Route(items_path + "/{key:path}",
+              by_method({"GET": get_item, "PUT": put_item, "DELETE": delete_item}),
+              methods=["GET", "PUT", "DELETE"]),
     ]

@@ -13,7 +13,8 @@ from typing import Any
 
 import msgpack
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# matched with fullmatch: "$" alone would accept a trailing newline
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_KEY_BYTES = 1024
 
 
@@ -35,7 +36,7 @@ class CollectionInfo:
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
         raise StoreError("collection name must be 1-128 characters of A-Z a-z 0-9 . _ -")
 
 
