@@ -10,8 +10,23 @@
   whose calls run on the store thread with a read-only view of the tree.
 * :func:`handle_connection` answers sessions; :func:`sync_once` starts one.
   Salts come from the service's RNG (injected, so that runs can be replayed).
+* Resources are bounded per connection and per peer: at most
+  :meth:`SyncService.max_sessions` sessions are served at once, and
+  :data:`SESSIONS_PER_HOST` from one address; a connection over either cap
+  is closed at once (``sync_refused_busy``). A HELLO may be at most
+  :data:`HELLO_MAX_FRAME` bytes; every frame must arrive whole within
+  :func:`frame_deadline` (a minimum rate, so a trickling peer cannot hold a
+  slot for the whole session deadline); frames decode within
+  :func:`merkle.frames.decode_budget`. See docs/PROTOCOL.md for the bound.
 * Interrupting a session at any point is safe: received items are applied in
   whole batches by last-writer-wins, and applying an item twice is a no-op.
+* With cluster keys, both ends of every connection run the stream handshake
+  (:mod:`agent.net.handshake`) before any frame. Its key material comes from
+  the ``keys`` function (asked per connection, so a reloaded keyring
+  applies to the next one); :func:`fixed_keys` gives one for the keys of
+  the settings; none given: keyless. Refused
+  handshakes are counted by cause (``handshake_failed_<cause>``) and logged
+  at most once per cause per :data:`REFUSAL_LOG_INTERVAL`.
 """
 
 from __future__ import annotations
@@ -19,15 +34,27 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
+from anyio.abc import SocketAttribute
 
 from agent.core.clock import COUNTER_BITS
 from agent.core.sync_plan import SyncPlanner
-from agent.net.stream import Framed, SyncError, connect, listen
+from agent.net import keyring
+from agent.net.handshake import StreamKeys
+from agent.net.stream import (
+    IO_TIMEOUT,
+    Framed,
+    StreamHandshakeError,
+    SyncError,
+    connect,
+    listen,
+)
 from agent.runtime.errors import StartupError
 from agent.store import Store, StoreError, check_name
 from merkle import frames
@@ -38,7 +65,17 @@ from merkle.tree import Item
 log = logging.getLogger("hs_gossip.sync")
 
 FRAME_OVERHEAD = 1 << 20
+#: at most one log line per refusal cause in this many seconds
+REFUSAL_LOG_INTERVAL = 60.0
 SESSION_TIMEOUT = 300.0
+#: the slowest a frame may arrive, bytes per second, beyond one IO_TIMEOUT
+MIN_RATE = 64 * 1024
+#: largest HELLO accepted (a real one is under 2 KiB: its collection name,
+#: 16 child summaries and counts)
+HELLO_MAX_FRAME = 8 * 1024
+#: sessions served at once for one source address (a peer starts one per
+#: collection it syncs with us, one at a time)
+SESSIONS_PER_HOST = 2
 #: what a failed session may raise; anything else is a bug and propagates
 SESSION_ERRORS = (OSError, anyio.EndOfStream, anyio.BrokenResourceError, TimeoutError,
                   SyncError, ProtocolError, StoreError)
@@ -57,8 +94,62 @@ class SyncResult:
     seconds: float = 0.0
 
 
+def fixed_keys(key: tuple[bytes, ...], keyfile: Path | None,
+               cluster: str) -> Callable[[], StreamKeys | None]:
+    """A ``keys`` function for the settings' keys as read at start
+    (HS_GOSSIP_KEY or HS_GOSSIP_KEYFILE, HS_GOSSIP_CLUSTER). StartupError if
+    they are unusable."""
+    try:
+        keys = StreamKeys.from_keyring(keyring.from_settings(key, keyfile), cluster)
+    except keyring.KeyringError as e:
+        raise StartupError(str(e)) from None
+    return lambda: keys
+
+
+class RefusalLog:
+    """Counts refused connections by cause into ``stats`` and logs one line
+    per cause per interval (never one per connection)."""
+
+    def __init__(self, stats: dict[str, int], interval: float = REFUSAL_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stats = stats
+        self.interval = interval
+        self.clock = clock
+        self.last: dict[str, float] = {}
+        self.since: dict[str, int] = {}
+
+    def __call__(self, cause: str, peer: str) -> None:
+        key = f"handshake_failed_{cause}"
+        self.stats[key] = self.stats.get(key, 0) + 1
+        self.since[cause] = self.since.get(cause, 0) + 1
+        now = self.clock()
+        last = self.last.get(cause)
+        if last is None or now - last >= self.interval:
+            log.warning("refused %d sync connection(s) (%s), the last from %s",
+                        self.since[cause], cause, peer)
+            self.last[cause] = now
+            self.since[cause] = 0
+
+
+def frame_deadline(max_frame: int) -> float:
+    """Seconds a frame of up to ``max_frame`` bytes has to arrive whole."""
+    return IO_TIMEOUT + max_frame / MIN_RATE
+
+
 async def _receive(conn: Framed) -> Frame:
-    return frames.decode(await conn.receive())
+    with anyio.fail_after(frame_deadline(conn.max_frame)):
+        data = await conn.receive()
+    return frames.decode(data)
+
+
+async def _receive_hello(conn: Framed) -> Frame:
+    """The first frame of a served session, under the HELLO size limit."""
+    limit = conn.max_frame
+    conn.max_frame = min(limit, HELLO_MAX_FRAME)
+    try:
+        return await _receive(conn)
+    finally:
+        conn.max_frame = limit
 
 
 async def _exchange(store: Store, conn: Framed, session: Session, name: str,
@@ -119,16 +210,18 @@ async def _alternate(store: Store, conn: Framed, session: Session, name: str, fi
 
 async def sync_once(store: Store, host: str, port: int, name: str,
                     max_frame: int, peer_horizon_ms: int = 0,
-                    grace_s: float = 604800.0, *, salt: bytes) -> SyncResult:
+                    grace_s: float = 604800.0, *, salt: bytes,
+                    keys: StreamKeys | None = None) -> SyncResult:
     """Reconcile collection ``name`` with the agent at host:port (initiator).
     ``peer_horizon_ms``: the tombstone horizon its heartbeat advertised;
-    ``salt``: the session's (SALT_LEN bytes, fresh for every session)."""
+    ``salt``: the session's (SALT_LEN bytes, fresh for every session);
+    ``keys``: the cluster keys for the stream handshake (None: cleartext)."""
     check_name(name)
     result = SyncResult(name)
     session = Session(salt)
     t0 = time.monotonic()
     with anyio.fail_after(SESSION_TIMEOUT):
-        async with await connect(host, port, max_frame) as conn:
+        async with await connect(host, port, max_frame, keys) as conn:
             mine = next((c.horizon for c in store.digests() if c.name == name), 0)
             hello = await store.with_tree(
                 name, partial(session.hello, collection=name,
@@ -151,7 +244,7 @@ async def handle_connection(store: Store, conn: Framed, stats: dict[str, int]) -
     """Answer one session on an accepted connection; errors are logged, not raised."""
     try:
         with anyio.fail_after(SESSION_TIMEOUT):
-            hello = await _receive(conn)
+            hello = await _receive_hello(conn)
             if not isinstance(hello, Hello):
                 raise ProtocolError("expected HELLO")
             name = hello.collection
@@ -175,13 +268,24 @@ async def handle_connection(store: Store, conn: Framed, stats: dict[str, int]) -
 # --- the service wired into the agent ---------------------------------------------
 
 
+def _peer_host(conn: Framed) -> str:
+    """The source address of an accepted connection (the per-host cap's key)."""
+    try:
+        return str(conn.stream.extra(SocketAttribute.remote_address)[0])
+    except (OSError, anyio.TypedAttributeLookupError, IndexError, TypeError):
+        return conn.peer
+
+
 class SyncService:
     """Serves sync sessions and starts them when heartbeats show a difference."""
 
     def __init__(self, store: Store, bind: str, port: int, interval: float,
                  concurrency: int, max_value: int, tombstone_grace: float = 604800.0,
-                 *, rng: random.Random) -> None:
+                 *, rng: random.Random,
+                 keys: Callable[[], StreamKeys | None] | None = None) -> None:
         self.store = store
+        #: the cluster keys now (None: keyless, cleartext streams)
+        self.keys: Callable[[], StreamKeys | None] = keys or self._no_keys
         #: draws the salt of every session started here
         self.rng = rng  # salts: derived from the agent's seed
         self.tombstone_grace = tombstone_grace
@@ -190,19 +294,44 @@ class SyncService:
         self.interval = interval
         self.max_frame = max_value * 2 + FRAME_OVERHEAD
         self.planner = SyncPlanner(concurrency=concurrency, cooldown=2 * interval)
+        #: sessions served at once: room for every peer's sessions to us
+        #: while ours run, a few more; beyond it connections are closed at once
+        self.max_sessions = 2 * concurrency + 4
+        self.serving: dict[str, int] = {}  # source host -> sessions served now
         self.stats: dict[str, int] = {}
+        self.refused = RefusalLog(self.stats)
         self.durations: list[float] = []  # the last 100 sessions started here
         self.seconds_total = 0.0  # all of them, for the metrics summary
 
+    @staticmethod
+    def _no_keys() -> StreamKeys | None:
+        return None
+
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         try:
-            listener = await listen(self.bind, self.port, self.max_frame)
+            listener = await listen(self.bind, self.port, self.max_frame, self.keys,
+                                    self.refused)
         except OSError as e:
             raise StartupError(
                 f"cannot listen for sync on TCP {self.bind}:{self.port} "
                 f"(HS_GOSSIP_SYNC_PORT): {e.strerror or e}") from None
         task_status.started()
-        await listener.serve(partial(handle_connection, self.store, stats=self.stats))
+        await listener.serve(self._serve_one)
+
+    async def _serve_one(self, conn: Framed) -> None:
+        """One incoming connection, within the session caps."""
+        host = _peer_host(conn)
+        if (sum(self.serving.values()) >= self.max_sessions
+                or self.serving.get(host, 0) >= SESSIONS_PER_HOST):
+            self.stats["sync_refused_busy"] = self.stats.get("sync_refused_busy", 0) + 1
+            return  # the listener closes the connection
+        self.serving[host] = self.serving.get(host, 0) + 1
+        try:
+            await handle_connection(self.store, conn, self.stats)
+        finally:
+            self.serving[host] -= 1
+            if not self.serving[host]:
+                del self.serving[host]
 
     async def run(self, peers: Any) -> None:
         """``peers()`` returns [(peer_key, host, sync_port, {collection: state_hash},
@@ -223,7 +352,8 @@ class SyncService:
         ok = False
         try:
             r = await sync_once(self.store, host, port, name, self.max_frame, horizon_ms,
-                                self.tombstone_grace, salt=self.rng.randbytes(SALT_LEN))
+                                self.tombstone_grace, salt=self.rng.randbytes(SALT_LEN),
+                                keys=self.keys())
             ok = True
             self.stats["sync_runs"] = self.stats.get("sync_runs", 0) + 1
             self.stats["sync_bytes_in"] = self.stats.get("sync_bytes_in", 0) + r.bytes_in
@@ -236,6 +366,10 @@ class SyncService:
                 log.info("synced %s with %s:%d: %d items in, %d out, %d rejected, "
                          "%d bytes, %.2fs", name, host, port, r.items_in, r.items_out,
                          r.rejected, r.bytes_in + r.bytes_out, r.seconds)
+        except StreamHandshakeError as e:
+            # counted and logged like a refused incoming connection
+            self.stats["sync_failures"] = self.stats.get("sync_failures", 0) + 1
+            self.refused(e.cause, f"{host}:{port} (outgoing)")
         except SESSION_ERRORS as e:
             self.stats["sync_failures"] = self.stats.get("sync_failures", 0) + 1
             log.warning("sync of %s with %s:%d failed: %s", name, host, port,
