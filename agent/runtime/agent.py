@@ -254,8 +254,11 @@ class Agent:
 
         cfg = self.cfg
         try:
+            # An incarnation above 1 means the identity existed before this
+            # start: a store should have existed too (a missing one is logged).
             self.store = await Store.open(cfg.data_dir, self.ident.node_id.bytes,
-                                          cfg.max_value, cfg.max_skew)
+                                          cfg.max_value, cfg.max_skew,
+                                          ran_before=self.ident.incarnation > 1)
         except (StoreError, OSError, sqlite3.Error) as e:
             raise StartupError(f"cannot open the database in {cfg.data_dir}: {e}") from None
         self.closers.append(self.store.close)

@@ -6,11 +6,13 @@
 * :mod:`~agent.store.tree`: the read-only tree view reconciliation uses.
 * :mod:`~agent.store.writer`: the operations, run on the store thread.
 * :mod:`~agent.store.checkpoint`: the WAL checkpointer thread.
+* :mod:`~agent.store.check`: the start-up check; a damaged file is moved aside.
 * :mod:`~agent.store.store`: the async face: thread, queue, group commit.
 """
 
+from agent.store.check import CheckResult
 from agent.store.schema import DB_FILE, MIGRATIONS
-from agent.store.store import Store
+from agent.store.store import StorageFull, Store, StoreCorrupt
 from agent.store.tree import SqliteTree
 from agent.store.values import (
     CollectionInfo,
@@ -25,10 +27,13 @@ from agent.store.values import (
 __all__ = [
     "DB_FILE",
     "MIGRATIONS",
+    "CheckResult",
     "CollectionInfo",
     "ItemRejected",
     "SqliteTree",
+    "StorageFull",
     "Store",
+    "StoreCorrupt",
     "StoreError",
     "check_key",
     "check_name",

@@ -4,7 +4,8 @@ WAL pages back into the database file.
 Rules: it writes no data (the store thread stays the only writer) and only
 runs PASSIVE checkpoints, which never block the writer. Should it fall behind
 or fail, the writer's own automatic checkpoint (at ``WAL_SAFETY_PAGES``)
-takes over.
+takes over. A failing checkpoint (a full disk) is logged once per episode,
+without a traceback, and retried every ``RETRY`` seconds until it works.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Checkpointer:
     The writer sets :attr:`dirty` after each commit."""
 
     PERIOD = 0.5  # seconds between checkpoints while writes keep coming
+    RETRY = 5.0  # seconds between attempts while checkpoints fail
 
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -38,8 +40,11 @@ class Checkpointer:
                                        daemon=True)
 
     def _run(self) -> None:
+        failing = False
         while True:
-            self.dirty.wait()
+            # While failing, retry on a timer: the WAL should shrink as soon
+            # as space returns, even if no write comes to set ``dirty``.
+            self.dirty.wait(self.RETRY if failing else None)
             if self._stopping.is_set():
                 return
             self.dirty.clear()
@@ -47,8 +52,16 @@ class Checkpointer:
                 self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as e:
                 self.failures += 1
-                if self.failures == 1 or self.failures % 100 == 0:
-                    log.warning("WAL checkpoint failed (%d times): %s", self.failures, e)
+                if not failing:
+                    log.warning("WAL checkpoint failed: %s; retrying every %gs "
+                                "(the WAL keeps every write meanwhile)", e, self.RETRY)
+                failing = True
+            else:
+                if failing:
+                    log.warning("WAL checkpoint works again (after %d failed attempts)",
+                                self.failures)
+                    failing = False
+                    self.failures = 0
             if self._stopping.wait(self.PERIOD):
                 return
 

@@ -8,6 +8,14 @@ Rules:
   undo the others. Waiters are woken once per batch.
 * Operations are the methods below; there is no way to run arbitrary code on
   the store thread except a read-only tree view (:meth:`Store.with_tree`).
+* Reads (get, list, verify without repair, tree views) run on the same thread
+  but outside any write transaction: they need no disk space, so they keep
+  working on a full disk, and they see every commit before them (a client
+  that got an answer to a write reads it back).
+* A full disk refuses writes with :class:`StorageFull` (logged once, not per
+  request); the next batch simply tries again, so writes come back by
+  themselves when space returns. A damaged file found at run time answers
+  :class:`StoreCorrupt` (the start-up check moves such a file aside).
 * Every method is a checkpoint; a cancelled call may still be carried out (it
   was queued) but nothing is left half-done.
 * :meth:`Store.digests` answers from the state of the last commit, without a
@@ -31,6 +39,7 @@ import anyio
 import sniffio
 
 from agent.core.clock import HLC
+from agent.store.check import CheckResult, check_at_start, is_corrupt, is_full
 from agent.store.checkpoint import WAL_SAFETY_PAGES, Checkpointer
 from agent.store.schema import DB_FILE
 from agent.store.tree import SqliteTree
@@ -52,12 +61,27 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _Op:
-    __slots__ = ("error", "event", "fn", "result")
+class StorageFull(StoreError):
+    """The disk holding the database is full: the write was not kept. Reads
+    still work; writes work again once space is freed."""
 
-    def __init__(self, fn: Callable[[Writer], Any], event: anyio.Event | None) -> None:
+    status = 507
+
+
+class StoreCorrupt(StoreError):
+    """SQLite found the database damaged while reading it."""
+
+    status = 503
+
+
+class _Op:
+    __slots__ = ("error", "event", "fn", "read", "result")
+
+    def __init__(self, fn: Callable[[Writer], Any], event: anyio.Event | None,
+                 read: bool = False) -> None:
         self.fn = fn
         self.event = event
+        self.read = read
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -80,9 +104,12 @@ class Store:
     :meth:`open`."""
 
     def __init__(self, data_dir: Path, origin: bytes, max_value: int = 1 << 20,
-                 max_skew: float = 300.0, clock: Callable[[], int] | None = None) -> None:
+                 max_skew: float = 300.0, clock: Callable[[], int] | None = None,
+                 ran_before: bool = False) -> None:
         self.path = data_dir / DB_FILE
         self.hlc = HLC(clock or wall_ms)
+        #: what the start-up check found (a damaged file is moved aside first)
+        self.check: CheckResult = check_at_start(self.path, ran_before)
         self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew)
         self._writer.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
         self._checkpointer = Checkpointer(self.path)
@@ -94,12 +121,18 @@ class Store:
         self.batches = 0
         self.ops = 0
         self.on_change: Callable[[], None] | None = None
+        #: the last write failed for lack of space (cleared by the next commit)
+        self.full = False
+        self.corrupt_reads = 0
 
     @classmethod
     async def open(cls, data_dir: Path, origin: bytes, max_value: int = 1 << 20,
-                   max_skew: float = 300.0, clock: Callable[[], int] | None = None) -> Store:
+                   max_skew: float = 300.0, clock: Callable[[], int] | None = None,
+                   ran_before: bool = False) -> Store:
+        """Check the file (see agent.store.check), then open it. ``ran_before``:
+        the agent has run here before, so a missing database is news."""
         store = await anyio.to_thread.run_sync(
-            lambda: cls(data_dir, origin, max_value, max_skew, clock))
+            lambda: cls(data_dir, origin, max_value, max_skew, clock, ran_before))
         store._wake = _waker()
         store._checkpointer.thread.start()
         store._thread.start()
@@ -108,8 +141,6 @@ class Store:
     # --- thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        w = self._writer
-        conn = w.conn
         while True:
             op = self._queue.get()
             if op is None:
@@ -124,45 +155,116 @@ class Store:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            t0 = time.perf_counter()
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                if len(batch) == 1:
-                    # Alone, an op needs no savepoint (whose statement journal
-                    # costs ~20% on big batches): on error the whole
-                    # transaction is its rollback.
-                    self._run_alone(batch[0])
-                else:
-                    for i, o in enumerate(batch):
-                        conn.execute(f"SAVEPOINT op{i}")
-                        try:
-                            o.result = o.fn(w)
-                        except BaseException as e:  # handed to the waiting caller
-                            o.error = e
-                            conn.execute(f"ROLLBACK TO op{i}")
-                            # The node mirror may hold changes of the undone op.
-                            w.reload()
-                        conn.execute(f"RELEASE op{i}")
-                w.save_clock()
-                conn.execute("COMMIT")
-            except sqlite3.Error as e:
-                # Disk full, I/O error: nothing of this batch was kept.
-                log.error("store write failed, batch rolled back: %s", e)
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                w.reload()
+                self._run_batch(batch)
+            except BaseException as e:  # the thread must live on: callers wait on it
+                log.error("store thread: batch failed: %s", e)
                 for o in batch:
-                    if o.error is None:
-                        o.error = StoreError(f"database write failed: {e}")
-            self.write_seconds += time.perf_counter() - t0
-            self._checkpointer.dirty.set()
-            self.batches += 1
-            self.ops += len(batch)
-            self._digests = w.infos()
+                    if o.error is None and o.result is None:
+                        o.error = StoreError(f"database operation failed: {e}")
             self._notify(batch)
+        self._close_db()
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        # Reads first, each outside any transaction: nothing else writes this
+        # file, so they see a consistent state, and they cost no disk space.
+        for o in batch:
+            if o.read:
+                self._run_read(o)
+        writes = [o for o in batch if not o.read]
+        if writes:
+            self._run_writes(writes)
+        self.batches += 1
+        self.ops += len(batch)
+
+    def _run_read(self, o: _Op) -> None:
+        try:
+            o.result = o.fn(self._writer)
+        except sqlite3.Error as e:
+            o.error = self._translate(e)
+        except BaseException as e:  # handed to the waiting caller
+            o.error = e
+
+    def _run_writes(self, batch: list[_Op]) -> None:
+        w = self._writer
+        conn = w.conn
+        t0 = time.perf_counter()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if len(batch) == 1:
+                # Alone, an op needs no savepoint (whose statement journal
+                # costs ~20% on big batches): on error the whole
+                # transaction is its rollback.
+                self._run_alone(batch[0])
+            else:
+                for i, o in enumerate(batch):
+                    conn.execute(f"SAVEPOINT op{i}")
+                    try:
+                        o.result = o.fn(w)
+                    except BaseException as e:  # handed to the waiting caller
+                        o.error = e
+                        conn.execute(f"ROLLBACK TO op{i}")
+                        # The node mirror may hold changes of the undone op.
+                        w.reload()
+                    conn.execute(f"RELEASE op{i}")
+            w.save_clock()
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            # Disk full, I/O error: nothing of this batch was kept.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            err = self._translate(e)
+            if not isinstance(err, StorageFull):
+                log.error("store write failed, batch rolled back: %s", e)
+            for o in batch:
+                o.result = None
+                if o.error is None or isinstance(o.error, sqlite3.Error):
+                    o.error = err
+            w.reload()
+        else:
+            if self.full:
+                self.full = False
+                log.warning("storage has space again: writes are accepted")
+        for o in batch:
+            if isinstance(o.error, sqlite3.Error):
+                o.error = self._translate(o.error)
+        self.write_seconds += time.perf_counter() - t0
+        self._checkpointer.dirty.set()
+        self._digests = w.infos()
+
+    def _translate(self, e: sqlite3.Error) -> StoreError:
+        """The caller's error for an SQLite failure; logged here, once per episode."""
+        if is_full(e):
+            if not self.full:
+                self.full = True
+                log.error("storage full: writes to %s are refused until space is freed "
+                          "(reads, gossip and the API go on): %s", self.path, e)
+            return StorageFull(f"storage full: no space left for {self.path}; writes are "
+                               "refused until space is freed (reads still work)")
+        if is_corrupt(e):
+            self.corrupt_reads += 1
+            if self.corrupt_reads == 1 or self.corrupt_reads % 1000 == 0:
+                log.error("the database %s is damaged (%s, %d time(s)); restart the agent: "
+                          "the start-up check moves the file aside and re-syncs from peers",
+                          self.path, e, self.corrupt_reads)
+            return StoreCorrupt(f"the database is damaged ({e}); restart the agent to "
+                                "move it aside and re-sync from peers")
+        return StoreError(f"database operation failed: {e}")
+
+    def _close_db(self) -> None:
+        """Checkpoint the WAL into the file and close; on a full disk the WAL
+        stays and is replayed at the next start (nothing is lost)."""
         self._checkpointer.stop()
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.close()
+        conn = self._writer.conn
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            log.warning("WAL checkpoint at close failed (%s); the WAL is kept and "
+                        "replayed at the next start", e)
+        try:
+            conn.close()
+        except sqlite3.Error as e:
+            log.warning("closing the database failed: %s", e)
 
     def _run_alone(self, o: _Op) -> None:
         try:
@@ -188,9 +290,10 @@ class Store:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             self._wake(wake)
 
-    async def _call(self, fn: Callable[[Writer], T]) -> T:
-        """Run ``fn`` on the store thread inside a (grouped) transaction."""
-        op = _Op(fn, anyio.Event())
+    async def _call(self, fn: Callable[[Writer], T], read: bool = False) -> T:
+        """Run ``fn`` on the store thread inside a (grouped) transaction, or
+        with ``read`` outside any transaction (it must not write)."""
+        op = _Op(fn, anyio.Event(), read)
         self._queue.put(op)
         assert op.event is not None
         with anyio.CancelScope(shield=True):
@@ -216,11 +319,12 @@ class Store:
         return None if change is None else change.new
 
     async def get(self, name: str, key: str) -> Item | None:
-        return await self._call(lambda w: w.get(name, key))
+        return await self._call(lambda w: w.get(name, key), read=True)
 
     async def list_items(self, name: str, prefix: str = "", after: str = "",
                          limit: int = 100) -> list[Item]:
-        return await self._call(lambda w: w.list_items(name, prefix, after, limit))
+        return await self._call(lambda w: w.list_items(name, prefix, after, limit),
+                                read=True)
 
     # --- replication ------------------------------------------------------------
 
@@ -240,13 +344,13 @@ class Store:
         return len(await self._call(lambda w: w.drop_stale(name, items)))
 
     async def verify(self, name: str, repair: bool = False) -> dict[str, Any]:
-        report, _ = await self._call(lambda w: w.verify(name, repair))
+        report, _ = await self._call(lambda w: w.verify(name, repair), read=not repair)
         return report
 
     async def with_tree(self, name: str, fn: Callable[[SqliteTree], T]) -> T:
         """Run ``fn`` with a read-only view of the collection's tree, on the
         store thread (the reconciliation session reads the tree)."""
-        return await self._call(lambda w: fn(w.tree(name)))
+        return await self._call(lambda w: fn(w.tree(name)), read=True)
 
     async def item_batches(self, name: str,
                            requests: list[SendRequest]) -> AsyncIterator[list[Item]]:
@@ -254,7 +358,7 @@ class Store:
         per store call: a large transfer never sits in memory whole, and local
         writes interleave with it."""
         gen = await self.with_tree(name, partial(item_batches, requests=requests))
-        while (batch := await self._call(lambda _w: next(gen, None))) is not None:
+        while (batch := await self._call(lambda _w: next(gen, None), read=True)) is not None:
             yield batch
 
     def digests(self) -> list[CollectionInfo]:

@@ -1,0 +1,198 @@
+"""Storage faults on real agents: a full disk (a small tmpfs as the data
+directory) and a damaged or missing database file at start.
+
+A full disk must refuse writes with 507 while reads, gossip and the API go
+on, recover by itself when space returns, shut down cleanly and restart. A
+damaged file is moved aside with its path logged, a missing one is logged,
+and the agent re-syncs what it held from a peer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.store import DB_FILE
+from tests.agents import AgentProc, Swarm, wait_for
+
+FILLER_CHUNK = b"\0" * (64 << 10)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: a disk that can be filled and freed in a moment."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a tmpfs mount, which needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def add_on(swarm: Swarm, data_dir: Path, seeds: list[AgentProc] | None = None) -> AgentProc:
+    """An agent of the swarm whose data directory is ``data_dir`` (its log
+    stays outside, so a full disk does not swallow it)."""
+    env = dict(swarm.env)
+    if seeds:
+        env["HS_GOSSIP_PEERS"] = ",".join(s.gossip_addr for s in seeds)
+    i = len(swarm.agents)
+    a = AgentProc(f"agent{i}", swarm.host(i), swarm.port, data_dir, env)
+    a.log_path = swarm.tmp / f"agent{i}.log"
+    swarm.agents.append(a)
+    return a.start()
+
+
+def fill(mnt: Path) -> Path:
+    """Write a filler file until the file system is full."""
+    filler = mnt / "filler"
+    with open(filler, "ab") as f:
+        try:
+            while True:
+                f.write(FILLER_CHUNK)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def put_until_full(a: AgentProc, tries: int = 200) -> tuple[int, object]:
+    """PUT growing values until the agent answers something else than 200 (the
+    WAL may reuse space it already holds for the first few)."""
+    big = "x" * 50_000
+    for i in range(tries):
+        status, body = a.request("PUT", f"/api/collections/c/items/fill-{i}", {"value": big})
+        if status != 200:
+            return status, body
+    raise AssertionError("writes never failed on a full disk")
+
+
+def full_log(a: AgentProc) -> str:
+    return a.log_path.read_text(errors="replace")
+
+
+def test_full_disk_refuses_writes_with_507_reads_and_gossip_go_on_then_recovers(
+        swarm: Swarm, tmpfs: Path) -> None:
+    b = swarm.add()
+    a = add_on(swarm, tmpfs / "data", seeds=[b])
+    assert a.request("PUT", "/api/collections/c/items/kept", {"value": {"n": 1}})[0] == 200
+    wait_for(lambda: a.node_id in b.peers() and b.peers()[a.node_id]["healthy"], what="join")
+    filler = fill(tmpfs)
+
+    status, body = put_until_full(a)
+    # Reads, the API and gossip go on.
+    assert a.get("/api/collections/c/items/kept")["value"] == {"n": 1}
+    assert any(i["key"] == "kept" for i in a.get("/api/collections/c/items")["items"])
+    assert a.request("POST", "/api/collections/c/verify")[0] == 200
+    assert any(c["name"] == "c" for c in a.get("/api/collections"))
+    b.request("PUT", "/api/collections/d/items/from-b", {"value": 2})
+    wait_for(lambda: b.node_id in a.peers() and a.peers()[b.node_id]["healthy"],
+             what="gossip while full")
+    # Writes are refused as such.
+    assert status == 507, (status, body)
+    assert "storage full" in body["error"]
+    batch = a.request("POST", "/api/collections/c/items", {"items": {"k1": 1, "k2": 2}})
+    assert batch[0] == 507, batch
+
+    # Space returns: writes work again without a restart.
+    filler.unlink()
+    wait_for(lambda: a.request("PUT", "/api/collections/c/items/after",
+                               {"value": 3})[0] == 200, what="writes after space returned")
+    assert a.get("/api/collections/c/items/after")["value"] == 3
+    # The item B wrote meanwhile arrives by sync.
+    wait_for(lambda: a.request("GET", "/api/collections/d/items/from-b")[0] == 200,
+             timeout=30, what="sync after space returned")
+    log = full_log(a)
+    assert "storage full" in log and "storage has space again" in log
+    assert log.count("storage full: writes to") == 1  # once per episode, not per request
+    assert "Traceback" not in log
+
+
+def test_sigterm_on_a_full_disk_is_a_clean_shutdown(swarm: Swarm, tmpfs: Path) -> None:
+    a = add_on(swarm, tmpfs / "data")
+    assert a.request("PUT", "/api/collections/c/items/kept", {"value": 1})[0] == 200
+    fill(tmpfs)
+    put_until_full(a)
+    assert a.terminate() == 0
+    log = full_log(a)
+    assert "agent stopped" in log and "Traceback" not in log
+
+
+def test_restart_on_a_full_disk_starts_serves_reads_and_recovers(
+        swarm: Swarm, tmpfs: Path) -> None:
+    a = add_on(swarm, tmpfs / "data")
+    assert a.request("PUT", "/api/collections/c/items/kept", {"value": 1})[0] == 200
+    a.kill()  # the WAL and its index stay, as after a power cut
+    filler = fill(tmpfs)
+
+    a.start()  # identity and store open on the full disk
+    assert a.get("/api/collections/c/items/kept")["value"] == 1
+    assert put_until_full(a)[0] == 507
+    filler.unlink()
+    wait_for(lambda: a.request("PUT", "/api/collections/c/items/new",
+                               {"value": 2})[0] == 200, what="writes after space returned")
+    assert a.terminate() == 0
+    assert "Traceback" not in full_log(a)
+
+
+def _truncate(db: Path) -> None:
+    db.write_bytes(b"")
+
+
+def _garbage_in_the_middle(db: Path) -> None:
+    size = db.stat().st_size
+    assert size >= 64 << 10, size  # enough pages for a middle one
+    with open(db, "r+b") as f:
+        f.seek((size // 2) & ~4095)
+        f.write(bytes((i * 151 + 7) % 256 for i in range(4096)))
+
+
+def _delete(db: Path) -> None:
+    db.unlink()
+    for side in ("-wal", "-shm"):
+        db.with_name(db.name + side).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("damage,moved", [
+    (_truncate, True), (_garbage_in_the_middle, True), (_delete, False),
+], ids=["truncated-to-0", "garbage-in-the-middle", "deleted"])
+def test_damaged_or_missing_database_is_moved_aside_logged_and_resynced(
+        swarm: Swarm, damage: object, moved: bool) -> None:
+    b = swarm.add()
+    a = swarm.add(seeds=[b])
+    items = {f"k{i:05d}": {"n": i, "pad": "p" * 40} for i in range(2000)}
+    assert b.request("POST", "/api/collections/c/items", {"items": items})[0] == 200
+    assert b.request("PUT", "/api/collections/c/items/probe", {"value": "from-b"})[0] == 200
+    wait_for(lambda: a.request("GET", "/api/collections/c/items/probe")[0] == 200,
+             timeout=30, what="first sync")
+    assert a.terminate() == 0
+    db = a.data_dir / DB_FILE
+    assert callable(damage)
+    damage(db)
+
+    a.start()
+    log = a.log()
+    if moved:
+        aside = sorted(a.data_dir.glob(f"{DB_FILE}.corrupt-*"))
+        aside = [p for p in aside if not p.name.endswith(("-wal", "-shm"))]
+        assert len(aside) == 1, list(a.data_dir.iterdir())
+        assert f"moved it to {aside[0]}" in log and "is damaged" in log
+        assert "ERROR" in next(line for line in log.splitlines() if "is damaged" in line)
+    else:
+        assert f"the database {db} was missing; starting empty, will re-sync" in log
+    # It starts empty and gets everything back from its peer.
+    wait_for(lambda: a.request("GET", "/api/collections/c/items/probe")[0] == 200,
+             timeout=30, what="re-sync from the peer")
+    assert a.get("/api/collections/c/items/probe")["value"] == "from-b"
+    wait_for(lambda: {c["name"]: c["vector_count"] for c in a.get("/api/collections")}
+             .get("c") == 2001, timeout=30, what="every item re-synced")
+    assert "Traceback" not in a.log()
