@@ -13,15 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import __version__
 from agent.config import FIELDS, PREFIX, Config, ConfigError, check_data_dir, load
 from agent.face import cli_data, cli_ops
-from agent.face.cli_common import ApiError, Command, add_api_argument, api_get, fail
+from agent.face.cli_common import (
+    ApiError,
+    Command,
+    UsageError,
+    add_api_argument,
+    api_get,
+    fail,
+)
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -121,10 +129,14 @@ def _age(now: float, ts: float) -> str:
 
 
 def format_peers(body: dict[str, Any], now: float) -> str:
-    rows = [("NODE", "NAME", "API", "ROLE", "HEALTHY", "CLOCK", "COLLECTIONS", "LAST SEEN")]
+    """The peers table. The address column is the peer's gossip address (UDP
+    host:port), the one thing known to answer: its HTTP API usually listens on
+    the peer's own loopback only."""
+    rows = [("NODE", "NAME", "GOSSIP ADDR", "ROLE", "HEALTHY", "CLOCK", "COLLECTIONS",
+             "LAST SEEN")]
     for p in body["peers"]:
         rows.append((
-            p["node_id"][:8], p.get("name") or "-", p["addr"], p["role"],
+            p["node_id"][:8], p.get("name") or "-", p["gossip_addr"], p["role"],
             "yes" if p["healthy"] else "NO", str(p["logical_clock"]),
             str(len(p["collections"])), _age(now, p["last_seen_secs"]),
         ))
@@ -176,11 +188,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.n, args.interval, args.duration)
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return v
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, default=5, help="number of agents (default 5)")
-    p.add_argument("--interval", type=float, default=0.5,
+    p.add_argument("--interval", type=_seconds, default=0.5,
                    help="heartbeat interval of the demo agents (default 0.5 s)")
-    p.add_argument("--duration", type=float, default=None,
+    p.add_argument("--duration", type=_seconds, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")
 
 
@@ -198,8 +221,18 @@ COMMANDS: tuple[Command, ...] = (
 ALL_COMMANDS: tuple[Command, ...] = (*COMMANDS, *cli_data.COMMANDS, *cli_ops.COMMANDS)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``hs-gossip: <prog>: <message>``, exit 2
+    (argparse's default prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]  # "" for the top-level parser
+        where = f"{command}: " if command else ""
+        self.exit(2, f"hs-gossip: {where}{message} (see {self.prog} --help)\n")
+
+
 def build_parser(commands: tuple[Command, ...] = ALL_COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hs-gossip", description="Gossip swarm agent for edge devices.")
     parser.add_argument("--version", action="version", version=f"hs-gossip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -219,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args))
+    except UsageError as e:
+        return fail(str(e), 2)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

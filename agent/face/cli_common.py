@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import ConfigError, load
+from agent.config import ConfigError, load, parse_host_port
 
 #: runs a parsed command line, returns the exit code
 Handler = Callable[[argparse.Namespace], int]
@@ -36,8 +37,33 @@ def fail(msg: str, code: int = 1) -> int:
     return code
 
 
+class UsageError(Exception):
+    """A command line our own checks refuse: one line on stderr, exit 2
+    (agent.face.cli.main prints it)."""
+
+
+def api_address(text: str) -> str:
+    """``--api``: ``host:port``, ``[v6]:port`` or an ``http(s)://host:port`` URL.
+    An argparse type: a bad address is a usage error."""
+    if text.startswith(("http://", "https://")):
+        url = urllib.parse.urlsplit(text)
+        try:
+            port = url.port
+        except ValueError:
+            port = -1
+        if not url.hostname or port == -1 or url.query or url.fragment:
+            raise argparse.ArgumentTypeError(f"{text!r} is not http://HOST:PORT")
+        return text.rstrip("/")
+    try:
+        hp = parse_host_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (such as 127.0.0.1:50050)") from None
+    return str(hp)
+
+
 def add_api_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api", metavar="HOST:PORT",
+    p.add_argument("--api", metavar="HOST:PORT", type=api_address,
                    help="agent API address (default: $HS_GOSSIP_API or 127.0.0.1:50050)")
 
 
@@ -48,7 +74,7 @@ def api_base(args: argparse.Namespace) -> str:
         try:
             cfg, _ = load()
         except ConfigError as e:
-            raise SystemExit(fail(str(e), 2)) from None
+            raise UsageError(str(e)) from None
         text = str(cfg.api)
     if text.startswith("http://") or text.startswith("https://"):
         return text.rstrip("/")
@@ -68,7 +94,8 @@ def api_request(args: argparse.Namespace, method: str, path: str,
                 body: Any = None) -> tuple[int, Any]:
     """Call the local API; returns (status, decoded JSON). ApiError when the
     agent cannot be reached."""
-    import urllib.error  # not imported by the agent process itself
+    import http.client  # not imported by the agent process itself
+    import urllib.error
     import urllib.request
 
     url = api_base(args) + path
@@ -83,7 +110,7 @@ def api_request(args: argparse.Namespace, method: str, path: str,
             return e.code, json.loads(e.read() or b"null")
         except ValueError:
             return e.code, {"error": e.reason}
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise ApiError(f"cannot reach the agent at {url}: {reason} (is it running?)") from None
 

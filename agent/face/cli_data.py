@@ -6,13 +6,28 @@ import argparse
 import json
 import urllib.parse
 
-from agent.face.cli_common import ApiError, Command, add_api_argument, api_request, fail
+from agent.face.cli_common import (
+    ApiError,
+    Command,
+    UsageError,
+    add_api_argument,
+    api_request,
+    fail,
+)
+from agent.face.json_input import InputError, parse_body
+
+
+def _quote(what: str, text: str) -> str:
+    try:
+        return urllib.parse.quote(text, safe="")
+    except UnicodeEncodeError:  # bytes of the command line that are not UTF-8
+        raise UsageError(f"{what} {text!r} is not valid UTF-8") from None
 
 
 def _path(name: str, key: str | None = None) -> str:
-    p = "/api/collections/" + urllib.parse.quote(name, safe="")
+    p = "/api/collections/" + _quote("collection", name)
     if key is not None:
-        p += "/items/" + urllib.parse.quote(key, safe="")
+        p += "/items/" + _quote("key", key)
     return p
 
 
@@ -30,9 +45,11 @@ def _call(args: argparse.Namespace, method: str, path: str, body: object = None)
 
 def cmd_put(args: argparse.Namespace) -> int:
     try:
-        value = json.loads(args.value)
-    except ValueError:
-        return fail(f"value is not JSON: {args.value!r} (quote strings: '\"text\"')", 2)
+        # the agent's own rules (no NaN, 64-bit integers, ...), checked before sending
+        value = parse_body(args.value.encode("utf-8", "surrogateescape"))
+    except InputError as e:
+        return fail(f"value is not JSON the agent accepts: {args.value!r}: {e} "
+                    "(quote strings: '\"text\"')", 2)
     return _call(args, "PUT", _path(args.collection, args.key), {"value": value})
 
 
