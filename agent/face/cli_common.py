@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.parse
 from collections.abc import Callable
@@ -93,15 +94,19 @@ class ApiError(Exception):
 def api_request(args: argparse.Namespace, method: str, path: str,
                 body: Any = None) -> tuple[int, Any]:
     """Call the local API; returns (status, decoded JSON). ApiError when the
-    agent cannot be reached."""
+    agent cannot be reached. Sends ``HS_GOSSIP_API_TOKEN`` from the
+    environment as a bearer token when it is set."""
     import http.client  # not imported by the agent process itself
     import urllib.error
     import urllib.request
 
     url = api_base(args) + path
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get("HS_GOSSIP_API_TOKEN", "").strip()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read() or b"null")

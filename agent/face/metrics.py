@@ -85,6 +85,11 @@ def collect(v: AgentView) -> Iterator[Metric]:
         items.add_metric(["in"], s.items_in)
         items.add_metric(["out"], s.items_out)
         yield items
+        hs = CounterMetricFamily("hs_gossip_sync_handshake_failures",
+                                 "Sync stream handshakes refused, by cause", labels=["cause"])
+        for cause, n in s.handshake_failed:
+            hs.add_metric([cause], n)
+        yield hs
         yield SummaryMetricFamily("hs_gossip_sync_duration_seconds",
                                   "Duration of the sync sessions started here",
                                   count_value=s.runs, sum_value=s.seconds_total)

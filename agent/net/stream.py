@@ -32,18 +32,22 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ByteStream, Listener, SocketAttribute, SocketStream
 
-from agent.net import handshake
-from agent.net.handshake import FrameAuthError, HandshakeError, StreamKeys
+if TYPE_CHECKING:  # imported when a key is configured: keyless agents skip cryptography
+    from agent.net.handshake import Session, StreamKeys
 
 IO_TIMEOUT = 15.0
 #: seconds a peer has for the whole handshake
 HANDSHAKE_TIMEOUT = 5.0
 #: connections a listener keeps in their handshake at once; more are closed
 MAX_UNAUTHENTICATED = 16
+
+#: bytes a sealed frame adds (agent.net.handshake.TAG_LEN)
+TAG_LEN = 16
 
 #: ``refused(cause, peer)``: told of every connection refused before its session
 Refused = Callable[[str, str], None]
@@ -66,11 +70,11 @@ class Framed:
     """Length-prefixed frames over one byte stream; closes it on exit."""
 
     def __init__(self, stream: ByteStream, max_frame: int, peer: str = "?",
-                 session: handshake.Session | None = None) -> None:
+                 session: Session | None = None) -> None:
         self.stream = stream
         self.session = session
         # the limit applies to the body; a sealed frame carries a tag on top
-        self.max_frame = max_frame + (handshake.TAG_LEN if session else 0)
+        self.max_frame = max_frame + (TAG_LEN if session else 0)
         self.peer = peer
         self.buf = bytearray()
         self.bytes_in = 0
@@ -91,6 +95,8 @@ class Framed:
         SyncError if it fails authentication."""
         if self.session is None:
             return data
+        from agent.net.handshake import FrameAuthError
+
         try:
             return self.session.recv.open(data)
         except FrameAuthError as e:
@@ -149,8 +155,11 @@ async def _read_exactly(stream: ByteStream, n: int) -> bytes:
 
 
 async def _handshake(stream: ByteStream, keys: StreamKeys,
-                     initiator: bool) -> handshake.Session:
+                     initiator: bool) -> Session:
     """Run the handshake; StreamHandshakeError (with its cause) on any failure."""
+    from agent.net import handshake
+    from agent.net.handshake import HandshakeError
+
     try:
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
             if initiator:

@@ -23,8 +23,8 @@
 * With cluster keys, both ends of every connection run the stream handshake
   (:mod:`agent.net.handshake`) before any frame. Its key material comes from
   the ``keys`` function (asked per connection, so a reloaded keyring
-  applies to the next one); :func:`fixed_keys` gives one for the keys of
-  the settings; none given: keyless. Refused
+  applies to the next one: the agent passes its seal's keyring); none
+  given: keyless. Refused
   handshakes are counted by cause (``handshake_failed_<cause>``) and logged
   at most once per cause per :data:`REFUSAL_LOG_INTERVAL`.
 """
@@ -37,16 +37,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import SocketAttribute
 
 from agent.core.clock import COUNTER_BITS
 from agent.core.sync_plan import SyncPlanner
-from agent.net import keyring
-from agent.net.handshake import StreamKeys
 from agent.net.stream import (
     IO_TIMEOUT,
     Framed,
@@ -61,6 +58,9 @@ from merkle import frames
 from merkle.frames import SALT_LEN, Done, Frame, Hello, Items, ProtocolError
 from merkle.reconcile import Session
 from merkle.tree import Item
+
+if TYPE_CHECKING:
+    from agent.net.handshake import StreamKeys
 
 log = logging.getLogger("hs_gossip.sync")
 
@@ -92,18 +92,6 @@ class SyncResult:
     dropped: int = 0  # our items older than the peer's horizon, removed here
     messages: int = 0
     seconds: float = 0.0
-
-
-def fixed_keys(key: tuple[bytes, ...], keyfile: Path | None,
-               cluster: str) -> Callable[[], StreamKeys | None]:
-    """A ``keys`` function for the settings' keys as read at start
-    (HS_GOSSIP_KEY or HS_GOSSIP_KEYFILE, HS_GOSSIP_CLUSTER). StartupError if
-    they are unusable."""
-    try:
-        keys = StreamKeys.from_keyring(keyring.from_settings(key, keyfile), cluster)
-    except keyring.KeyringError as e:
-        raise StartupError(str(e)) from None
-    return lambda: keys
 
 
 class RefusalLog:
