@@ -269,3 +269,23 @@ def test_stored_values_json_cannot_carry_are_served_flagged(agent: AgentProc) ->
     assert by_key["ok"]["value"] == {"fine": 1} and "value_error" not in by_key["ok"]
     assert by_key["bytes"]["value"] is None and by_key["bytes"]["value_error"]
     assert by_key["nan"]["value_error"]
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx`")
+def test_500_carries_no_details_to_the_client(caplog: pytest.LogCaptureFixture) -> None:
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from agent.face.api import build_app
+
+    async def broken(request: Any) -> Any:
+        raise RuntimeError("secret detail /var/lib/x")
+
+    app = build_app(lambda: None, [Route("/broken", broken)])  # type: ignore[arg-type, return-value]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/broken")
+        assert r.status_code == 500 and r.json() == {"error": "internal error"}
+        assert "secret" not in r.text and "Traceback" not in r.text
+        r = client.post("/broken", content=b"x" * 100, headers={"Content-Length": "99999999"})
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert any("secret detail" in str(rec.exc_info) for rec in caplog.records if rec.exc_info)
