@@ -20,6 +20,8 @@ configuration table and ``systemd/hs-gossip.env`` follow it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import socket
@@ -82,6 +84,12 @@ class Config:
     snapshot_max_age: float = 24 * 3600.0
     #: None: a fresh random seed every start (agent.runtime.rng)
     seed: int | None = None
+    #: cluster keys (32 bytes each, first primary) from HS_GOSSIP_KEY; never shown
+    key: tuple[bytes, ...] = field(default=(), repr=False)
+    #: file of cluster keys, one per line, first primary (agent.net.keyring)
+    keyfile: Path | None = None
+    #: swarm name bound into every sealed datagram
+    cluster: str = "default"
 
     @property
     def suspect_after(self) -> float:
@@ -268,6 +276,35 @@ def _url(text: str) -> str | None:
     return t
 
 
+def _keys(text: str) -> tuple[bytes, ...]:
+    """Comma-separated keys, each base64 of 32 bytes (the rule of key files,
+    agent.net.keyring); the first is primary."""
+    out: list[bytes] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            raw = base64.b64decode(part.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("base64 of 32 random bytes (hs-gossip keygen); "
+                             "several comma-separated, the first primary")
+        out.append(raw)
+    return tuple(out)
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text.strip()).expanduser() if text.strip() else None
+
+
+def _cluster(text: str) -> str:
+    t = text.strip()
+    if not 1 <= len(t.encode()) <= 64 or not t.isprintable():
+        raise ValueError("a name of 1-64 printable characters")
+    return t
+
+
 def _multicast_group(text: str) -> str:
     try:
         addr = ipaddress.ip_address(text.strip())
@@ -337,6 +374,18 @@ FIELDS: dict[str, FieldSpec] = {
                   "debugging aid: one integer that every random choice (peer picks, "
                   "tick jitter) derives from, for reproducible runs; never in "
                   "production, agents sharing a seed pick the same peers"),
+        FieldSpec("key", _keys, "(unset)",
+                  "cluster key, base64 of 32 random bytes (hs-gossip keygen): every "
+                  "datagram and stream is encrypted and authenticated with it (several "
+                  "comma-separated: the first seals, all open); unset and no KEYFILE: "
+                  "no encryption, and keyed agents ignore this one"),
+        FieldSpec("keyfile", _optional_path, "(unset)",
+                  "file of cluster keys, one base64 key per line (# comments allowed); "
+                  "the first seals, all open; re-read on SIGHUP and POST "
+                  "/api/keyring/reload, for rotation without downtime"),
+        FieldSpec("cluster", _cluster, "default",
+                  "swarm name bound into every sealed datagram: swarms with one key "
+                  "but different names never mix"),
     )
 }
 
@@ -345,6 +394,9 @@ FIELDS: dict[str, FieldSpec] = {
 #: agent.runtime.faults.from_environ for the ``run`` command: the gossip tick
 #: loop hangs that long after start, to prove the systemd watchdog notices.
 EXTRA_VARS = {"ENV_FILE", "FAULT_STALL_TICK_AFTER"}
+
+#: Variables whose values never appear in error messages.
+SECRET_VARS = {"KEY"}
 
 #: Settings a running agent applies again on SIGHUP; the rest need a restart.
 RELOADABLE = ("LOG_LEVEL", "LOG_FORMAT")
@@ -423,7 +475,8 @@ def load(
         try:
             values[spec.attr] = spec.parse(raw)
         except ValueError as e:
-            raise ConfigError(var, raw, str(e)) from None
+            shown = "(hidden)" if suffix in SECRET_VARS else raw
+            raise ConfigError(var, shown, str(e)) from None
     if "data_dir" not in values:
         values["data_dir"] = default_data_dir(env)
     cfg = Config(**values)

@@ -38,6 +38,9 @@ Theory of operation (heartbeat counters, as in Scuttlebutt and Cassandra):
 * Join: heartbeats to seeds set ``want_state``; the seed answers with its own
   heartbeat and the full peer list in STATE datagrams (push-pull), at most
   once per interval per source address.
+* Binding: with a cluster key, :meth:`Membership.receive` is told which node
+  the datagram authenticated as; a heartbeat, LEAVE or STATE whose own sender
+  is another node is refused, so a key holder cannot speak as someone else.
 """
 
 from __future__ import annotations
@@ -275,8 +278,13 @@ class Membership:
         for m in self.members.values():
             self._queue(data, m.addr)
 
-    def receive(self, data: bytes, src: Addr, now: float) -> None:
-        """Handle one datagram. Never raises on bad input: it is counted."""
+    def receive(self, data: bytes, src: Addr, now: float, sender: bytes | None = None) -> None:
+        """Handle one datagram. Never raises on bad input: it is counted.
+
+        ``sender`` is the node_id that authenticated the datagram (None when
+        datagrams are not authenticated): a message whose own entry names
+        another node is refused (``drop_sender_mismatch``). Entries about
+        other members inside a heartbeat or STATE remain gossip."""
         self.now = now
         self.stats["bytes_in"] += len(data)
         if not self._admit(src[0], now):
@@ -286,6 +294,10 @@ class Membership:
             msg = wire.decode(data)
         except wire.DecodeError as e:
             self.stats["drop_" + e.reason] += 1
+            return
+        if sender is not None and sender != (
+                msg.sender_id if isinstance(msg, wire.State) else msg.sender.node_id):
+            self.stats["drop_sender_mismatch"] += 1
             return
         if isinstance(msg, wire.Heartbeat):
             self.stats["heartbeats_in"] += 1

@@ -27,7 +27,7 @@ import msgpack
 
 VERSION = 1
 MAX_DATAGRAM = 1400
-AEAD_RESERVE = 40
+AEAD_RESERVE = 49  # agent.net.seal.OVERHEAD: 33-byte header + 16-byte tag
 PAYLOAD_BUDGET = MAX_DATAGRAM - AEAD_RESERVE
 
 JS_SAFE = 2**53 - 1
