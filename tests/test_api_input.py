@@ -289,3 +289,16 @@ def test_500_carries_no_details_to_the_client(caplog: pytest.LogCaptureFixture) 
         r = client.post("/broken", content=b"x" * 100, headers={"Content-Length": "99999999"})
         assert r.status_code == 413 and "limit" in r.json()["error"]
     assert any("secret detail" in str(rec.exc_info) for rec in caplog.records if rec.exc_info)
+
+
+def test_cli_get_of_a_flagged_value_says_why(agent: AgentProc) -> None:
+    from tests.agents import run_cli
+
+    api = f"127.0.0.1:{agent.api_port}"
+    r = run_cli("get", "legacy", "nan", "--api", api)
+    assert r.returncode == 1 and "not representable as JSON" in r.stderr, r
+    assert len(r.stderr.splitlines()) == 1
+    r = run_cli("get", "legacy", "nan", "--full", "--api", api)
+    assert r.returncode == 0 and json.loads(r.stdout)["value_msgpack_b64"]
+    r = run_cli("get", "legacy", "ok", "--api", api)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"fine": 1}

@@ -70,6 +70,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         return fail(doc.get("error", "not found") if isinstance(doc, dict) else "not found")
     if status >= 400:
         return fail(str(doc.get("error") if isinstance(doc, dict) else doc), 2)
+    if not args.full and "value_error" in doc:  # stored, but JSON cannot carry it
+        return fail(f"{doc['value_error']} (--full shows its stored bytes)")
     print(json.dumps(doc if args.full else doc["value"]))
     return 0
 
