@@ -14,9 +14,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
-from agent.store import DB_FILE
+from agent.store import DB_FILE, Store, StoreCorrupt, StoreError
 from tests.agents import AgentProc, Swarm, wait_for
 
 FILLER_CHUNK = b"\0" * (64 << 10)
@@ -102,6 +103,7 @@ def test_full_disk_refuses_writes_with_507_reads_and_gossip_go_on_then_recovers(
     assert "storage full" in body["error"]
     batch = a.request("POST", "/api/collections/c/items", {"items": {"k1": 1, "k2": 2}})
     assert batch[0] == 507, batch
+    assert a.request("DELETE", "/api/collections/c/items/kept")[0] == 507
 
     # Space returns: writes work again without a restart.
     filler.unlink()
@@ -196,3 +198,54 @@ def test_damaged_or_missing_database_is_moved_aside_logged_and_resynced(
     wait_for(lambda: {c["name"]: c["vector_count"] for c in a.get("/api/collections")}
              .get("c") == 2001, timeout=30, what="every item re-synced")
     assert "Traceback" not in a.log()
+
+
+def test_damage_the_start_up_check_missed_is_a_503_error_not_a_crash(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Pages damaged after the check (or in a way it cannot see): reads fail
+    with StoreCorrupt (503, advice to restart, logged without a traceback)
+    and the store thread lives on."""
+    async def fill_store() -> None:
+        s = await Store.open(tmp_path, b"a" * 16)
+        await s.put_many("c", {f"k{i:05d}": {"n": i, "pad": "p" * 40} for i in range(3000)})
+        await s.close()
+
+    anyio.run(fill_store, backend="trio")
+    db = tmp_path / DB_FILE
+    size = db.stat().st_size
+
+    def damage() -> None:  # every other page of the second half
+        with open(db, "r+b") as f:
+            for page in range(size // 4096 // 2, size // 4096, 2):
+                f.seek(page * 4096)
+                f.write(bytes((i * 151 + 7) % 256 for i in range(4096)))
+
+    async def read_all() -> list[StoreError]:
+        s = await Store.open(tmp_path, b"a" * 16)
+        damage()  # after the check and the open: only item pages are read from now on
+        errors: list[StoreError] = []
+        after = ""
+        for _ in range(10):
+            try:
+                page = await s.list_items("c", after=after, limit=1000)
+            except StoreError as e:
+                errors.append(e)
+                break
+            if not page:
+                break
+            after = page[-1].key
+        try:
+            await s.verify("c")
+        except StoreError as e:
+            errors.append(e)
+        assert s.digests()  # the event loop's view is unharmed
+        await s.close()
+        return errors
+
+    with caplog.at_level("ERROR", logger="hs_gossip.store"):
+        errors = anyio.run(read_all, backend="trio")
+    assert errors and all(isinstance(e, StoreCorrupt) for e in errors), errors
+    assert all(getattr(e, "status", None) == 503 for e in errors)
+    damaged = [r for r in caplog.records if "is damaged" in r.getMessage()]
+    assert damaged and "restart the agent" in damaged[0].getMessage()
+    assert damaged[0].exc_info is None

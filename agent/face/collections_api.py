@@ -4,8 +4,9 @@
 ``GET /api/collections/{name}/items?prefix=&after=&limit=``, ``POST
 /api/collections/{name}/items`` (a batch ``{"items": {key: value}}`` in one
 transaction) and ``POST /api/collections/{name}/verify[?repair=1]``. Errors are JSON
-``{"error": ...}`` with 400 (bad name, key or JSON), 404 (no such item) or 413
-(body or value over its limit). Bodies are read and parsed by
+``{"error": ...}`` with 400 (bad name, key or JSON), 404 (no such item), 413
+(body or value over its limit), 507 (disk full: writes refused, reads go on)
+or 503 (the database file is damaged: restart the agent). Bodies are read and parsed by
 agent.face.json_input, so nothing that is not strict JSON reaches the store.
 Versions are shown as ``updated_ms`` (the HLC's wall-clock part, Unix
 milliseconds), ``counter`` and ``origin`` (node UUID), so every integer stays
@@ -144,7 +145,10 @@ def routes(store: Store, max_value: int) -> list[Route]:
         t = _target(request)
         if isinstance(t, JSONResponse):
             return t
-        item = await store.get(*t)
+        try:
+            item = await store.get(*t)
+        except StoreError as e:  # a damaged database: 503, see agent.store.store
+            return _store_error(e)
         if item is None or item.deleted:
             return _error(404, f"no item {t[1]!r} in collection {t[0]!r}")
         return JSONResponse(item_view(t[0], item))
@@ -153,7 +157,10 @@ def routes(store: Store, max_value: int) -> list[Route]:
         t = _target(request)
         if isinstance(t, JSONResponse):
             return t
-        item = await store.delete(*t)
+        try:
+            item = await store.delete(*t)
+        except StoreError as e:  # a full disk: 507
+            return _store_error(e)
         if item is None:
             return _error(404, f"no item {t[1]!r} in collection {t[0]!r}")
         return JSONResponse(item_view(t[0], item))
@@ -169,7 +176,11 @@ def routes(store: Store, max_value: int) -> list[Route]:
             return _error(400, "limit must be an integer")
         if not 1 <= limit <= MAX_PAGE:
             return _error(400, f"limit must be between 1 and {MAX_PAGE}")
-        items = await store.list_items(t[0], q.get("prefix", ""), q.get("after", ""), limit)
+        try:
+            items = await store.list_items(t[0], q.get("prefix", ""), q.get("after", ""),
+                                           limit)
+        except StoreError as e:  # a damaged database: 503
+            return _store_error(e)
         body: dict[str, Any] = {"items": [item_view(t[0], i) for i in items]}
         body["next_after"] = items[-1].key if len(items) == limit else None
         return JSONResponse(body)

@@ -10,6 +10,8 @@ Rules:
   indexes with their tables, which ``integrity_check`` adds at several times
   the cost), then the schema and ``meta`` table read. Its cost at 1,000,000
   items is measured by ``bench/bench_store_check.py``.
+* Damage the check does not see but opening the file does (the schema or the
+  collections table) is treated the same way, by the store.
 * A damaged file is never repaired in place and never deleted: it is renamed,
   with its ``-wal`` and ``-shm``, to ``store.sqlite3.corrupt-<UTC timestamp>``
   beside it, logged at ERROR with that path, and the agent starts empty; its
@@ -130,6 +132,11 @@ def check_at_start(path: Path, ran_before: bool) -> CheckResult:
     if problem is None:
         log.debug("start-up check of %s: ok in %.3fs", path, seconds)
         return CheckResult("ok", seconds)
+    return set_aside(path, problem, seconds)
+
+
+def set_aside(path: Path, problem: str, seconds: float = 0.0) -> CheckResult:
+    """Move a damaged database aside and say so at ERROR, with both paths."""
     moved = quarantine(path)
     log.error("the database %s is damaged (%s); moved it to %s; starting empty, will "
               "re-sync from peers", path, problem, moved)

@@ -39,7 +39,7 @@ import anyio
 import sniffio
 
 from agent.core.clock import HLC
-from agent.store.check import CheckResult, check_at_start, is_corrupt, is_full
+from agent.store.check import CheckResult, check_at_start, is_corrupt, is_full, set_aside
 from agent.store.checkpoint import WAL_SAFETY_PAGES, Checkpointer
 from agent.store.schema import DB_FILE
 from agent.store.tree import SqliteTree
@@ -110,7 +110,18 @@ class Store:
         self.hlc = HLC(clock or wall_ms)
         #: what the start-up check found (a damaged file is moved aside first)
         self.check: CheckResult = check_at_start(self.path, ran_before)
-        self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew)
+        problem = None
+        try:
+            self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew)
+        except sqlite3.DatabaseError as e:
+            if not is_corrupt(e):
+                raise
+            problem = f"{type(e).__name__} while opening: {e}"
+        if problem is not None:
+            # Past the check, yet unreadable: the same remedy (the failed
+            # connection is gone with the exception).
+            self.check = set_aside(self.path, problem)
+            self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew)
         self._writer.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
         self._checkpointer = Checkpointer(self.path)
         self._queue: queue.Queue[_Op | None] = queue.Queue()
