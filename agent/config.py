@@ -84,6 +84,8 @@ class Config:
     snapshot_max_age: float = 24 * 3600.0
     #: None: a fresh random seed every start (agent.runtime.rng)
     seed: int | None = None
+    #: bearer token the HTTP API requires (None: no token; loopback API only)
+    api_token: str | None = field(default=None, repr=False)
     #: cluster keys (32 bytes each, first primary) from HS_GOSSIP_KEY; never shown
     key: tuple[bytes, ...] = field(default=(), repr=False)
     #: file of cluster keys, one per line, first primary (agent.net.keyring)
@@ -276,6 +278,16 @@ def _url(text: str) -> str | None:
     return t
 
 
+def _token(text: str) -> str | None:
+    t = text.strip()
+    if not t:
+        return None
+    if not 16 <= len(t) <= 256 or not t.isascii() or not t.isprintable() or " " in t:
+        raise ValueError("16-256 printable ASCII characters without spaces "
+                         "(for example: openssl rand -hex 32)")
+    return t
+
+
 def _keys(text: str) -> tuple[bytes, ...]:
     """Comma-separated keys, each base64 of 32 bytes (the rule of key files,
     agent.net.keyring); the first is primary."""
@@ -374,6 +386,10 @@ FIELDS: dict[str, FieldSpec] = {
                   "debugging aid: one integer that every random choice (peer picks, "
                   "tick jitter) derives from, for reproducible runs; never in "
                   "production, agents sharing a seed pick the same peers"),
+        FieldSpec("api_token", _token, "(unset)",
+                  "bearer token the HTTP API requires on every route but /healthz "
+                  "(Authorization: Bearer TOKEN; hs-gossip commands send it); required "
+                  "when HS_GOSSIP_API is not a loopback address"),
         FieldSpec("key", _keys, "(unset)",
                   "cluster key, base64 of 32 random bytes (hs-gossip keygen): every "
                   "datagram and stream is encrypted and authenticated with it (several "
@@ -480,6 +496,7 @@ def load(
     if "data_dir" not in values:
         values["data_dir"] = default_data_dir(env)
     cfg = Config(**values)
+    check_api_exposure(cfg)
     if cfg.ttl <= cfg.suspect_after:
         warnings.append(
             f"{PREFIX}TTL={cfg.ttl:g} is not above the unhealthy threshold "
@@ -509,6 +526,35 @@ def load_reloadable(environ: Mapping[str, str] | None = None,
         except ValueError as e:
             raise ConfigError(PREFIX + key, text, str(e)) from None
     return out
+
+
+class ExposedApiError(ConfigError):
+    """The API would listen beyond loopback without a token."""
+
+    def __init__(self, api: HostPort) -> None:
+        ValueError.__init__(
+            self, f"HS_GOSSIP_API={api} is not a loopback address: set HS_GOSSIP_API_TOKEN "
+            "(a bearer token every API call must then send) or bind HS_GOSSIP_API to "
+            "127.0.0.1")
+        self.var, self.value = f"{PREFIX}API", str(api)
+        self.expected = "a loopback address, or HS_GOSSIP_API_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or the name localhost; any other name may resolve
+    beyond this machine and counts as exposed."""
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_api_exposure(cfg: Config) -> None:
+    """An API bound beyond loopback needs a token. ExposedApiError if not."""
+    if cfg.api_token is None and not is_loopback(cfg.api.host):
+        raise ExposedApiError(cfg.api)
 
 
 def check_data_dir(path: Path) -> None:
