@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
-from agent.face import collections_api, metrics
+from agent.face import auth, collections_api, metrics
 from agent.runtime.view import AgentView, PeerView
 
 if TYPE_CHECKING:
@@ -80,6 +80,8 @@ def cluster_status_json(v: AgentView) -> dict[str, Any]:
         "peer_count": v.peer_count,
         "healthy_peers": v.healthy_peers,
         "version": __version__,
+        # sync stream handshakes refused since start, by cause
+        "sync_handshake_failures": dict(v.sync.handshake_failed) if v.sync else {},
     }
 
 
@@ -186,6 +188,8 @@ async def serve_api(
     app = build_app(view, [*collections_api.routes(store, cfg.max_value),
                            *metrics.routes(view)],
                     max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)))
+    if cfg.api_token is not None:  # outermost: nothing runs for a request without it
+        app.add_middleware(auth.BearerToken, token=cfg.api_token)
 
     bound = False
 

@@ -73,6 +73,9 @@ class SyncView:
     items_in: int
     items_out: int
     seconds_total: float  # duration of the sessions started here
+    #: stream handshakes refused, by cause (timeout, closed, malformed,
+    #: unknown_key, bad_proof, cap), both directions
+    handshake_failed: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,4 +189,6 @@ def _sync(s: Mapping[str, int], seconds_total: float) -> SyncView:
         served=s.get("sync_served", 0), bytes_in=s.get("sync_bytes_in", 0),
         bytes_out=s.get("sync_bytes_out", 0), items_in=s.get("sync_items_in", 0),
         items_out=s.get("sync_items_out", 0), seconds_total=seconds_total,
+        handshake_failed=tuple(sorted((k[len("handshake_failed_"):], n) for k, n in s.items()
+                                      if k.startswith("handshake_failed_"))),
     )
