@@ -11,6 +11,11 @@ Rules:
   raises :class:`ProtocolError` and nothing else. Sizes are bounded by the
   transport's frame limit; every field whose size the protocol fixes is
   checked here.
+* Decoding is bounded before it allocates: no maps (frames have none),
+  strings of at most :data:`MAX_STR_BYTES`, and the objects a frame decodes
+  to may take at most ``DECODE_FACTOR x size + DECODE_SLACK`` bytes (counted
+  as arrays are built, a frame over budget is refused at that point). A
+  3 MiB frame of empty arrays would otherwise become ~200 MB of lists.
 * Trailing array elements a newer agent may add are ignored, as they always
   were. A HELLO without a horizon (an older agent) reads as horizon 0.
 * What an item *means* (key length, origin size, horizon) is the caller's to
@@ -20,6 +25,7 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from sys import getsizeof
 from typing import Any
 
 import msgpack
@@ -35,6 +41,14 @@ MAX_COLLECTION = 1024
 MAX_HORIZON_MS = 1 << 47
 #: counts and HLCs are unsigned 64-bit
 MAX_U64 = 1 << 64
+#: longest string in a frame, in UTF-8 bytes (a collection name of
+#: MAX_COLLECTION characters; item keys are shorter)
+MAX_STR_BYTES = 4 * MAX_COLLECTION
+#: decoded objects may take this many times the frame's size (honest frames:
+#: about 10x for tiny items or STEP nodes, about 1x for large values)...
+DECODE_FACTOR = 16
+#: ...plus this much, so small frames are never refused for their shape
+DECODE_SLACK = 1 << 20
 
 
 class ProtocolError(Exception):
@@ -137,10 +151,44 @@ def encode(frame: Frame) -> bytes:
 # --- decoding and validation ------------------------------------------------------
 
 
+class _OverBudget(Exception):
+    pass
+
+
+def _no_map(_: Any) -> Any:
+    raise ProtocolError("a frame holds no maps")
+
+
+def decode_budget(size: int) -> int:
+    """The most the objects decoded from a frame of ``size`` bytes may take."""
+    return DECODE_FACTOR * size + DECODE_SLACK
+
+
 def decode(data: bytes) -> Frame:
     """Parse and validate one frame body; ProtocolError on anything else."""
+    budget = decode_budget(len(data))
+    spent = 0
+
+    def count(arr: list[Any]) -> list[Any]:
+        # Every scalar sits in an array, so sizing each array and its elements
+        # as it is built bounds the whole (nested arrays are counted twice:
+        # an over-estimate, on the safe side).
+        nonlocal spent
+        spent += getsizeof(arr) + sum(map(getsizeof, arr))
+        if spent > budget:
+            raise _OverBudget
+        return arr
+
     try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        raw = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, list_hook=count, object_hook=_no_map,
+            max_str_len=MAX_STR_BYTES, max_bin_len=len(data), max_array_len=len(data),
+            max_map_len=0, max_ext_len=0)
+    except ProtocolError:
+        raise
+    except _OverBudget:
+        raise ProtocolError(f"frame of {len(data)} bytes decodes to more than "
+                            f"{budget} bytes of objects") from None
     except Exception:  # msgpack raises many types for bad input (and RecursionError)
         raise ProtocolError("undecodable frame") from None
     return from_wire(raw)

@@ -30,8 +30,16 @@ Theory of operation (heartbeat counters, as in Scuttlebutt and Cassandra):
   incarnation (kept on disk), so its new entry replaces the old one.
 * Suspicion is a local verdict; entries gossiped about an unhealthy member
   carry status SUSPECT. Receivers keep their own verdict, but the member
-  itself, on hearing it is suspected (or reported as left) at its current
-  incarnation, refutes by raising its incarnation, which then wins everywhere.
+  itself, on hearing a claim about itself that would beat its own entry
+  (suspected or left at its current incarnation, a higher incarnation, or a
+  higher heartbeat at the same incarnation), refutes by raising its
+  incarnation one above the claim, which then wins everywhere.
+* Numbers from the wire are bounded (see :data:`INCARNATION_STEP`): only
+  the member itself raises its incarnation, one at a time, so a claim far
+  above what is known is forged or corrupted. We never adopt it (a counted
+  drop), so we never refute to, emit or save a number peers would refuse.
+  A member's address moves only on fresh evidence: a higher incarnation,
+  progress, or its own datagram from the address we know.
 * Leave: a member shutting down sends LEAVE to every peer it knows and its
   entry (status LEFT) keeps being gossiped from tombstones for ``ttl``; peers
   drop it at once.
@@ -62,6 +70,17 @@ PUSH_PER_INTERVAL = 5
 FRESH_ENTRIES = 6
 #: entries that fit one datagram next to a heartbeat's own fields (~40 bytes each)
 ENTRIES_PER_DATAGRAM = 30
+#: the most an incarnation claim may exceed what we know (ours, or a member's)
+#: and still be believed. Incarnations rise by one per restart or refutation,
+#: so honest news is a few steps ahead at most; beyond this it is ignored.
+#: A larger jump is taken only from the member itself at its known address.
+INCARNATION_STEP = 16
+#: the largest incarnation, heartbeat or logical clock we hold or send: what
+#: every peer's decoder accepts
+MAX_COUNTER = wire.JS_SAFE
+#: the most a peer's logical clock may run ahead of ours and be adopted (a
+#: clock advances once per tick and per local write: 2**32 is decades of it)
+LC_STEP = 2**32
 
 # --- events (outcomes, named as nouns) ---------------------------------------
 
@@ -222,7 +241,7 @@ class Membership:
         self.me.http_port = port
 
     def bump_lc(self) -> int:
-        self.lc = min(self.lc + 1, wire.JS_SAFE)
+        self.lc = min(self.lc + 1, MAX_COUNTER)
         return self.lc
 
     @property
@@ -234,7 +253,7 @@ class Membership:
         self.now = now
         if self._leaving:
             return
-        self.heartbeat += 1
+        self.heartbeat = min(self.heartbeat + 1, MAX_COUNTER)
         self.bump_lc()
         self._push_due = False  # this round carries the news
         self._update_health(now)
@@ -476,7 +495,10 @@ class Membership:
             self.stats["drop_self"] += 1
             return
         if hb.lc > self.lc:
-            self.lc = hb.lc
+            if hb.lc - self.lc <= LC_STEP:
+                self.lc = hb.lc
+            else:
+                self.stats["drop_implausible_lc"] += 1
         m = self._merge(hb.sender, src, now, direct=True)
         if m is not None:
             m.name = hb.name
@@ -515,6 +537,13 @@ class Membership:
             return self._add(e, host, port, progress_at, now)
         if e.incarnation < m.incarnation:
             return m
+        if (e.incarnation > m.incarnation + INCARNATION_STEP
+                and not (direct and src == m.addr)):
+            # Far ahead of what we know, and not M itself speaking from where
+            # we know it: forged or corrupted. Adopting it would make M's real
+            # heartbeats look stale everywhere (M cannot refute it either).
+            self.stats["drop_implausible_incarnation"] += 1
+            return m
         if e.status == LEFT:
             self._remove(m, LEFT, now, e)
             self._events.append(MemberLeft(m.node_id))
@@ -530,7 +559,8 @@ class Membership:
                     self._push_due = True
                 self._refresh_health(m, now)
             return m
-        if e.heartbeat > m.heartbeat:
+        progressed = e.heartbeat > m.heartbeat
+        if progressed:
             m.heartbeat = e.heartbeat
             m.last_progress = max(m.last_progress, progress_at)
         elif (e.heartbeat == m.heartbeat
@@ -540,7 +570,12 @@ class Membership:
             # them would let a dead member's entry grow younger as it circulates.
             m.last_progress = progress_at
         if direct:
-            m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
+            if progressed or (host, port) == m.addr:
+                m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
+            else:
+                # A replayed or delayed datagram from elsewhere is no evidence
+                # that M moved: only news at least as fresh as ours moves it.
+                self.stats["stale_address_ignored"] += 1
         self._refresh_health(m, now)
         return m
 
@@ -586,7 +621,17 @@ class Membership:
                                             now + self.params.ttl, entry)
 
     def _maybe_refute(self, e: Entry) -> None:
-        if self._leaving or e.status == ALIVE or e.incarnation < self.me.incarnation:
+        """Answer a claim about ourselves that would beat our own entry: one
+        above the highest *plausible* claim (see :data:`INCARNATION_STEP`)."""
+        mine = self.me.incarnation
+        if self._leaving or e.incarnation < mine:
+            return
+        if e.incarnation == mine and e.status == ALIVE and e.heartbeat <= self.heartbeat:
+            return  # true (or older) news of us
+        if e.incarnation > mine + INCARNATION_STEP or e.incarnation >= MAX_COUNTER:
+            # Only we raise our incarnation: a claim far above it is forged or
+            # corrupted. Refuting it would walk us towards numbers peers refuse.
+            self.stats["drop_implausible_self"] += 1
             return
         self.me.incarnation = e.incarnation + 1
         self.stats["refutations"] += 1

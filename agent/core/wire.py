@@ -15,6 +15,11 @@ Rules:
 * :func:`decode` never raises anything but :class:`DecodeError`, whose
   ``reason`` is a short stable label used for drop counters.
 * Integers that reach the HTTP API stay below 2**53 (JavaScript-safe).
+  Bounds hold both ways: :func:`decode` refuses a counter above
+  :data:`JS_SAFE` (or an age above :data:`MAX_AGE_MS`, a port above 65535),
+  and the encoders clamp to the same bounds, so an agent never emits a
+  number its peers would refuse. Keeping numbers plausible (not just
+  decodable) is the membership core's rule.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ AEAD_RESERVE = 49  # agent.net.seal.OVERHEAD: 33-byte header + 16-byte tag
 PAYLOAD_BUDGET = MAX_DATAGRAM - AEAD_RESERVE
 
 JS_SAFE = 2**53 - 1
+#: ages are milliseconds in an unsigned 32-bit field (about 49 days)
+MAX_AGE_MS = 0xFFFFFFFF
 NODE_ID_LEN = 16
 MAX_NAME = 64
 MAX_COLLECTION_NAME = 128
@@ -128,9 +135,14 @@ def _ip_bytes(host: str) -> bytes:
     return ipaddress.ip_address(host).packed
 
 
+def _counter(v: int) -> int:
+    """A counter as sent: within what :func:`decode` accepts."""
+    return min(max(v, 0), JS_SAFE)
+
+
 def entry_fields(e: Entry) -> list[Any]:
-    return [e.node_id, e.incarnation, e.heartbeat, e.status, _ip_bytes(e.host), e.port,
-            e.http_port, min(e.age_ms, 0xFFFFFFFF), e.role]
+    return [e.node_id, _counter(e.incarnation), _counter(e.heartbeat), e.status,
+            _ip_bytes(e.host), e.port, e.http_port, min(max(e.age_ms, 0), MAX_AGE_MS), e.role]
 
 
 def packed_entry(e: Entry) -> bytes:
@@ -156,7 +168,7 @@ def envelope(mtype: int) -> bytes:
 def encode_heartbeat(hb: Heartbeat, budget: int = PAYLOAD_BUDGET) -> tuple[bytes, int, int]:
     """Encode as many digests and peer entries as fit in ``budget`` bytes, in
     the order given. Returns (datagram, digests_included, peers_included)."""
-    head = [entry_fields(hb.sender), hb.name, hb.lc]
+    head = [entry_fields(hb.sender), hb.name, _counter(hb.lc)]
     tail = [hb.want_state, hb.app_healthy, list(hb.wants[:MAX_WANTS]), hb.sync_port]
     # envelope + outer array header + fields + two list headers (3 bytes at most each)
     fixed = 2 + 1 + sum(len(_pack(x)) for x in head + tail) + 3 + 3
@@ -278,7 +290,7 @@ def decode_entry(v: Any) -> Entry:
         host=_host(f[4]),
         port=_int(f[5], 0, 65535),
         http_port=_int(f[6], 0, 65535),
-        age_ms=_int(f[7], 0, 0xFFFFFFFF),
+        age_ms=_int(f[7], 0, MAX_AGE_MS),
         role=_int(f[8], 0, 255) if len(f) > 8 else 0,
     )
 
