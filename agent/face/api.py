@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import __version__
 from agent.face import auth, collections_api, metrics
-from agent.runtime.view import AgentView, PeerView
+from agent.runtime.view import AgentView, Controls, PeerView
 
 if TYPE_CHECKING:
     from agent.config import Config, HostPort
@@ -82,7 +82,28 @@ def cluster_status_json(v: AgentView) -> dict[str, Any]:
         "version": __version__,
         # sync stream handshakes refused since start, by cause
         "sync_handshake_failures": dict(v.sync.handshake_failed) if v.sync else {},
+        # datagram security (agent.net.seal): keys by fingerprint, never the keys
+        "encrypted": v.encrypted,
+        "keys": [{"fingerprint": k.fingerprint, "key_id": k.key_id, "primary": k.primary,
+                  "peers": list(k.senders)} for k in v.keys],
+        "datagrams_refused": dict(v.refused),
     }
+
+
+def keyring_routes(controls: Controls | None) -> list[BaseRoute]:
+    """``POST /api/keyring/reload``: re-read HS_GOSSIP_KEYFILE now (as SIGHUP
+    does). 200 with the keys in use; 409 when nothing was changed (no key
+    file, or a bad one: the old keys stay) with the reason."""
+
+    async def reload(request: Request) -> JSONResponse:
+        if controls is None:
+            return JSONResponse({"error": "this agent cannot reload keys"}, status_code=409)
+        problem = controls.reload_keyring()
+        if problem is not None:
+            return JSONResponse({"error": problem}, status_code=409)
+        return JSONResponse({"reloaded": True})
+
+    return [Route("/api/keyring/reload", reload, methods=["POST"])]
 
 
 def swarm_stats_json(v: AgentView) -> dict[str, Any]:
@@ -179,6 +200,7 @@ async def serve_api(
     shutdown: Callable[[], Awaitable[object]],
     *,
     task_status: TaskStatus[int],
+    controls: Controls | None = None,
 ) -> None:
     """Serve the agent's routes, its collections' and ``/metrics`` until
     ``shutdown`` returns. Reports the bound port via task_status."""
@@ -186,7 +208,7 @@ async def serve_api(
     # Hypercorn logs "Running on ..." at INFO; the agent logs its own start line.
     logging.getLogger("hs_gossip.http").setLevel(logging.WARNING)
     app = build_app(view, [*collections_api.routes(store, cfg.max_value),
-                           *metrics.routes(view)],
+                           *metrics.routes(view), *keyring_routes(controls)],
                     max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)))
     if cfg.api_token is not None:  # outermost: nothing runs for a request without it
         app.add_middleware(auth.BearerToken, token=cfg.api_token)

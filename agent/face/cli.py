@@ -34,7 +34,7 @@ from agent.face.cli_common import (
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
-    from agent.runtime.view import AgentView, ApiServer
+    from agent.runtime.view import AgentView, ApiServer, Controls
     from agent.store import Store
 
 
@@ -64,10 +64,11 @@ def http_api(cfg: Config) -> ApiServer:
 
     async def serve(view: Callable[[], AgentView], store: Store,
                     shutdown: Callable[[], Awaitable[object]], *,
-                    task_status: TaskStatus[int]) -> None:
+                    task_status: TaskStatus[int], controls: Controls | None = None) -> None:
         from agent.face.api import serve_api
 
-        await serve_api(cfg, view, store, shutdown, task_status=task_status)
+        await serve_api(cfg, view, store, shutdown, task_status=task_status,
+                        controls=controls)
 
     return serve
 

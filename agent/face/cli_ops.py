@@ -1,14 +1,22 @@
-"""Operator subcommands: ``hs-gossip install-unit``."""
+"""Operator subcommands: ``hs-gossip install-unit``, ``keygen``, ``keys``.
+
+``keygen`` prints a new cluster key (base64 of 32 random bytes; it never
+touches a file, the operator decides where it goes). ``keys`` asks the local
+agent's API which keys it uses (fingerprints, never keys), which one seals,
+and which peers last sent with each: the check before removing an old key.
+``keys --reload`` re-reads the key file first (as SIGHUP does).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from agent.face.cli_common import Command, fail
+from agent.face.cli_common import ApiError, Command, add_api_argument, api_get, api_request, fail
 from agent.face.unit_files import ENV_PATH, UNIT_PATH, render_env, render_unit
 
 
@@ -57,7 +65,54 @@ def _install_unit_args(p: argparse.ArgumentParser) -> None:
                    help="hs-gossip executable for ExecStart (default: this one)")
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from agent.net.keyring import generate
+
+    print(generate())
+    return 0
+
+
+def format_keys(status: dict[str, object]) -> str:
+    if not status.get("encrypted"):
+        return "no cluster key: datagrams are not encrypted (HS_GOSSIP_KEY / HS_GOSSIP_KEYFILE)"
+    lines = ["FINGERPRINT       KEY ID    USE       PEERS"]
+    keys = status.get("keys")
+    for k in keys if isinstance(keys, list) else []:
+        peers = k.get("peers", [])
+        use = "primary" if k.get("primary") else "accepted"
+        shown = ", ".join(p[:8] for p in peers) if peers else "-"
+        lines.append(f"{k['fingerprint']:17} {k['key_id']:9} {use:9} {len(peers)}: {shown}")
+    return "\n".join(lines)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    try:
+        if args.reload:
+            code, body = api_request(args, "POST", "/api/keyring/reload")
+            if code != 200:
+                return fail(f"key reload refused: {body.get('error') if body else code}")
+        status = api_get(args, "/api/cluster/status")
+    except ApiError as e:
+        return fail(str(e))
+    if args.json:
+        print(json.dumps({"encrypted": status.get("encrypted"), "keys": status.get("keys"),
+                          "datagrams_refused": status.get("datagrams_refused")}, indent=2))
+    else:
+        print(format_keys(status))
+    return 0
+
+
+def _keys_args(p: argparse.ArgumentParser) -> None:
+    add_api_argument(p)
+    p.add_argument("--reload", action="store_true",
+                   help="re-read HS_GOSSIP_KEYFILE first (as SIGHUP does)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("install-unit", "install the systemd unit and its env file", cmd_install_unit,
             _install_unit_args),
+    Command("keygen", "print a new cluster key (base64 of 32 random bytes)", cmd_keygen),
+    Command("keys", "list the cluster keys in use (fingerprints) and which peers use each",
+            cmd_keys, _keys_args),
 )

@@ -6,7 +6,15 @@ READY=1. Shutdown (SIGTERM / SIGINT): STOPPING=1, LEAVE to every known peer,
 the API finishes in-flight requests (so acknowledged writes are queued), tasks
 are cancelled, then closers run in reverse order of registration (the store
 commits its queue and checkpoints the WAL), the peer snapshot is saved, exit 0.
-SIGHUP re-applies the reloadable settings (log level and format).
+SIGHUP re-applies the reloadable settings (log level and format) and
+re-reads the key file (HS_GOSSIP_KEYFILE), as ``POST /api/keyring/reload``
+does; a bad key file keeps the old keys.
+
+Datagram security (agent.net.seal): with a cluster key the seal is built at
+start, after the boot epoch (agent.runtime.epoch) is saved and before the
+socket is bound; every opened datagram is handed to the core with the node_id
+it authenticated as. Without a key the agent runs in cleartext, says so once
+at start, and never mixes with keyed agents.
 
 Every ``async def`` here is a checkpoint; cancelling ``run`` leaves no task
 behind (structured concurrency).
@@ -42,18 +50,20 @@ from agent.core.membership import (
     Params,
     SelfInfo,
 )
-from agent.net.seal import CLEARTEXT, Seal
+from agent.net import keyring
+from agent.net.seal import Cleartext, Seal
 from agent.net.udp import GossipSocket
-from agent.runtime import health, identity, maintenance, snapshot, supervision
+from agent.runtime import epoch, health, identity, maintenance, snapshot, supervision
 from agent.runtime.errors import StartupError
 from agent.runtime.faults import NO_FAULTS, Faults
 from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.seeds import Seeds, resolve
-from agent.runtime.view import AgentView, ApiServer, build_view
+from agent.runtime.view import AgentView, ApiServer, Controls, build_view
 from agent.store.store import wall_ms
 
 if TYPE_CHECKING:
+    from agent.net.handshake import StreamKeys
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
 
@@ -88,11 +98,14 @@ class Agent:
     #: seconds the last event-loop timer fired late (see supervision)
     loop_lag: float = 0.0
     _api_done: anyio.Event = field(default_factory=anyio.Event)
+    #: the keyring the sync streams' keys were last derived from, and them
+    _stream_keys_cache: tuple[keyring.Keyring, StreamKeys | None] | None = None
     _stall_tick_at: float = float("inf")
     #: fault injection for tests; production runs get none
     faults: Faults = NO_FAULTS
-    #: every datagram of both UDP sockets (gossip, discovery) crosses this
-    seal: Seal = CLEARTEXT
+    #: every datagram of both UDP sockets (gossip, discovery) crosses this;
+    #: None: built from the key settings at start
+    seal: Seal | None = None
     #: every RNG derives from it (HS_GOSSIP_SEED, else random per start)
     seed: Seed = field(init=False)
 
@@ -119,7 +132,8 @@ class Agent:
             self.core, started_wall=self.started_wall, wall_now=time.time(),
             mono_now=anyio.current_time(), http_port=self.http_port,
             socket_stats=None if self.sock is None else self.sock.stats,
-            sync=getattr(self, "sync", None), store=self.store, loop_lag=self.loop_lag)
+            sync=getattr(self, "sync", None), store=self.store, loop_lag=self.loop_lag,
+            seal=self.seal)
 
     def status_line(self) -> str:
         """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""
@@ -150,6 +164,8 @@ class Agent:
         advertise = await self._resolve_advertise()
         if advertise:
             self.core.me.host = advertise
+        if self.seal is None:
+            self.seal = self._build_seal()
         try:
             self.sock = await GossipSocket.bind(cfg.bind, cfg.port, self.seal)
         except OSError as e:
@@ -211,7 +227,8 @@ class Agent:
             if self.api is None or self.store is None:
                 task_status.started(0)
                 return
-            await self.api(self.view, self.store, self._shutdown.wait, task_status=task_status)
+            await self.api(self.view, self.store, self._shutdown.wait, task_status=task_status,
+                           controls=Controls(reload_keyring=self.reload_keyring))
         finally:
             self._api_done.set()
 
@@ -225,7 +242,7 @@ class Agent:
 
             tg.start_soon(discovery.run, cfg.multicast_group, cfg.multicast_port,
                           self.core.me.port, self.ident.node_id.bytes,
-                          lambda addr: self.seeds.add([addr]), self.seal)
+                          lambda addr: self.seeds.add([addr]), self._seal())
         stall = self.faults.stall_tick_after
         if stall is not None:
             self._stall_tick_at = anyio.current_time() + stall
@@ -264,7 +281,8 @@ class Agent:
         self.closers.append(self.store.close)
         self.sync = SyncService(self.store, cfg.bind, cfg.effective_sync_port, cfg.interval,
                                 cfg.sync_concurrency, cfg.max_value, cfg.tombstone_grace,
-                                rng=self.seed.rng_for("sync"))
+                                rng=self.seed.rng_for("sync"),
+                                keys=self._stream_keys)
         if cfg.sync_port is not None:
             self.core.me.sync_port = cfg.sync_port
         self._publish_digests()
@@ -315,7 +333,74 @@ class Agent:
             logging_setup.configure(level, fmt)
             # WARNING so the line shows whatever the new level is.
             log.warning("reloaded: log level %s, log format %s", level.lower(), fmt)
+        if self.cfg.keyfile is not None:
+            self.reload_keyring()
         self.notifier.notify("READY=1")
+
+    # --- datagram security ----------------------------------------------------
+
+    def _seal(self) -> Seal:
+        assert self.seal is not None, "built at the start of run()"
+        return self.seal
+
+    def _build_seal(self) -> Seal:
+        """The seal the key settings ask for. StartupError on a bad key file."""
+        cfg = self.cfg
+        try:
+            ring = keyring.from_settings(cfg.key, cfg.keyfile)
+        except keyring.KeyringError as e:
+            raise StartupError(str(e)) from None
+        if ring is None:
+            log.warning("no cluster key (HS_GOSSIP_KEY or HS_GOSSIP_KEYFILE): datagrams are "
+                        "neither encrypted nor authenticated, anyone who reaches UDP port %d "
+                        "can join; keyed agents will not list this one", cfg.port)
+            return Cleartext()
+        try:
+            # Saved before the first datagram is sealed: see agent.runtime.epoch.
+            boot = epoch.next_for_start(cfg.data_dir, time.time())
+        except (epoch.EpochError, OSError) as e:
+            raise StartupError(f"cannot save the boot epoch in {cfg.data_dir}: {e}") from None
+        from agent.net.seal import Sealed
+
+        log.info("datagrams sealed (cluster %r, %s, primary key %s, %d key%s, boot epoch %d)",
+                 cfg.cluster, ring.source, ring.primary.fingerprint, len(ring.keys),
+                 "" if len(ring.keys) == 1 else "s", boot)
+        return Sealed(ring, self.ident.node_id.bytes, boot, cfg.cluster)
+
+    def _stream_keys(self) -> StreamKeys | None:
+        """The keys sync streams use: the seal's keyring as of now, so a
+        reload applies to the next connection (None: keyless, cleartext)."""
+        from agent.net.handshake import StreamKeys
+        from agent.net.seal import Sealed
+
+        seal = self.seal
+        if not isinstance(seal, Sealed):
+            return None
+        ring = seal.keyring
+        if self._stream_keys_cache is None or self._stream_keys_cache[0] is not ring:
+            self._stream_keys_cache = (ring, StreamKeys.from_keyring(ring, self.cfg.cluster))
+        return self._stream_keys_cache[1]
+
+    def reload_keyring(self) -> str | None:
+        """Re-read HS_GOSSIP_KEYFILE and use it from now on. None when done,
+        else why nothing changed (logged too)."""
+        from agent.net.seal import Sealed
+
+        seal = self.seal
+        if not isinstance(seal, Sealed) or self.cfg.keyfile is None:
+            why = ("no key file to re-read (HS_GOSSIP_KEYFILE is not set)" if
+                   isinstance(seal, Sealed) else "this agent has no cluster key")
+            log.warning("key reload: %s", why)
+            return why
+        try:
+            ring = keyring.load_file(self.cfg.keyfile)
+        except keyring.KeyringError as e:
+            log.error("key reload refused, keys unchanged: %s", e)
+            return f"keys unchanged: {e}"
+        seal.install(ring)
+        log.warning("keys reloaded from %s: primary %s, accepted %s", self.cfg.keyfile,
+                    ring.primary.fingerprint, ", ".join(k.fingerprint for k in ring.keys))
+        return None
 
     async def _resolve_advertise(self) -> str:
         adv = self.cfg.advertise
@@ -336,10 +421,13 @@ class Agent:
 
     async def _receive_loop(self) -> None:
         assert self.sock is not None
+        seal = self._seal()
         while True:
             data, src = await self.sock.receive()
             now = anyio.current_time()
-            self.core.receive(data, src, now)
+            # The node it authenticated as (None when keyless): the core
+            # refuses a message that speaks for another node.
+            self.core.receive(data, src, now, seal.sender(data))
             self.core.push(now)
             await self._flush()
 

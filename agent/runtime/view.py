@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from agent.config import HostPort
 from agent.core import wire
 from agent.core.membership import Member, Membership
+from agent.net.seal import Seal, Sealed
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
@@ -89,6 +90,16 @@ class StoreView:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyView:
+    """One cluster key in use (agent.net.keyring): never the key itself."""
+
+    fingerprint: str
+    key_id: str  # hex, as in the datagram header
+    primary: bool  # datagrams are sealed with it
+    senders: tuple[str, ...]  # node_ids whose last datagram was sealed with it
+
+
+@dataclass(frozen=True, slots=True)
 class AgentView:
     node_id: str
     name: str
@@ -106,6 +117,12 @@ class AgentView:
     sync: SyncView | None
     store: StoreView | None
     loop_lag: float  # seconds the last event-loop timer fired late
+    #: datagrams are sealed with a cluster key (agent.net.seal)
+    encrypted: bool = False
+    keys: tuple[KeyView, ...] = ()
+    #: datagrams the seal refused since start, by cause (also in ``counters``
+    #: as ``drop_seal_<cause>``)
+    refused: tuple[tuple[str, int], ...] = ()
 
     @property
     def status_line(self) -> str:
@@ -116,6 +133,14 @@ class AgentView:
         return f"{peers}, {n} collection{'' if n == 1 else 's'}, role {self.role}"
 
 
+@dataclass(frozen=True)
+class Controls:
+    """The few actions the face may ask of the runtime (besides the store)."""
+
+    #: re-read the key file; None when done, else why not (nothing changed)
+    reload_keyring: Callable[[], str | None]
+
+
 class ApiServer(Protocol):
     """What serves HTTP, given by the face. It reports the bound port through
     ``task_status`` and returns once ``shutdown()`` returns and in-flight
@@ -123,7 +148,8 @@ class ApiServer(Protocol):
 
     def __call__(self, view: Callable[[], AgentView], store: Store,
                  shutdown: Callable[[], Awaitable[object]], *,
-                 task_status: TaskStatus[int]) -> Awaitable[None]: ...
+                 task_status: TaskStatus[int],
+                 controls: Controls | None = None) -> Awaitable[None]: ...
 
 
 def role_name(role: int) -> str:
@@ -133,7 +159,7 @@ def role_name(role: int) -> str:
 def build_view(core: Membership, *, started_wall: float, wall_now: float, mono_now: float,
                http_port: int = 0, socket_stats: Mapping[str, int] | None = None,
                sync: SyncService | None = None, store: Store | None = None,
-               loop_lag: float = 0.0) -> AgentView:
+               loop_lag: float = 0.0, seal: Seal | None = None) -> AgentView:
     """The agent as of now. ``wall_now``/``mono_now`` are read together by the
     caller: members' last-seen times are monotonic and shown as wall clock."""
     offset = wall_now - mono_now
@@ -142,6 +168,12 @@ def build_view(core: Membership, *, started_wall: float, wall_now: float, mono_n
     counters = dict(core.stats)
     if socket_stats is not None:
         counters.update(socket_stats)
+    refused: dict[str, int] = {}
+    if seal is not None:
+        refused = {k: n for k, n in seal.refused.items() if n}
+        # The socket's drop_unopened is their total: count each datagram once.
+        counters.pop("drop_unopened", None)
+        counters.update({"drop_seal_" + k: n for k, n in refused.items()})
     store_view = None
     collections = len(core.digests)
     if store is not None:
@@ -163,7 +195,21 @@ def build_view(core: Membership, *, started_wall: float, wall_now: float, mono_n
         sync=None if sync is None else _sync(sync.stats, sync.seconds_total),
         store=store_view,
         loop_lag=loop_lag,
+        encrypted=seal is not None and seal.encrypted,
+        keys=_keys(seal) if isinstance(seal, Sealed) else (),
+        refused=tuple(sorted(refused.items())),
     )
+
+
+def _keys(seal: Sealed) -> tuple[KeyView, ...]:
+    senders: dict[bytes, list[str]] = {}
+    for node_id, key_id in seal.last_key.items():
+        senders.setdefault(key_id, []).append(str(uuid.UUID(bytes=node_id)))
+    primary = seal.keyring.primary.key_id
+    return tuple(
+        KeyView(k.fingerprint, k.key_id.hex(), k.key_id == primary,
+                tuple(sorted(senders.get(k.key_id, ()))))
+        for k in seal.keyring.keys)
 
 
 def _peer(m: Member, wall_minus_mono: float) -> PeerView:
