@@ -295,3 +295,35 @@ def test_core_refuses_a_message_speaking_for_another_node() -> None:
     keyless.receive(wire.encode(wire.Heartbeat(_entry(other), "x", 1, (), ())),
                     ("127.0.0.9", 7000), 1.0)
     assert set(keyless.members) == {other}
+
+
+# --- visibility and cost ------------------------------------------------------------
+
+
+def test_one_log_line_per_cause_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    b = Sealed(ring(K1), B, 20, "c", clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="hs_gossip.seal"):
+        for _ in range(1000):
+            b.open(b"\x01\x01cleartext", Kind.GOSSIP)
+            b.open(b"\xff", Kind.GOSSIP)
+        now[0] = 5.0
+        b.open(b"\xff", Kind.GOSSIP)
+        now[0] = 10.5
+        b.open(b"\xff", Kind.GOSSIP)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "refused 1001 datagrams: malformed" in lines[2]
+    assert b.refused == {"cleartext_refused": 1000, "malformed": 1002}
+
+
+def test_a_keyless_agent_does_not_import_cryptography() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, agent.runtime.agent, agent.face.cli, agent.face.api; "
+            "from agent.net.seal import Cleartext; Cleartext(); "
+            "print(sorted(m for m in sys.modules if m.startswith('cryptography')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
