@@ -3,7 +3,7 @@
 Rules:
 
 * A key is 32 random bytes, written as base64 (``hs-gossip keygen``). It
-  comes from ``HS_GOSSIP_KEY`` (one key) or ``HS_GOSSIP_KEYFILE`` (one key
+  comes from ``HS_GOSSIP_KEY`` (comma-separated) or ``HS_GOSSIP_KEYFILE`` (one key
   per line; blank lines and lines starting with ``#`` are ignored). The first
   key is the *primary*: datagrams are sealed with it. Every key listed is
   accepted. Rotation is three edits of the file, each followed by a reload
