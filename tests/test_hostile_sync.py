@@ -5,6 +5,7 @@ address; the excess is closed at once) and a real peer still syncs."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import tracemalloc
@@ -13,7 +14,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from agent.runtime.sync_service import SESSIONS_PER_HOST
+from agent.runtime.sync_service import HELLO_MAX_FRAME, SESSIONS_PER_HOST
 from merkle import frames
 from merkle.reconcile import Session
 from merkle.tree import Item, MemoryTree
@@ -120,6 +121,19 @@ def test_one_address_holds_at_most_its_share(swarm: Swarm, tmp_path: Path) -> No
     finally:
         for s in held:
             s.close()
+
+
+def test_an_oversized_hello_is_refused_at_its_length(swarm: Swarm) -> None:
+    """A first frame announced larger than any HELLO ends the session at
+    once, instead of buffering up to the full frame limit."""
+    a = swarm.add()
+    with socket.create_connection((a.host, a.gossip_port), timeout=5) as s:
+        s.sendall((HELLO_MAX_FRAME + 1).to_bytes(4, "big") + b"\x80" * 1000)
+        t0 = time.monotonic()
+        s.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert s.recv(1) == b""
+        assert time.monotonic() - t0 < 2.0
 
 
 def test_a_frame_of_empty_arrays_is_refused_within_its_decode_budget() -> None:
