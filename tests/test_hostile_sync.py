@@ -10,10 +10,14 @@ import socket
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any, cast
 
+import anyio
 import msgpack
 import pytest
 
+from agent.net.stream import Framed
+from agent.runtime import sync_service
 from agent.runtime.sync_service import HELLO_MAX_FRAME, SESSIONS_PER_HOST
 from merkle import frames
 from merkle.reconcile import Session
@@ -163,3 +167,38 @@ def test_honest_frames_fit_the_decode_budget(frame: frames.Frame) -> None:
 def test_frames_hold_no_maps() -> None:
     with pytest.raises(frames.ProtocolError):
         frames.decode(msgpack.packb([frames.ITEMS, [{}] * 10]))
+
+
+class Trickle:
+    """A byte stream that yields one byte every ``gap`` seconds: each read
+    is well within the per-read timeout, the whole frame is not."""
+
+    def __init__(self, data: bytes, gap: float) -> None:
+        self.data = data
+        self.gap = gap
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.sleep(self.gap)
+        if not self.data:
+            raise anyio.EndOfStream
+        b, self.data = self.data[:1], self.data[1:]
+        return b
+
+
+def test_a_trickling_frame_is_cut_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = frames.encode(frames.Step(final=True))  # a few bytes
+    wire = len(body).to_bytes(4, "big") + body
+    # Scaled down: 0.2 s + 1000 bytes/s, so a frame of a dozen bytes has ~0.2 s.
+    monkeypatch.setattr(sync_service, "IO_TIMEOUT", 0.2)
+    monkeypatch.setattr(sync_service, "MIN_RATE", 1000)
+    conn = Framed(cast(Any, Trickle(wire, gap=0.1)), max_frame=16)
+
+    async def receive() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await sync_service._receive(conn)
+        return time.monotonic() - t0
+
+    took = anyio.run(receive, backend="trio")
+    assert took < 0.5, took  # the whole frame would take 0.1 x len(wire) s
+    assert 0.1 * len(wire) >= 1.0
