@@ -8,13 +8,19 @@ own 127.0.0.x address, one seed), and measure
 * time from SIGKILL of one agent until every other marks it unhealthy;
 * idle RSS and CPU per agent over a window, and UDP bytes per agent per second.
 
+With ``--key`` every agent gets the same cluster key (``HS_GOSSIP_KEY``, a
+fresh base64 of 32 random bytes per run), so every datagram is sealed and
+opened: run it with and without to see what the key costs.
+
     python bench/bench_membership.py                    # N = 10 20 50, interval 1 s
     python bench/bench_membership.py --sizes 20 --idle 30 --json
+    python bench/bench_membership.py --sizes 50 --idle 30 --key
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -46,7 +52,7 @@ def cli() -> list[str]:
 
 class Proc:
     def __init__(self, i: int, port: int, seed: str | None, base: Path, interval: float,
-                 ttl: float) -> None:
+                 ttl: float, key: str | None = None) -> None:
         self.host = f"127.0.1.{i + 1}"
         self.api = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("HS_GOSSIP_")}
@@ -59,6 +65,8 @@ class Proc:
         })
         if seed:
             env["HS_GOSSIP_PEERS"] = seed
+        if key:
+            env["HS_GOSSIP_KEY"] = key
         self.log = base / f"a{i}.log"
         with open(self.log, "wb") as out:
             self.p = subprocess.Popen([*cli(), "run"], env=env, stdout=out,
@@ -108,17 +116,20 @@ def _safe(check: Any, p: Proc) -> bool:
         return False
 
 
-def run_size(n: int, interval: float, idle: float, ttl: float) -> dict[str, Any]:
+def run_size(n: int, interval: float, idle: float, ttl: float,
+             keyed: bool = False) -> dict[str, Any]:
+    key = base64.b64encode(os.urandom(32)).decode() if keyed else None
     base = Path(tempfile.mkdtemp(prefix="hs-gossip-bench-"))
     port = free_port(socket.SOCK_DGRAM)
     procs: list[Proc] = []
     try:
         with ThreadPoolExecutor(16) as pool:
-            seed = Proc(0, port, None, base, interval, ttl)
+            seed = Proc(0, port, None, base, interval, ttl, key)
             procs.append(seed)
             poll_all(pool, [seed], Proc.up, 30)
             for i in range(1, n):
-                procs.append(Proc(i, port, f"{seed.host}:{port}", base, interval, ttl))
+                procs.append(Proc(i, port, f"{seed.host}:{port}", base, interval, ttl,
+                                  key))
             poll_all(pool, procs, Proc.up, 120)  # the clock starts when the last API answers
 
             def full(p: Proc) -> bool:
@@ -169,7 +180,7 @@ def run_size(n: int, interval: float, idle: float, ttl: float) -> dict[str, Any]
         if sys.exc_info()[0] is None:
             shutil.rmtree(base, ignore_errors=True)
     return {
-        "agents": n, "interval_s": interval,
+        "agents": n, "keyed": keyed, "interval_s": interval,
         "converge_s": round(converge, 2), "unhealthy_after_kill_s": round(detect, 2),
         "cpu_pct_mean": round(statistics.mean(cpu), 2), "cpu_pct_max": round(max(cpu), 2),
         "rss_mib_mean": round(statistics.mean(rss), 1), "rss_mib_max": round(max(rss), 1),
@@ -184,9 +195,11 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--idle", type=float, default=30.0, help="idle window in seconds")
     ap.add_argument("--ttl", type=float, default=30.0)
+    ap.add_argument("--key", action="store_true",
+                    help="give every agent the same cluster key (sealed datagrams)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    rows = [run_size(n, args.interval, args.idle, args.ttl) for n in args.sizes]
+    rows = [run_size(n, args.interval, args.idle, args.ttl, args.key) for n in args.sizes]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
