@@ -10,16 +10,25 @@ import base64
 import http.client
 import json
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+import trio
 
 from agent.face.collections_api import item_view, value_fields
-from agent.face.json_input import MAX_DEPTH, InputError, json_problem, parse_body
+from agent.face.json_input import (
+    MAX_DEPTH,
+    BodyBudget,
+    InputError,
+    json_problem,
+    parse_body,
+    read_json,
+)
 from agent.store import StoreError, check_name
 from merkle.tree import Item
 from tests.agents import AgentProc, free_port
@@ -225,6 +234,73 @@ def test_50mb_body_is_refused_early_with_bounded_memory(agent: AgentProc, method
     bound = (40 << 10) if method == "POST" and chunked else (20 << 10)
     assert after - before < bound, (before, after)
     assert raw(agent, "GET", "/healthz")[0] == 200
+
+
+def test_eight_chunked_50mb_batches_at_once_share_one_budget(tmp_path: Path) -> None:
+    """Each chunked batch may grow to its 16 MiB limit before its 413; eight at
+    once would hold 128 MiB but for the process-wide budget (24 MiB): a fresh
+    agent's peak grows by well under that, every answer is a JSON 413 or 503."""
+    data = tmp_path / "b"
+    data.mkdir()
+    b = AgentProc("b", "127.0.0.251", free_port(kind=socket.SOCK_DGRAM), data, {})
+    b.start()
+    try:
+        assert b.proc is not None
+        assert raw(b, "PUT", "/api/collections/c/items/k", b'{"value": 1}')[0] == 200
+        before = _peak_rss_kib(b.proc.pid)
+        answers: list[tuple[int, Any, float]] = []
+        threads = [threading.Thread(target=lambda: answers.append(
+            _send_huge(b, "POST", "/api/collections/huge/items", chunked=True)))
+            for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        after = _peak_rss_kib(b.proc.pid)
+        assert len(answers) == 8
+        for status, body, elapsed in answers:
+            assert status in (413, 503), body
+            assert isinstance(body["error"], str)
+            assert elapsed < 15
+        assert after - before < (40 << 10), (before, after, [a[0] for a in answers])
+        # the budget is whole again: an honest batch goes through
+        status, body, _ = raw(b, "POST", "/api/collections/c/items",
+                              json.dumps({"items": {f"k{i}": "x" * 1000
+                                                    for i in range(5000)}}).encode())
+        assert status == 200, body
+    finally:
+        b.stop()
+
+
+async def _feed(chunks: int, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    """``chunks`` MiB of JSON whitespace and then the document ``1``."""
+    for _ in range(chunks):
+        yield b" " * size
+        await trio.sleep(0.001)
+    yield b"1"
+
+
+def test_body_budget_refuses_the_youngest_and_lets_the_oldest_finish() -> None:
+    budget = BodyBudget(4 << 20)
+    results: dict[str, Any] = {}
+
+    async def send(name: str, chunks: int, delay: float) -> None:
+        await trio.sleep(delay)
+        try:
+            results[name] = await read_json({}, _feed(chunks), 16 << 20, budget)
+        except InputError as e:
+            results[name] = (e.status, e.headers.get("Retry-After"))
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(send, "old", 6, 0.0)  # alone, it may pass the budget
+            n.start_soon(send, "young", 3, 0.0005)
+
+    trio.run(main)
+    assert results == {"old": 1, "young": (503, "1")}
+    assert budget.in_use == 0
+    # with the budget whole again, a body that fits is read
+    assert trio.run(read_json, {}, _feed(3), 16 << 20, budget) == 1
 
 
 def test_errors_are_json_405_and_404(agent: AgentProc) -> None:

@@ -158,8 +158,8 @@ def build_app(view: ViewSource, extra_routes: list[BaseRoute],
 class BodyLimit:
     """Refuses, before the app runs, a request whose Content-Length is over
     ``limit`` (413, JSON). Routes that read a body also count what streams in
-    (agent.face.json_input.read_limited), so a body without Content-Length is
-    bounded too."""
+    (agent.face.json_input.read_json), so a body without Content-Length is
+    bounded too, and all bodies in flight share one budget."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app

@@ -6,7 +6,8 @@
 transaction) and ``POST /api/collections/{name}/verify[?repair=1]``. Errors are JSON
 ``{"error": ...}`` with 400 (bad name, key or JSON), 404 (no such item), 413
 (body or value over its limit), 507 (disk full: writes refused, reads go on)
-or 503 (the database file is damaged: restart the agent). Bodies are read and parsed by
+or 503 (the database file is damaged: restart the agent; or, with
+``Retry-After``, too many request bodies in flight at once). Bodies are read and parsed by
 agent.face.json_input, so nothing that is not strict JSON reaches the store.
 Versions are shown as ``updated_ms`` (the HLC's wall-clock part, Unix
 milliseconds), ``counter`` and ``origin`` (node UUID), so every integer stays
@@ -28,7 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent.core.clock import counter, physical_ms
-from agent.face.json_input import InputError, json_problem, parse_body, read_limited
+from agent.face.json_input import InputError, json_problem, read_json
 from agent.store import Store, StoreError, check_key, check_name, decode_value, encode_value
 from merkle.tree import Item
 
@@ -44,6 +45,13 @@ def put_body_limit(max_value: int) -> int:
 
 def _error(status: int, msg: str) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=status)
+
+
+def _input_error(e: InputError) -> JSONResponse:
+    # a body refused part-way was not read to its end: close the connection
+    # rather than reading (and dropping) the rest of it
+    headers = {**e.headers, "Connection": "close"} if e.status in (413, 503) else e.headers
+    return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
 def _store_error(e: StoreError) -> JSONResponse:
@@ -126,10 +134,9 @@ def routes(store: Store, max_value: int) -> list[Route]:
         if isinstance(t, JSONResponse):
             return t
         try:
-            doc = parse_body(await read_limited(request.headers, request.stream(),
-                                                put_body_limit(max_value)))
+            doc = await read_json(request.headers, request.stream(), put_body_limit(max_value))
         except InputError as e:
-            return _error(e.status, str(e))
+            return _input_error(e)
         if not isinstance(doc, dict) or "value" not in doc:
             return _error(400, 'body must be a JSON object with a "value" field')
         refused = _too_large(doc["value"], max_value, "value")
@@ -190,10 +197,9 @@ def routes(store: Store, max_value: int) -> list[Route]:
         if isinstance(t, JSONResponse):
             return t
         try:
-            doc = parse_body(await read_limited(request.headers, request.stream(),
-                                                MAX_BATCH_BODY))
+            doc = await read_json(request.headers, request.stream(), MAX_BATCH_BODY)
         except InputError as e:
-            return _error(e.status, str(e))
+            return _input_error(e)
         items = doc.get("items") if isinstance(doc, dict) else None
         if not isinstance(items, dict) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
             return _error(400, f'"items" must map 1-{MAX_BATCH_ITEMS} keys to values')

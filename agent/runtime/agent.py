@@ -69,6 +69,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hs_gossip")
 
+#: least seconds between two writes of identity.json on refutation
+IDENTITY_SAVE_EVERY = 1.0
 #: how long in-flight API requests get to finish on shutdown (seconds)
 API_DRAIN = 5.0
 
@@ -108,6 +110,12 @@ class Agent:
     seal: Seal | None = None
     #: every RNG derives from it (HS_GOSSIP_SEED, else random per start)
     seed: Seed = field(init=False)
+    #: an incarnation refuted to and not yet saved: forged suspicions can
+    #: arrive by the hundred, so identity.json is written at most once per
+    #: IDENTITY_SAVE_EVERY seconds, always with the latest value (the next
+    #: tick and shutdown write what is pending)
+    _ident_pending: int | None = None
+    _ident_saved_at: float = float("-inf")
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -217,6 +225,7 @@ class Agent:
                 except Exception:
                     log.exception("error while closing")
             self._save_snapshot()
+            self._save_identity(force=True)
             if self.sock is not None:
                 await self.sock.aclose()
         self.notifier.close()
@@ -442,6 +451,7 @@ class Agent:
             await self._flush()
             self.last_tick = now
             self.ticks += 1
+            self._save_identity()
             if not self.core.joined and self.cfg.peers:
                 await self.seeds.refresh()
             # +-10% jitter keeps a fleet booted together from ticking in lockstep.
@@ -463,9 +473,20 @@ class Agent:
             log.warning("peer %s dropped after %.0fs of silence", nid, self.cfg.ttl)
         elif isinstance(ev, IncarnationRaised):
             log.warning("refuting a suspicion: incarnation now %d", ev.incarnation)
-            with suppress(OSError):
-                identity.save(self.cfg.data_dir,
-                              identity.Identity(self.ident.node_id, ev.incarnation))
+            self._ident_pending = ev.incarnation
+            self._save_identity()
+
+    def _save_identity(self, force: bool = False) -> None:
+        """Write the pending incarnation, unless one was written less than
+        IDENTITY_SAVE_EVERY seconds ago (then the next tick does it)."""
+        now = time.monotonic()
+        if self._ident_pending is None or (
+                not force and now - self._ident_saved_at < IDENTITY_SAVE_EVERY):
+            return
+        incarnation, self._ident_pending = self._ident_pending, None
+        self._ident_saved_at = now
+        with suppress(OSError):
+            identity.save(self.cfg.data_dir, identity.Identity(self.ident.node_id, incarnation))
 
 
 def _short(node_id: bytes) -> str:
