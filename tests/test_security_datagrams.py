@@ -300,6 +300,40 @@ def test_core_refuses_a_message_speaking_for_another_node() -> None:
 # --- visibility and cost ------------------------------------------------------------
 
 
+def test_a_sealed_beacon_naming_another_node_is_dropped() -> None:
+    """A key holder's discovery beacon that names another node_id than the
+    one that sealed it is dropped and counted; its own beacon is reported."""
+    import anyio
+    import anyio.abc
+
+    from agent.net import discovery
+
+    sealer, receiver = pair()
+    found: list[tuple[str, int]] = []
+    stats: dict[str, int] = {}
+
+    async def main() -> None:
+        udp = await anyio.create_udp_socket(local_host="127.0.0.1")
+        port = udp.extra(anyio.abc.SocketAttribute.local_port)
+        sock = discovery.DiscoverySocket(udp, "127.0.0.1", port, receiver)
+        peer = await anyio.create_udp_socket(local_host="127.0.0.1")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(discovery.serve, sock, 7946, B, found.append)
+            for port_, node in ((7001, uuid.uuid4().bytes), (7000, A)):  # spoofed, then own
+                beacon = sealer.seal(discovery.encode(port_, node), Kind.DISCOVERY)
+                await peer.sendto(beacon, "127.0.0.1", port)
+            with anyio.fail_after(5):
+                while not found:
+                    await anyio.sleep(0.01)
+            stats.update(sock.stats)
+            tg.cancel_scope.cancel()
+        await peer.aclose()
+
+    anyio.run(main, backend="trio")
+    assert found == [("127.0.0.1", 7000)]
+    assert stats.get("drop_sender_mismatch") == 1 and not stats.get("drop_unopened")
+
+
 def test_one_log_line_per_cause_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     b = Sealed(ring(K1), B, 20, "c", clock=lambda: now[0])

@@ -8,7 +8,10 @@ the local link. Anything else arriving on the group port is ignored.
 This is the agent's second UDP socket. Its datagrams cross the same seal as
 gossip (agent.net.seal, kind DISCOVERY) in :class:`DiscoverySocket`, the only
 place here that touches datagram bytes; one the seal refuses to open is
-counted (``drop_unopened``) and dropped.
+counted (``drop_unopened``) and dropped. With a key the seal also says who
+sealed a beacon: one whose node_id is not its authenticated sender (a key
+holder speaking for another node) is counted (``drop_sender_mismatch``) and
+dropped too.
 """
 
 from __future__ import annotations
@@ -90,6 +93,14 @@ class DiscoverySocket:
             data = self._seal.open(datagram, Kind.DISCOVERY)
             if data is None:
                 self.stats["drop_unopened"] += 1
+                continue
+            # Asked at once, before any await: the seal vouches only for
+            # the plaintext its last open returned.
+            sender = self._seal.sender(data)
+            beacon = decode(data)
+            if sender is not None and beacon is not None and beacon[1] != sender:
+                self.stats["drop_sender_mismatch"] += 1
+                log.debug("beacon from %s names another node; dropped", host)
                 continue
             return data, (host, port)
 
