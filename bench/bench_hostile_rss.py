@@ -9,6 +9,13 @@ pass 10x the frame's size + 1 MiB). The agent's VmRSS is sampled every 50 ms;
 the floor, for phase 1, is a peak under 80 MiB. Phase 2 is reported beside
 it: its peak is phase 1's held buffers plus one decode budget (31 MiB).
 
+Phase 3, on a second, fresh agent: 8 clients at once send a 50 MB body, in
+four rounds: to PUT and to the batch endpoint, each announced by
+Content-Length and chunked without one. Reported per round: the answers
+(each must be a JSON 413 or 503), the slowest answer, the sampled peak VmRSS;
+and the agent's VmHWM (peak resident size of its whole life, so nothing short
+is missed between samples) after all four. The floor: VmHWM under 80 MiB.
+
     python bench/bench_hostile_rss.py [--clients 100]
 
 (from the repository root: it starts the agent the way the tests do.)
@@ -23,13 +30,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
 
-from tests.agents import Swarm
+from tests.agents import AgentProc, Swarm
+from tests.test_api_input import _peak_rss_kib, _send_huge
 from tests.test_hostile_sync import MAX_FRAME, attack, hello, rss_mib
 
 FLOOR_MIB = 80.0
@@ -73,6 +83,54 @@ def bomb(host: str, port: int, source: str) -> bool:
         return True
     except OSError:
         return False
+
+
+BODY_ROUNDS = [("put", "PUT", "/api/collections/huge/items/k"),
+               ("batch", "POST", "/api/collections/huge/items")]
+
+
+def _send_into(answers: list[tuple[int, Any, float]], a: AgentProc, method: str,
+               path: str, chunked: bool) -> None:
+    try:
+        answers.append(_send_huge(a, method, path, chunked))
+    except Exception as e:  # a reset or no answer: counted as not ok
+        answers.append((0, {"error": repr(e)}, 0.0))
+
+
+def body_rounds(a: AgentProc, clients: int = 8) -> dict[str, Any]:
+    """Phase 3: ``clients`` send 50 MB bodies at once, in four rounds."""
+    assert a.proc is not None
+    pid = a.proc.pid
+    out: dict[str, Any] = {"rss_idle_mib": round(rss_mib(pid), 1),
+                           "hwm_idle_mib": round(_peak_rss_kib(pid) / 1024, 1)}
+    all_ok = True
+    for name, method, path in BODY_ROUNDS:
+        for chunked in (False, True):
+            answers: list[tuple[int, Any, float]] = []
+
+            sampler = Sampler(pid)
+            threads = [threading.Thread(target=_send_into,
+                                        args=(answers, a, method, path, chunked))
+                       for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            peak = sampler.stop()
+            ok = all(st in (413, 503) and isinstance(b, dict) and "error" in b and sec < 10
+                     for st, b, sec in answers)
+            all_ok = all_ok and ok
+            out[f"{name}_{'chunked' if chunked else 'content_length'}"] = {
+                "answers": dict(Counter(str(st) for st, _, _ in answers)),
+                "slowest_s": round(max(sec for _, _, sec in answers), 2),
+                "rss_peak_mib": round(peak, 1),
+                "all_413_or_503_quickly": ok,
+            }
+    hwm = _peak_rss_kib(pid) / 1024
+    out["hwm_after_mib"] = round(hwm, 1)
+    out["floor_mib"] = FLOOR_MIB
+    out["ok"] = all_ok and hwm < FLOOR_MIB
+    return out
 
 
 def main() -> None:
@@ -120,6 +178,8 @@ def main() -> None:
                 "floor_mib": FLOOR_MIB,
                 "ok": parked_peak < FLOOR_MIB,
             }
+            b = swarm.add()
+            out["bodies_50mb_x8"] = body_rounds(b)
             print(json.dumps(out, indent=2))
         finally:
             swarm.stop_all()

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import sniffio
 from anyio.abc import TaskStatus
 from hypercorn.config import Config as HyperConfig
@@ -28,7 +29,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.face import auth, collections_api, metrics
@@ -116,8 +117,15 @@ def swarm_stats_json(v: AgentView) -> dict[str, Any]:
 MAX_BODY = collections_api.MAX_BATCH_BODY
 
 
+#: longest a refused request's unread body is drained after the answer (seconds)
+DRAIN_WAIT = 10.0
+
+#: starts draining a request's queue (its ``receive``) in a task that outlives it
+Spawn = Callable[[Receive], None]
+
+
 def build_app(view: ViewSource, extra_routes: list[BaseRoute],
-              max_body: int = MAX_BODY) -> Starlette:
+              max_body: int = MAX_BODY, spawn: Spawn | None = None) -> Starlette:
     async def peers(request: Request) -> JSONResponse:
         return JSONResponse(peers_json(view()))
 
@@ -151,21 +159,68 @@ def build_app(view: ViewSource, extra_routes: list[BaseRoute],
         Route("/healthz", healthz),
         *extra_routes,
     ]
-    return Starlette(routes=routes, middleware=[Middleware(BodyLimit, limit=max_body)],
+    return Starlette(routes=routes,
+                     middleware=[Middleware(BodyLimit, limit=max_body, spawn=spawn)],
                      exception_handlers={HTTPException: http_error, 500: server_error})
+
+
+async def _drain(receive: Receive) -> None:
+    """Take and drop what the server still queues for an answered request."""
+    with anyio.move_on_after(DRAIN_WAIT):
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
 
 class BodyLimit:
     """Refuses, before the app runs, a request whose Content-Length is over
     ``limit`` (413, JSON). Routes that read a body also count what streams in
     (agent.face.json_input.read_json), so a body without Content-Length is
-    bounded too, and all bodies in flight share one budget."""
+    bounded too, and all bodies in flight share one budget.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    A request answered before its body was read whole leaves Hypercorn's
+    reader parked on the request's full queue (10 chunks), and the
+    disconnect Hypercorn queues once the answer is sent parks behind it,
+    inside the app's last ``send``: the connection would never close and its
+    chunks never be freed. So when such a request starts its answer, its
+    queue is drained in the background (``spawn``: a task group that outlives
+    requests) until that disconnect, for at most DRAIN_WAIT seconds."""
+
+    def __init__(self, app: ASGIApp, limit: int, spawn: Spawn | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.spawn = spawn
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        spawn = self.spawn
+        if scope["type"] != "http" or spawn is None:
+            await self._call(scope, receive, send)
+            return
+        read_whole = draining = False
+
+        def drain() -> None:
+            nonlocal draining
+            if not (read_whole or draining):
+                draining = True
+                spawn(receive)
+
+        async def tracked_receive() -> Message:
+            nonlocal read_whole
+            msg = await receive()
+            read_whole = (read_whole or msg["type"] == "http.disconnect"
+                          or not msg.get("more_body"))
+            return msg
+
+        async def tracked_send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                drain()
+            await send(msg)
+
+        try:
+            await self._call(scope, tracked_receive, tracked_send)
+        finally:
+            drain()  # a failure answered outside this middleware
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"content-length" and (not value.isdigit()
@@ -207,9 +262,25 @@ async def serve_api(
     hc = _hyper_config(cfg.api)
     # Hypercorn logs "Running on ..." at INFO; the agent logs its own start line.
     logging.getLogger("hs_gossip.http").setLevel(logging.WARNING)
+    async with anyio.create_task_group() as drains:  # see BodyLimit
+
+        def drain(receive: Receive) -> None:
+            drains.start_soon(_drain, receive)
+
+        refused = await _serve(cfg, view, store, shutdown, hc, drain, task_status, controls)
+        drains.cancel_scope.cancel()
+    if refused is not None:  # raised out here, so no task group wraps it
+        raise refused from None
+
+
+async def _serve(cfg: Config, view: ViewSource, store: Store,
+                 shutdown: Callable[[], Awaitable[object]], hc: HyperConfig, spawn: Spawn,
+                 task_status: TaskStatus[int], controls: Controls | None) -> Exception | None:
+    """Run Hypercorn until shutdown; the bind error, if that is why it stopped."""
     app = build_app(view, [*collections_api.routes(store, cfg.max_value),
                            *metrics.routes(view), *keyring_routes(controls)],
-                    max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)))
+                    max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)),
+                    spawn=spawn)
     if cfg.api_token is not None:  # outermost: nothing runs for a request without it
         app.add_middleware(auth.BearerToken, token=cfg.api_token)
 
@@ -237,6 +308,7 @@ async def serve_api(
             # unless it was 0.
             task_status.started(cfg.api.port)
             await asyncio_serve(app, hc, shutdown_trigger=shutdown)  # type: ignore[arg-type]
+        return None
     except (OSError, BaseExceptionGroup) as e:
         # Hypercorn's trio worker raises the bind error inside an exception
         # group; before the port is reported, any OSError is the bind.
@@ -245,9 +317,8 @@ async def serve_api(
             raise
         from agent.runtime.errors import StartupError
 
-        raise StartupError(
-            f"cannot bind HTTP API {cfg.api} (HS_GOSSIP_API): {err.strerror or err}"
-        ) from None
+        return StartupError(
+            f"cannot bind HTTP API {cfg.api} (HS_GOSSIP_API): {err.strerror or err}")
 
 
 def _first_os_error(e: BaseException) -> OSError | None:

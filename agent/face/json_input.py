@@ -16,9 +16,12 @@ Rules (the README's "HTTP API" section states them to users):
   refused the same way. The oldest body always makes progress, so honest
   concurrent writers are served one after another rather than all refused;
   a body alone may grow up to its own limit even past the budget;
-* a body is held once: its bytes accumulate in one buffer (no list of
-  chunks joined into a second copy), are decoded to text and dropped before
-  parsing, and its share of the budget is held until parsing ends;
+* a body is held once while it streams in (the server's chunks, kept as they
+  come); once whole it is joined, decoded to text and its bytes dropped
+  before parsing, and its share of the budget is held until parsing ends.
+  Joining, decoding and parsing run without a pause, so only one body at a
+  time is in that step: the process holds at most the budget plus one
+  body's parse (its limit, twice, and the parsed value);
 * a body is strict UTF-8 (no BOM, no encoded surrogates);
 * numbers: integers in msgpack's range (-2**63 .. 2**64-1), floats finite
   (``NaN``, ``Infinity``, ``-Infinity`` and ``1e999`` are refused);
@@ -139,14 +142,20 @@ async def read_json(headers: Any, stream: AsyncIterator[bytes], limit: int,
         if n > limit:
             raise InputError(413, f"body of {n} bytes is over the limit of {limit} bytes")
     with (budget or BODIES).reader() as r:
-        buf = bytearray()
+        # the server's own chunks are kept as they come (a growing buffer
+        # would copy and fragment); joined once, in one synchronous step
+        chunks: list[bytes] = []
+        size = 0
         async for chunk in stream:
-            if len(buf) + len(chunk) > limit:
+            if size + len(chunk) > limit:
                 raise InputError(413, f"body is over the limit of {limit} bytes")
             await r.take(len(chunk))
-            buf += chunk
-        text = _decode(buf)
-        del buf  # drop the bytes before parsing: the text is the copy
+            chunks.append(chunk)
+            size += len(chunk)
+        body = b"".join(chunks)
+        chunks.clear()
+        text = _decode(body)
+        del body  # drop the bytes before parsing: the text is the copy
         return _parse_text(text)
 
 
