@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.addr import join_host_port
+from agent.core.changelog import Retention, parse_retention
 
 PREFIX = "HS_GOSSIP_"
 
@@ -75,6 +76,8 @@ class Config:
     max_skew: float = 300.0
     sync_concurrency: int = 2
     tombstone_grace: float = 7 * 24 * 3600.0
+    #: how much of the change log is kept (agent.core.changelog.Retention)
+    log_retain: Retention = field(default_factory=lambda: Retention(100_000, None))
     discovery: str = "none"
     multicast_group: str = "239.255.77.46"
     multicast_port: int = 7947
@@ -369,6 +372,10 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("sync_concurrency", _int_range(1, 64), "2", "sync sessions at once"),
         FieldSpec("tombstone_grace", _positive_float(1, 86400 * 3650), "604800",
                   "age in seconds a tombstone must reach before it may be purged"),
+        FieldSpec("log_retain", parse_retention, "100000",
+                  "change log kept: a number of entries and/or an age (unit s, m, h "
+                  "or d), comma-separated, such as 100000 or 100000,7d; older entries "
+                  "are compacted away (the newest is always kept)"),
         FieldSpec("discovery", _choice("none", "multicast"), "none",
                   "none, or multicast for zero-config LAN discovery"),
         FieldSpec("multicast_group", _multicast_group, "239.255.77.46",

@@ -202,6 +202,7 @@ class Agent:
                           self._snapshot_rows, lambda: self.core.lc)
             tg.start_soon(maintenance.tombstone_loop, cfg.interval, store, self.core,
                           cfg.tombstone_grace, wall_ms)
+            tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain)
             tg.start_soon(supervision.loop_lag_monitor, self._record_loop_lag)
             tg.start_soon(supervision.trim_memory)
             self._start_optional_services(tg)

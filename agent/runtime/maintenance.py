@@ -1,8 +1,9 @@
 """Slow loops of the agent process: the peer snapshot kept for the next start,
-and tombstone purging. Each takes what it reads as arguments, so it owns no
+tombstone purging and change log compaction. Each takes what it reads as arguments, so it owns no
 agent state; each ``async def`` sleeps between rounds and is cancelled with
 the agent's task group (a cancelled round leaves nothing half-written: the
-snapshot is replaced atomically and a purge is one store transaction).
+snapshot is replaced atomically, a purge is one store transaction and log
+compaction moves its floor in the transaction that deletes the entries).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import anyio
 
 from agent.core import tombstones
+from agent.core.changelog import Retention
 from agent.core.membership import Membership
 from agent.runtime import snapshot
 from agent.store import Store
@@ -27,6 +29,9 @@ SNAPSHOT_EVERY_INTERVALS = 30
 SNAPSHOT_REFRESH = 600.0
 #: how often the tombstone purge rule is evaluated
 TOMBSTONE_EVERY_INTERVALS = 10
+#: how often the change log is compacted (each round deletes in transactions
+#: of at most 10,000 entries, so local writes interleave)
+LOG_COMPACT_EVERY_INTERVALS = 30
 
 #: (node_id hex, host, gossip port, wall time last seen)
 Row = tuple[str, str, int, float]
@@ -74,3 +79,19 @@ async def tombstone_loop(interval: float, store: Store, core: Membership, grace:
                 why = "every replica in sight had them" if p.expected is None \
                     else "as a peer did"
                 log.info("purged %d tombstone(s) in %s (%s)", purged, name, why)
+
+
+def no_follower_needs() -> int | None:
+    return None
+
+
+async def log_compaction_loop(interval: float, store: Store, retain: Retention,
+                              min_needed: Callable[[], int | None] = no_follower_needs) -> None:
+    """Compact the change log to HS_GOSSIP_LOG_RETAIN. ``min_needed``: the
+    oldest seq a connected follower still needs (None: no follower), which
+    holds compaction back up to agent.store.log.hold_bound."""
+    while True:
+        await anyio.sleep(LOG_COMPACT_EVERY_INTERVALS * interval)
+        gone = await store.compact_log(retain, min_needed())
+        if gone:
+            log.debug("compacted %d change log entries", gone)

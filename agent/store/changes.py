@@ -9,8 +9,11 @@ Rules:
   effect, in order. From that same list, in the caller's transaction, it writes
   the item rows, the node sums of every stored level and the live count, so a
   kill -9 at any moment leaves a database whose tree matches its items.
-  Anything else that must see every change in the same transaction (a change
-  log for streaming to followers) is written there, from that list.
+  Anything else that must see every change in the same transaction is
+  written there, from that list: the change log (:mod:`agent.store.log`),
+  one entry per change. Repairs (``CORRECT``) are not logged: they rewrite a
+  row's digest or position, not its version (key, hlc, origin, value), and
+  every receiver computes digests and positions itself.
 * What each proposed item does is decided against the stored row only, by
   the batch's :class:`Kind`: ``WRITE`` wins by last-writer-wins on (hlc,
   origin, digest), the same answer on every replica; ``REMOVE`` takes out
@@ -33,6 +36,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from agent.store.log import ChangeLog
 from agent.store.schema import ITEM_COLUMNS, SHIFT, row_item
 from merkle.tree import FANOUT_BITS, MOD, STORED_LEVELS, Item, node_index
 
@@ -105,16 +109,18 @@ class Change(NamedTuple):
 
 
 def change(conn: sqlite3.Connection, coll: Collection, kind: Kind,
-           items: list[Item]) -> list[Change]:
+           items: list[Item], log: ChangeLog) -> list[Change]:
     """Carry out ``proposals`` in the current transaction and return what
-    changed. The rows, the node sums and the live count are all derived from
-    the returned list, so they cannot disagree with it."""
+    changed. The rows, the node sums, the live count and the log entries are
+    all derived from the returned list, so they cannot disagree with it."""
     if not items:
         return []
     changes = _decide(_stored(conn, coll, {it.key for it in items}), kind, items)
     if changes:
         _write(conn, coll, changes)
         # Whatever else must record every change in this transaction goes here.
+        if kind is not Kind.CORRECT:
+            log.append(conn, coll.name, changes)
     return changes
 
 

@@ -59,6 +59,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE collections ADD COLUMN horizon INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX items_tombstones ON items (coll, hlc) WHERE deleted = 1;
     """,
+    # 3: the change log (agent.store.log): seq, the entry's canonical bytes
+    # (agent.core.changelog: epoch, seq, prev_hash, origin, hlc, collection,
+    # key, op, value) and the wall time it was appended. seq is the rowid:
+    # appends go to the end of the table. A database upgraded from 2 starts
+    # with an empty log: the items stored before are in no entry.
+    """
+    CREATE TABLE log (
+        seq INTEGER PRIMARY KEY,
+        entry BLOB NOT NULL,
+        at INTEGER NOT NULL
+    );
+    INSERT OR IGNORE INTO meta VALUES ('log_epoch', 1);
+    """,
 ]
 
 

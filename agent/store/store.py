@@ -38,9 +38,11 @@ from typing import Any, TypeVar
 import anyio
 import sniffio
 
+from agent.core.changelog import LogEntry, Position, Retention
 from agent.core.clock import HLC
 from agent.store.check import CheckResult, check_at_start, is_corrupt, is_full, set_aside
 from agent.store.checkpoint import WAL_SAFETY_PAGES, Checkpointer
+from agent.store.log import COMPACT_BATCH
 from agent.store.schema import DB_FILE
 from agent.store.tree import SqliteTree
 from agent.store.values import CollectionInfo, StoreError
@@ -99,6 +101,11 @@ def _waker() -> Callable[[Callable[[], None]], None]:
     return loop.call_soon_threadsafe  # type: ignore[return-value]
 
 
+def _compact(w: Writer, now: int, retain: Retention, min_needed_seq: int | None,
+             batch: int) -> int:
+    return w.compact_log(retain, now, min_needed_seq, batch)
+
+
 class Store:
     """Replicated collections in SQLite. Create inside the event loop with
     :meth:`open`."""
@@ -107,12 +114,13 @@ class Store:
                  max_skew: float = 300.0, clock: Callable[[], int] | None = None,
                  ran_before: bool = False) -> None:
         self.path = data_dir / DB_FILE
-        self.hlc = HLC(clock or wall_ms)
+        self._wall = clock or wall_ms
+        self.hlc = HLC(self._wall)
         #: what the start-up check found (a damaged file is moved aside first)
         self.check: CheckResult = check_at_start(self.path, ran_before)
         problem = None
         try:
-            self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew)
+            self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew, self._wall)
         except sqlite3.DatabaseError as e:
             if not is_corrupt(e):
                 raise
@@ -121,7 +129,7 @@ class Store:
             # Past the check, yet unreadable: the same remedy (the failed
             # connection is gone with the exception).
             self.check = set_aside(self.path, problem)
-            self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew)
+            self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew, self._wall)
         self._writer.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
         self._checkpointer = Checkpointer(self.path)
         self._queue: queue.Queue[_Op | None] = queue.Queue()
@@ -371,6 +379,35 @@ class Store:
         gen = await self.with_tree(name, partial(item_batches, requests=requests))
         while (batch := await self._call(lambda _w: next(gen, None), read=True)) is not None:
             yield batch
+
+    # --- change log ---------------------------------------------------------------
+
+    async def log_position(self) -> Position:
+        """(epoch, seq, hash) of the last entry of the change log."""
+        return await self._call(lambda w: w.log_position(), read=True)
+
+    async def log_floor(self) -> Position:
+        """The position of the newest compacted entry: the log holds exactly
+        the entries after it ((epoch, 0, GENESIS) before any compaction)."""
+        return await self._call(lambda w: w.log_floor(), read=True)
+
+    async def read_log(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
+        """Up to ``limit`` entries (at most 10,000) after ``after_seq``, in order."""
+        return await self._call(lambda w: w.read_log(after_seq, limit), read=True)
+
+    async def compact_log(self, retain: Retention, min_needed_seq: int | None = None,
+                          batch: int = COMPACT_BATCH) -> int:
+        """Delete the entries beyond ``retain`` (see agent.store.log), at most
+        ``batch`` per transaction so writes interleave; ``min_needed_seq``:
+        the oldest entry a connected follower still needs. Returns how many
+        entries were deleted."""
+        total = 0
+        while True:
+            n = await self._call(partial(_compact, now=self._wall(), retain=retain,
+                                         min_needed_seq=min_needed_seq, batch=batch))
+            total += n
+            if n < batch:
+                return total
 
     def digests(self) -> list[CollectionInfo]:
         """Collections as of the last commit: no query, safe from the event loop."""

@@ -16,11 +16,14 @@ Rules:
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from agent.core.changelog import LogEntry, Position, Retention
 from agent.core.clock import HLC, MAX_HLC
 from agent.store.changes import (
     Change,
@@ -32,6 +35,7 @@ from agent.store.changes import (
     rebuild,
     recount,
 )
+from agent.store.log import COMPACT_BATCH, ChangeLog
 from agent.store.schema import ITEM_COLUMNS, open_db, row_item, save_clock, saved_clock
 from agent.store.tree import SqliteTree
 from agent.store.values import (
@@ -52,7 +56,7 @@ class Writer:
     operations on them."""
 
     def __init__(self, path: Path, hlc: HLC, origin: bytes, max_value: int,
-                 max_skew: float) -> None:
+                 max_skew: float, wall: Callable[[], int] | None = None) -> None:
         self.path = path
         self.hlc = hlc
         self.origin = origin  # this node's id: the origin of local versions
@@ -63,12 +67,15 @@ class Writer:
         if last is not None:
             self.hlc.observe(last)
         self.colls: dict[str, Collection] = load_collections(self.conn)
+        #: the change log; ``wall`` (Unix ms) stamps its entries for the age limit
+        self.log = ChangeLog(self.conn, wall or (lambda: time.time_ns() // 1_000_000))
 
     def reload(self) -> None:
-        """Reread the collections after a rollback (the mirror may hold undone
-        changes). In place: tree views hold this dict."""
+        """Reread the collections and the log's head after a rollback (the
+        mirrors may hold undone changes). In place: tree views hold this dict."""
         self.colls.clear()
         self.colls.update(load_collections(self.conn))
+        self.log.reload(self.conn)
 
     def collection(self, name: str, create: bool) -> Collection | None:
         coll = self.colls.get(name)
@@ -87,7 +94,7 @@ class Writer:
         """The change path for collection ``name``, created if need be."""
         coll = self.collection(name, create=True)
         assert coll is not None
-        return change(self.conn, coll, kind, items)
+        return change(self.conn, coll, kind, items, self.log)
 
     # --- local operations ------------------------------------------------------
 
@@ -213,7 +220,7 @@ class Writer:
         coll = self.colls.get(name)
         if coll is None or not items:
             return []
-        return change(self.conn, coll, Kind.REMOVE, items)
+        return change(self.conn, coll, Kind.REMOVE, items, self.log)
 
     def purge_tombstones(self, name: str, horizon: int,
                          expected: bytes | None = None) -> list[Change] | None:
@@ -237,7 +244,7 @@ class Writer:
             after = (total - sum(int.from_bytes(it.digest, "big") for it in old)) % MOD
             if state_hash(after, count - len(old)) != expected:
                 return None
-        changes = change(self.conn, coll, Kind.REMOVE, old)
+        changes = change(self.conn, coll, Kind.REMOVE, old, self.log)
         coll.horizon = horizon
         self.conn.execute("UPDATE collections SET horizon=? WHERE id=?", (horizon, coll.id))
         return changes
@@ -257,7 +264,7 @@ class Writer:
         ok = not mismatched and counted.live == coll.live and not counted.corrections
         changes: list[Change] = []
         if repair and not ok:
-            changes = change(self.conn, coll, Kind.CORRECT, counted.corrections)
+            changes = change(self.conn, coll, Kind.CORRECT, counted.corrections, self.log)
             rebuild(self.conn, coll, counted)
         total, count = counted.nodes.get((0, 0), [0, 0])
         report = {"collection": name, "ok": ok, "items": count, "live": counted.live,
@@ -265,6 +272,21 @@ class Writer:
                   "repaired": repair and not ok,
                   "state_hash": state_hash(total, count).hex()}
         return report, changes
+
+    # --- change log -------------------------------------------------------------
+
+    def log_position(self) -> Position:
+        return self.log.head
+
+    def log_floor(self) -> Position:
+        return self.log.floor
+
+    def read_log(self, after_seq: int, limit: int) -> list[LogEntry]:
+        return self.log.read(self.conn, after_seq, limit)
+
+    def compact_log(self, retain: Retention, now_ms: int, min_needed_seq: int | None = None,
+                    batch: int = COMPACT_BATCH) -> int:
+        return self.log.compact(self.conn, retain, now_ms, min_needed_seq, batch)
 
     # --- per commit -----------------------------------------------------------
 

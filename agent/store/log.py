@@ -1,0 +1,147 @@
+"""The change log in SQLite: appended by the change path, read by position,
+compacted by the retention policy.
+
+Rules:
+
+* :meth:`ChangeLog.append` is called by :func:`agent.store.changes.change`
+  only, inside the caller's transaction, one entry per change: the log and
+  the items commit or roll back together. Entries are hashed as
+  :mod:`agent.core.changelog` says (the same bytes, written out inline here
+  because it runs once per item on bulk writes; the tests verify every
+  appended chain with the core's :func:`~agent.core.changelog.verify_chain`).
+* The head (the position of the last entry) is mirrored in memory; after a
+  rollback the writer calls :meth:`ChangeLog.reload`, as it does for the node
+  sums.
+* The rows in the table are always exactly the entries after the *floor*:
+  the position of the newest compacted entry (``(epoch, 0, GENESIS)`` before
+  any compaction), kept in ``meta`` as ``log_floor``. Compaction deletes a
+  prefix, so the chain stays verifiable from the floor's hash.
+* ``log_epoch`` in ``meta`` is the epoch stamped on new entries: 1 until a
+  leader change raises it (the raising is not done here).
+* A row is ``(seq, entry, at)``: ``entry`` holds the entry's canonical bytes
+  (epoch, seq, prev_hash, origin, hlc, collection, key, op, value), so they
+  are hashed once, stored once and can be sent as they are; the hash is
+  blake3 of them, recomputed when read (never stored, so it cannot disagree).
+* Each row records ``at``, the wall time (Unix ms) it was appended, for the
+  age limit. It is local bookkeeping: not part of the entry, not hashed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgpack
+from blake3 import blake3
+
+from agent.core.changelog import FORMAT, GENESIS, LogEntry, Op, Position, Retention, decode
+
+if TYPE_CHECKING:
+    from agent.store.changes import Change
+
+#: entries deleted per compaction transaction at most
+COMPACT_BATCH = 10_000
+#: a connected follower's need (``min_needed_seq``) holds compaction back only
+#: while the log stays within this many times the entry limit (HOLD_ENTRIES
+#: when there is no entry limit); a follower further behind than that gets a
+#: snapshot instead, so one stalled follower cannot fill the disk.
+HOLD_FACTOR = 2
+HOLD_ENTRIES = 1_000_000
+#: entries one read returns at most
+READ_MAX = 10_000
+
+_PUT, _TOMBSTONE, _REMOVE = int(Op.PUT), int(Op.TOMBSTONE), int(Op.REMOVE)
+
+
+def hold_bound(retain: Retention) -> int:
+    """How many entries the log may grow to while a follower holds it back."""
+    return HOLD_FACTOR * retain.entries if retain.entries is not None else HOLD_ENTRIES
+
+
+class ChangeLog:
+    """The store thread's view of the log: epoch, head and floor."""
+
+    def __init__(self, conn: sqlite3.Connection, wall: Callable[[], int]) -> None:
+        self.wall = wall
+        self.epoch = 1
+        self.head = Position(1, 0, GENESIS)
+        self.floor = Position(1, 0, GENESIS)
+        self.reload(conn)
+
+    def reload(self, conn: sqlite3.Connection) -> None:
+        """Reread epoch, floor and head from the database (after a rollback)."""
+        meta = dict(conn.execute(
+            "SELECT k, v FROM meta WHERE k IN ('log_epoch', 'log_floor')").fetchall())
+        self.epoch = int(meta.get("log_epoch", 1))
+        raw = meta.get("log_floor")
+        if raw is None:
+            self.floor = Position(self.epoch, 0, GENESIS)
+        else:
+            epoch, seq, hash_ = msgpack.unpackb(raw)
+            self.floor = Position(epoch, seq, hash_)
+        row = conn.execute("SELECT entry FROM log ORDER BY seq DESC LIMIT 1").fetchone()
+        self.head = decode(row[0]).position if row else self.floor
+
+    def append(self, conn: sqlite3.Connection, collection: str, changes: list[Change]) -> None:
+        """One entry per change, chained to the head, in the current transaction."""
+        epoch = self.epoch
+        seq = self.head.seq
+        prev = self.head.hash
+        at = self.wall()
+        pack = msgpack.Packer(use_bin_type=True).pack
+        rows = []
+        for key, old, new in changes:
+            if new is None:
+                assert old is not None
+                op, origin, hlc, value = _REMOVE, old.origin, old.hlc, old.digest
+            elif new.deleted:
+                op, origin, hlc, value = _TOMBSTONE, new.origin, new.hlc, None
+            else:
+                op, origin, hlc, value = _PUT, new.origin, new.hlc, new.value
+            seq += 1
+            # The canonical bytes of agent.core.changelog.encode, inline.
+            data = pack([FORMAT, epoch, seq, prev, origin, hlc, collection, key, op, value])
+            rows.append((seq, data, at))
+            prev = blake3(data).digest()
+        conn.executemany("INSERT INTO log VALUES (?,?,?)", rows)
+        self.head = Position(epoch, seq, prev)
+
+    def read(self, conn: sqlite3.Connection, after_seq: int, limit: int) -> list[LogEntry]:
+        """Up to ``limit`` (at most READ_MAX) entries after ``after_seq``, in order.
+        Entries at or below the floor are gone: the answer then starts above it."""
+        return [decode(data) for data, in conn.execute(
+            "SELECT entry FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, max(0, min(limit, READ_MAX))))]
+
+    def compact(self, conn: sqlite3.Connection, retain: Retention, now_ms: int,
+                min_needed_seq: int | None = None, batch: int = COMPACT_BATCH) -> int:
+        """Delete up to ``batch`` of the oldest entries beyond ``retain``, never
+        the newest one, and none at or after ``min_needed_seq`` while the log
+        stays within :func:`hold_bound`. Moves the floor to the last deleted
+        entry. Returns how many were deleted (``batch``: call again)."""
+        floor, head = self.floor.seq, self.head.seq
+        cut = floor
+        if retain.entries is not None:
+            cut = max(cut, head - retain.entries)
+        if retain.age_s is not None and cut < floor + batch:
+            # Entries are appended in time order (near enough: ``at`` is the
+            # wall clock), so the old ones are a prefix: scan at most one batch.
+            young_from = now_ms - int(retain.age_s * 1000)
+            for seq, at in conn.execute(
+                    "SELECT seq, at FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (floor, batch)):
+                if at >= young_from:
+                    break
+                cut = max(cut, seq)
+        cut = min(cut, head - 1, floor + batch)
+        if min_needed_seq is not None and head - (min_needed_seq - 1) <= hold_bound(retain):
+            cut = min(cut, min_needed_seq - 1)
+        if cut <= floor:
+            return 0
+        [data] = conn.execute("SELECT entry FROM log WHERE seq=?", (cut,)).fetchone()
+        conn.execute("DELETE FROM log WHERE seq <= ?", (cut,))
+        self.floor = decode(data).position
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('log_floor', ?)",
+                     (msgpack.packb(list(self.floor)),))
+        return cut - floor
