@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from agent.net.seal import OVERHEAD as SEAL_OVERHEAD
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -147,10 +149,16 @@ def run_size(n: int, interval: float, idle: float, ttl: float,
             rss = [p.rss_mib() for p in procs]
             out_bps = []
             in_bps = []
+            out_dps = []
             for p in procs:
                 c = p.get("/api/swarm/stats")["counters"]
-                out_bps.append((c.get("bytes_out", 0) - bytes0[p].get("bytes_out", 0)) / window)
-                in_bps.append((c.get("bytes_in", 0) - bytes0[p].get("bytes_in", 0)) / window)
+
+                def rate(name: str, c: dict[str, int] = c, p: Proc = p) -> float:
+                    return (c.get(name, 0) - bytes0[p].get(name, 0)) / window
+
+                out_bps.append(rate("bytes_out"))
+                in_bps.append(rate("bytes_in"))
+                out_dps.append(rate("heartbeats_out") + rate("state_out"))
 
             victim = procs[n // 2]
             victim_id = victim.get("/api/cluster/status")["node_id"]
@@ -186,6 +194,11 @@ def run_size(n: int, interval: float, idle: float, ttl: float,
         "rss_mib_mean": round(statistics.mean(rss), 1), "rss_mib_max": round(max(rss), 1),
         "udp_out_bytes_per_s": round(statistics.mean(out_bps)),
         "udp_in_bytes_per_s": round(statistics.mean(in_bps)),
+        # the byte counters count the codec's bytes: with a key each datagram
+        # carries the seal's header and tag on top (agent.net.seal.OVERHEAD)
+        "udp_out_datagrams_per_s": round(statistics.mean(out_dps), 2),
+        "udp_out_wire_bytes_per_s": round(statistics.mean(out_bps) + (
+            SEAL_OVERHEAD * statistics.mean(out_dps) if keyed else 0)),
     }
 
 
