@@ -4,7 +4,10 @@ commit, and reconciliation between two stores."""
 from __future__ import annotations
 
 import random
+import sqlite3
+import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -313,3 +316,180 @@ def test_every_kind_of_change_reports_old_and_new_and_keeps_the_tree_true(
         assert old.digest == bytes(32) and new.digest == y_new.digest  # ...right digest now
         ok(w)
         assert w.infos() == good
+
+
+def test_a_failed_reload_leaves_the_collections_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reloading reads aside first: a read that fails keeps the old mirror,
+    so the next write does not try to create a collection that exists."""
+    from agent.store import writer as writer_module
+
+    with storehelp.direct_writer(tmp_path, A) as w:
+        with storehelp.transaction(w):
+            w.put("c", "k1", 1)
+        kept = w.colls["c"]
+
+        def unreadable(conn: sqlite3.Connection) -> object:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(writer_module, "load_collections", unreadable)
+        with pytest.raises(sqlite3.OperationalError):
+            w.reload()
+        monkeypatch.undo()
+        assert w.colls == {"c": kept}
+        with storehelp.transaction(w):
+            w.put("c", "k2", 2)
+        assert [(i.name, i.count) for i in w.infos()] == [("c", 2)]
+
+
+async def _held_batch(s: Store, calls: list[Callable[[Writer], object]]) -> list[object]:
+    """Run ``calls`` as one group-commit batch, in order: the store thread is
+    held by a read until all of them are queued. Each answer is its result
+    or the exception it raised."""
+    held, release = threading.Event(), threading.Event()
+    answers: list[object] = [None] * len(calls)
+
+    def hold(w: Writer) -> None:
+        held.set()  # its batch is formed: what comes now waits for the next
+        release.wait(10)
+
+    async def one(i: int, fn: Callable[[Writer], object]) -> None:
+        try:
+            answers[i] = await s._call(fn)
+        except Exception as e:  # the answer under test
+            answers[i] = e
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(s._call, hold, read=True))
+        with anyio.fail_after(5):
+            while not held.is_set():
+                await anyio.sleep(0.001)
+        for i, fn in enumerate(calls):
+            tg.start_soon(one, i, fn)
+            await anyio.sleep(0)  # queued in this order
+        with anyio.fail_after(5):
+            while s._queue.qsize() < len(calls):
+                await anyio.sleep(0.001)
+        release.set()
+    return answers
+
+
+def _put(key: str) -> Callable[[Writer], object]:
+    return lambda w: w.put("c", key, key)
+
+
+def _put_then_break(w: Writer) -> object:
+    w.put("c", "broken", 0)
+    raise ZeroDivisionError("a bug after a write")
+
+
+@pytest.mark.parametrize("where", ["before-commit", "mid-batch"])
+def test_a_batch_broken_outside_its_ops_acknowledges_no_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A failure the per-op handling does not catch (a bug in the store's own
+    code) rolls the whole batch back and fails every op of it: no write is
+    acknowledged that was not kept, and the digests match a reopen."""
+    calls = [_put("k1"), _put("k2"), _put_then_break, _put("k3")] if where == "mid-batch" \
+        else [_put("k1"), _put("k2"), _put("k3")]
+    real_save, real_reload = Writer.save_clock, Writer.reload
+    broken: dict[str, bool] = {}
+
+    def save_clock(w: Writer) -> None:
+        if broken.pop("save_clock", False):
+            raise RuntimeError("a bug before the commit")
+        real_save(w)
+
+    def reload(w: Writer) -> None:
+        if broken.pop("reload", False):
+            raise RuntimeError("a bug in the rollback of one op")
+        real_reload(w)
+
+    monkeypatch.setattr(Writer, "save_clock", save_clock)
+    monkeypatch.setattr(Writer, "reload", reload)
+
+    async def main() -> None:
+        s = await Store.open(tmp_path, A)
+        await s.put("c", "k0", 0)
+        before = s.digests()
+        broken["save_clock" if where == "before-commit" else "reload"] = True
+        answers = await _held_batch(s, calls)
+        assert not broken  # the failure was injected
+        assert all(isinstance(a, StoreError) for a in answers), answers
+        assert s.digests() == before
+        assert [i.key for i in await s.list_items("c")] == ["k0"]
+        # The store goes on: the next write is kept.
+        await s.put("c", "after", 1)
+        after = s.digests()
+        await s.close()
+        s = await Store.open(tmp_path, A)
+        assert s.digests() == after
+        assert [i.key for i in await s.list_items("c")] == ["after", "k0"]
+        assert (await s.verify("c"))["ok"]
+        await s.close()
+
+    run(main)
+
+
+def test_verify_compares_the_in_memory_mirror_too(tmp_path: Path) -> None:
+    """Digests and sync answer from the mirror of the node sums: a mirror
+    that drifted from the items is reported, and repair resets it."""
+    with storehelp.direct_writer(tmp_path, A) as w:
+        with storehelp.transaction(w):
+            for i in range(40):
+                w.put("c", f"k{i}", i)
+        good = w.infos()
+        w.colls["c"].nodes[(2, 5)] = [12345, 1]  # a node no item is under
+        w.colls["c"].nodes[(0, 0)][1] += 1
+        report, _ = w.verify("c")
+        assert not report["ok"] and report["mismatched_nodes"] == 2, report
+        with storehelp.transaction(w):
+            report, _ = w.verify("c", repair=True)
+        assert report["repaired"]
+        assert w.verify("c")[0]["ok"] and w.infos() == good
+
+
+def test_reads_return_stored_positions(tmp_path: Path) -> None:
+    """get and list_items hand back the position stored with the row."""
+    with storehelp.direct_writer(tmp_path, A) as w, storehelp.transaction(w):
+        w.put("c", "k", 1)
+    storehelp.damage(tmp_path, "UPDATE items SET pos = pos + 1 WHERE key = 'k'")
+    with storehelp.direct_writer(tmp_path, A) as w:
+        stored = Item("k", 1, A, False, b"\x01").pos + 1
+        got = w.get("c", "k")
+        assert got is not None and got.pos == stored
+        assert [i.pos for i in w.list_items("c", "", "", 10)] == [stored]
+
+
+def test_an_op_refused_before_any_sql_costs_no_mirror_reload(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusals (bad name, key, size) write nothing, so their rollback rereads
+    nothing; an op that wrote before failing still has its mirrors reread."""
+    reloads: list[int] = []
+    real_reload = Writer.reload
+
+    def reload(w: Writer) -> None:
+        reloads.append(1)
+        real_reload(w)
+
+    monkeypatch.setattr(Writer, "reload", reload)
+
+    async def main() -> None:
+        s = await Store.open(tmp_path, A, max_value=64)
+        await s.put("c", "k0", 0)
+        with pytest.raises(StoreError):
+            await s.put("c", "", 1)  # alone in its transaction
+        answers = await _held_batch(s, [_put("k1"), lambda w: w.put("c", "big", "v" * 100),
+                                        _put("k2")])
+        assert isinstance(answers[1], StoreError) and not isinstance(answers[0], Exception)
+        assert reloads == []
+        answers = await _held_batch(s, [_put("k3"), _put_then_break, _put("k4")])
+        assert isinstance(answers[1], ZeroDivisionError)
+        assert reloads == [1]
+        digests = s.digests()
+        assert [i.key for i in await s.list_items("c")] == ["k0", "k1", "k2", "k3", "k4"]
+        await s.close()
+        s = await Store.open(tmp_path, A)
+        assert s.digests() == digests
+        await s.close()
+
+    run(main)

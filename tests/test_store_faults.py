@@ -10,6 +10,7 @@ and the agent re-syncs what it held from a peer.
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,3 +266,75 @@ def test_damage_the_start_up_check_missed_is_a_503_error_not_a_crash(
     damaged = [r for r in caplog.records if "is damaged" in r.getMessage()]
     assert damaged and "restart the agent" in damaged[0].getMessage()
     assert damaged[0].exc_info is None
+
+
+def _store_with_items(data_dir: Path) -> None:
+    async def main() -> None:
+        s = await Store.open(data_dir, b"a" * 16)
+        await s.put_many("c", {f"k{i}": i for i in range(50)})
+        await s.close()
+
+    anyio.run(main, backend="trio")
+
+
+def _open_fails(data_dir: Path) -> StoreError:
+    async def main() -> None:
+        s = await Store.open(data_dir, b"a" * 16, ran_before=True)
+        await s.close()
+
+    with pytest.raises(StoreError) as caught:
+        anyio.run(main, backend="trio")
+    return caught.value
+
+
+def _nothing_moved_aside(data_dir: Path) -> None:
+    moved = [p.name for p in data_dir.iterdir() if ".corrupt-" in p.name or ".orphan-" in p.name]
+    assert not moved, moved
+
+
+def test_a_database_locked_by_another_process_is_not_moved_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock held elsewhere (a second agent on the same directory) says
+    nothing about the file: the open fails clearly and the data stays."""
+    from agent.store import check
+
+    monkeypatch.setattr(check, "BUSY_TIMEOUT", 0.2)
+    _store_with_items(tmp_path)
+    db = tmp_path / DB_FILE
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        err = _open_fails(tmp_path)
+        assert "locked" in str(err) and str(db) in str(err), err
+        assert "\n" not in str(err)
+        _nothing_moved_aside(tmp_path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert db.exists()
+    assert storehelp.query(tmp_path, "SELECT count(*) FROM items") == [(50,)]
+
+
+def test_a_directory_in_place_of_the_database_is_an_error_not_damage(tmp_path: Path) -> None:
+    db = tmp_path / DB_FILE
+    db.mkdir()
+    (db / "keep").write_text("mine")
+    err = _open_fails(tmp_path)
+    assert str(db) in str(err), err
+    _nothing_moved_aside(tmp_path)
+    assert (db / "keep").read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_database_is_not_moved_aside(tmp_path: Path) -> None:
+    _store_with_items(tmp_path)
+    db = tmp_path / DB_FILE
+    db.chmod(0)
+    try:
+        err = _open_fails(tmp_path)
+        assert str(db) in str(err), err
+        _nothing_moved_aside(tmp_path)
+    finally:
+        db.chmod(0o600)
+    assert storehelp.query(tmp_path, "SELECT count(*) FROM items") == [(50,)]

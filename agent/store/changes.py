@@ -264,12 +264,21 @@ def recount(conn: sqlite3.Connection, coll: Collection) -> Recount:
     return out
 
 
+def differing(have: NodeSums, fresh: NodeSums) -> list[tuple[int, int]]:
+    """The nodes where ``have`` differs from ``fresh`` (empty nodes are absent
+    ones: both count nothing)."""
+    kept = {k: v for k, v in have.items() if v[1] or v[0]}
+    return sorted(set(kept) ^ set(fresh) |
+                  {k for k in kept.keys() & fresh.keys() if kept[k] != fresh[k]})
+
+
 def mismatched_nodes(conn: sqlite3.Connection, coll: Collection,
                      fresh: NodeSums) -> list[tuple[int, int]]:
-    """The stored nodes (as in the database, not the mirror) that differ from ``fresh``."""
-    stored = {k: v for k, v in load_nodes(conn, coll.id).items() if v[1] or v[0]}
-    return sorted(set(stored) ^ set(fresh) |
-                  {k for k in stored.keys() & fresh.keys() if stored[k] != fresh[k]})
+    """The nodes that differ from ``fresh``, in the database or in the
+    in-memory mirror (which digests and sync answer from): either can be
+    wrong without the other."""
+    return sorted(set(differing(load_nodes(conn, coll.id), fresh))
+                  | set(differing(coll.nodes, fresh)))
 
 
 def rebuild(conn: sqlite3.Connection, coll: Collection, counted: Recount) -> None:

@@ -13,9 +13,16 @@ Rules:
 * Damage the check does not see but opening the file does (the schema or the
   collections table) is treated the same way, by the store.
 * A damaged file is never repaired in place and never deleted: it is renamed,
-  with its ``-wal`` and ``-shm``, to ``store.sqlite3.corrupt-<UTC timestamp>``
-  beside it, logged at ERROR with that path, and the agent starts empty; its
-  peers send everything back through sync.
+  with its ``-wal``, ``-shm`` and ``-journal``, to
+  ``store.sqlite3.corrupt-<UTC timestamp>`` beside it, logged at ERROR with
+  that path, and the agent starts empty; its peers send everything back
+  through sync.
+* Damage means only: an empty file, a bad header, a failed ``quick_check`` or
+  an error SQLite names as corruption (:func:`is_corrupt`). Any other failure
+  (locked by another process, no permission, an I/O error, not a regular
+  file) says nothing about the file's content: it raises
+  :class:`StoreError` and the file is left exactly where it is, because
+  moving a healthy database aside would throw its data away.
 * A database that is missing while the agent has run before (its identity
   file existed) is logged at WARNING: it starts empty and re-syncs, but never
   silently.
@@ -31,10 +38,14 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.store.values import StoreError
+
 log = logging.getLogger("hs_gossip.store")
 
 HEADER = b"SQLite format 3\x00"
-SIDE_FILES = ("-wal", "-shm")
+SIDE_FILES = ("-wal", "-shm", "-journal")
+#: seconds the check waits for a lock another connection holds
+BUSY_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -50,13 +61,15 @@ class CheckResult:
 
 
 def problem_of(path: Path) -> str | None:
-    """Why the database at ``path`` cannot be used, or None if it passes."""
+    """Why the database at ``path`` is damaged, or None if it passes.
+    Raises :class:`StoreError` when it cannot be checked for another reason."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(len(HEADER))
     except OSError as e:
-        return f"cannot read it: {e.strerror or e}"
+        # Permissions, a directory in its place, an I/O error: not damage.
+        raise StoreError(f"cannot read the database {path}: {e.strerror or e}") from None
     if size == 0:
         return "the file is empty (0 bytes)"
     if head != HEADER:
@@ -64,7 +77,8 @@ def problem_of(path: Path) -> str | None:
     try:
         # Read-write (not mode=ro): a WAL left by the last run must be read,
         # which needs the -shm index; nothing is written by the check itself.
-        with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT,
+                                     isolation_level=None)) as db:
             rows = db.execute("PRAGMA quick_check").fetchall()
             if rows != [("ok",)]:
                 shown = "; ".join(str(r[0]) for r in rows[:3])
@@ -79,7 +93,11 @@ def problem_of(path: Path) -> str | None:
             # replaying the WAL). The store opens it as it is.
             log.warning("start-up check of %s skipped: %s", path, e)
             return None
-        return f"{type(e).__name__}: {e}"
+        if is_corrupt(e):
+            return f"{type(e).__name__}: {e}"
+        # Locked by another process, no permission, an I/O error: the file
+        # may be perfectly healthy, so it stays where it is.
+        raise StoreError(f"cannot check the database {path}: {e}") from None
     return None
 
 
@@ -114,7 +132,9 @@ def quarantine(path: Path, now: float | None = None) -> Path:
 
 def check_at_start(path: Path, ran_before: bool) -> CheckResult:
     """Check the database file before opening it; move it aside if damaged.
-    ``ran_before``: the agent's identity existed, so a database should too."""
+    ``ran_before``: the agent's identity existed, so a database should too.
+    Raises :class:`StoreError`, moving nothing, when the file cannot be
+    checked for a reason other than damage (a lock, permissions, I/O)."""
     if not path.exists():
         for side in SIDE_FILES:  # a WAL without its database cannot be used
             side_path = path.with_name(path.name + side)

@@ -6,6 +6,9 @@ Rules:
 * The thread drains whatever is queued into one transaction (group commit),
   each operation in its own SAVEPOINT so that one failing operation does not
   undo the others. Waiters are woken once per batch.
+* A failure outside any one operation (a bug in the store's own code) rolls
+  the whole batch back, rereads the mirrors and fails every operation of the
+  batch: no write is acknowledged that was not kept.
 * Operations are the methods below; there is no way to run arbitrary code on
   the store thread except a read-only tree view (:meth:`Store.with_tree`).
 * Reads (get, list, verify without repair, tree views) run on the same thread
@@ -121,9 +124,11 @@ class Store:
         problem = None
         try:
             self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew, self._wall)
-        except sqlite3.DatabaseError as e:
+        except sqlite3.Error as e:
             if not is_corrupt(e):
-                raise
+                # Locked by another process, no permission, an I/O error: the
+                # file may be healthy, so it is left where it is.
+                raise StoreError(f"cannot open the database {self.path}: {e}") from None
             problem = f"{type(e).__name__} while opening: {e}"
         if problem is not None:
             # Past the check, yet unreadable: the same remedy (the failed
@@ -177,10 +182,7 @@ class Store:
             try:
                 self._run_batch(batch)
             except BaseException as e:  # the thread must live on: callers wait on it
-                log.error("store thread: batch failed: %s", e)
-                for o in batch:
-                    if o.error is None and o.result is None:
-                        o.error = StoreError(f"database operation failed: {e}")
+                self._abandon(batch, e)
             self._notify(batch)
         self._close_db()
 
@@ -196,6 +198,25 @@ class Store:
         self.batches += 1
         self.ops += len(batch)
 
+    def _abandon(self, batch: list[_Op], e: BaseException) -> None:
+        """A failure outside any one operation (a bug, no memory): roll back
+        whatever the batch left open, reread the mirrors and fail every
+        operation of the batch, so that no write is acknowledged that was not
+        kept (and no result is reported for a batch that broke halfway)."""
+        log.error("store thread: batch failed, rolled back: %s", e, exc_info=e)
+        w = self._writer
+        try:
+            if w.conn.in_transaction:
+                w.conn.execute("ROLLBACK")
+            w.reload()
+            self._digests = w.infos()
+        except BaseException as again:
+            log.error("store thread: recovering from a failed batch failed too: %s", again)
+        err = StoreError(f"database operation failed: {e}")
+        for o in batch:
+            o.result = None
+            o.error = err
+
     def _run_read(self, o: _Op) -> None:
         try:
             o.result = o.fn(self._writer)
@@ -208,6 +229,7 @@ class Store:
         w = self._writer
         conn = w.conn
         t0 = time.perf_counter()
+        start = conn.total_changes
         try:
             conn.execute("BEGIN IMMEDIATE")
             if len(batch) == 1:
@@ -218,13 +240,16 @@ class Store:
             else:
                 for i, o in enumerate(batch):
                     conn.execute(f"SAVEPOINT op{i}")
+                    before = conn.total_changes
                     try:
                         o.result = o.fn(w)
                     except BaseException as e:  # handed to the waiting caller
                         o.error = e
                         conn.execute(f"ROLLBACK TO op{i}")
-                        # The node mirror may hold changes of the undone op.
-                        w.reload()
+                        if conn.total_changes != before:
+                            # The mirrors may hold changes of the undone op
+                            # (one that wrote no row changed none: writer.py).
+                            w.reload()
                     conn.execute(f"RELEASE op{i}")
             w.save_clock()
             conn.execute("COMMIT")
@@ -239,7 +264,8 @@ class Store:
                 o.result = None
                 if o.error is None or isinstance(o.error, sqlite3.Error):
                     o.error = err
-            w.reload()
+            if conn.total_changes != start:  # else no mirror moved (a full disk at BEGIN)
+                w.reload()
         else:
             if self.full:
                 self.full = False
@@ -286,13 +312,16 @@ class Store:
             log.warning("closing the database failed: %s", e)
 
     def _run_alone(self, o: _Op) -> None:
+        conn = self._writer.conn
+        before = conn.total_changes
         try:
             o.result = o.fn(self._writer)
         except BaseException as e:  # handed to the waiting caller
             o.error = e
-            self._writer.conn.execute("ROLLBACK")
-            self._writer.reload()
-            self._writer.conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            if conn.total_changes != before:  # else it changed no mirror either
+                self._writer.reload()
+            conn.execute("BEGIN IMMEDIATE")
 
     def _notify(self, batch: list[_Op]) -> None:
         events = [o.event for o in batch if o.event is not None]

@@ -11,6 +11,10 @@ Rules:
   and refused below the collection's tombstone horizon, so that a purged
   deletion cannot be undone by an old copy.
 * Deletes are tombstones, ordered like writes.
+* An operation changes an in-memory mirror (collections, node sums, the
+  log's head) only after it has written a row: an operation that fails
+  before ``conn.total_changes`` moves has left every mirror as it was, so its
+  rollback needs no reload (see :mod:`agent.store.store`).
 """
 
 from __future__ import annotations
@@ -72,9 +76,13 @@ class Writer:
 
     def reload(self) -> None:
         """Reread the collections and the log's head after a rollback (the
-        mirrors may hold undone changes). In place: tree views hold this dict."""
+        mirrors may hold undone changes). In place: tree views hold this dict.
+        Loaded aside first: if reading fails, the old mirror stays whole
+        rather than empty (an empty one would make the next write re-create
+        collections that exist)."""
+        fresh = load_collections(self.conn)
         self.colls.clear()
-        self.colls.update(load_collections(self.conn))
+        self.colls.update(fresh)
         self.log.reload(self.conn)
 
     def collection(self, name: str, create: bool) -> Collection | None:
@@ -139,7 +147,7 @@ class Writer:
         if coll is None:
             return None
         row = self.conn.execute(
-            "SELECT key, hlc, origin, deleted, value, digest FROM items WHERE coll=? AND key=?",
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE coll=? AND key=?",
             (coll.id, key)).fetchone()
         return row_item(*row) if row else None
 
@@ -147,7 +155,8 @@ class Writer:
         coll = self.colls.get(name)
         if coll is None:
             return []
-        sql = ("SELECT key, hlc, origin, deleted, value, digest FROM items "
+        # Position too: taken as stored, not recomputed (a hash) per item.
+        sql = (f"SELECT {ITEM_COLUMNS} FROM items "
                "WHERE coll=? AND deleted=0 AND key >= ?")
         args: list[Any] = [coll.id, prefix]
         if after:
@@ -245,8 +254,9 @@ class Writer:
             if state_hash(after, count - len(old)) != expected:
                 return None
         changes = change(self.conn, coll, Kind.REMOVE, old, self.log)
-        coll.horizon = horizon
+        # The row before the mirror: a failed write leaves the mirror as it was.
         self.conn.execute("UPDATE collections SET horizon=? WHERE id=?", (horizon, coll.id))
+        coll.horizon = horizon
         return changes
 
     # --- verification ---------------------------------------------------------
