@@ -6,13 +6,16 @@ and stay joinable afterwards."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.config import Config
 from agent.core import wire
 from agent.core.addr import Addr
 from agent.core.membership import (
@@ -20,8 +23,10 @@ from agent.core.membership import (
     IncarnationRaised,
     Membership,
     MemberUnhealthy,
+    Params,
 )
 from agent.core.wire import ALIVE, JS_SAFE, LEFT, SUSPECT, Entry, Heartbeat
+from agent.runtime import agent as agent_mod
 from agent.runtime import identity
 from tests.simnet import SimNet
 
@@ -87,6 +92,7 @@ def test_a_suspicion_far_above_our_incarnation_is_ignored() -> None:
     a.receive(heartbeat_from(stranger(), [
         entry(a, incarnation=before + INCARNATION_STEP + 1, status=LEFT)]), ATTACKER, net.now)
     assert a.me.incarnation == before
+    assert a.stats["drop_implausible_self"] == 1
 
 
 def test_a_plausible_suspicion_is_refuted_one_above_it() -> None:
@@ -161,6 +167,161 @@ def test_a_stale_heartbeat_from_elsewhere_does_not_move_a_member() -> None:
     a.receive(heartbeat_from(entry(b, heartbeat=b.heartbeat + 1, host=""), []),
               ("10.0.0.77", 7946), net.now)
     assert a.members[b.me.node_id].addr == ("10.0.0.77", 7946)
+
+
+def test_a_member_behind_nat_is_believed_from_the_address_its_datagrams_come_from() -> None:
+    """b advertises one address but its datagrams come from another (NAT,
+    HS_GOSSIP_ADVERTISE). Its refutation above the step can reach peers that
+    never heard the forged claim only directly; it used to be refused there
+    because the source never equals the advertised address."""
+    net, a, b = pair()
+    nat: Addr = ("192.0.2.5", 40000)
+    nb = b.me.node_id
+    a.receive(heartbeat_from(entry(b, heartbeat=b.heartbeat + 1), []), nat, net.now)
+    assert a.members[nb].addr == net.addr_of(2)  # the advertised address stays
+    known = a.members[nb].incarnation
+    jump = known + INCARNATION_STEP + 1
+    # from anywhere else it is still refused
+    a.receive(heartbeat_from(entry(b, incarnation=jump), []), ATTACKER, net.now)
+    assert a.members[nb].incarnation == known
+    assert a.stats["drop_implausible_incarnation"] == 1
+    a.receive(heartbeat_from(entry(b, incarnation=jump), []), nat, net.now)
+    assert a.members[nb].incarnation == jump
+
+
+def test_a_forged_claim_of_exactly_the_step_is_refuted_and_heals() -> None:
+    """Peers adopt hearsay up to the step, so we must refute up to it too:
+    ignoring a claim peers hold would leave our real heartbeats refused as
+    older everywhere it spread, until it expired twice over."""
+    net, _, b = pair()
+    forged = b.me.incarnation + INCARNATION_STEP
+    b.receive(heartbeat_from(stranger(), [entry(b, incarnation=forged, status=SUSPECT)]),
+              ATTACKER, net.now)
+    assert b.me.incarnation == forged + 1
+    assert b.stats["drop_implausible_self"] == 0
+
+
+def replay(sender: Entry, sync_port: int, digest: bytes) -> bytes:
+    return wire.encode(Heartbeat(sender, "forged", 0, (wire.Digest("c", digest, 1, 0),), (),
+                                 sync_port=sync_port))
+
+
+@pytest.mark.parametrize("kind", ["older_heartbeat", "older_incarnation", "implausible"])
+def test_a_refused_heartbeat_changes_nothing_of_the_member(kind: str) -> None:
+    """A replayed or forged heartbeat refused as older or implausible used
+    to set sync port, digests and name all the same."""
+    net, a, b = pair()
+    nb = b.me.node_id
+    net.run(3.0)
+    m = a.members[nb]
+    before = (m.sync_port, m.digests, m.name, m.last_direct)
+    known = m.incarnation
+    if kind == "older_heartbeat":
+        sender, src = entry(b, heartbeat=1), net.addr_of(2)
+    elif kind == "older_incarnation":
+        sender, src = entry(b, incarnation=known - 1), net.addr_of(2)
+    else:
+        sender, src = entry(b, incarnation=known + INCARNATION_STEP + 1), ATTACKER
+    a.receive(replay(sender, 1, b"\xee" * 16), src, net.now)
+    m = a.members[nb]
+    assert (m.sync_port, m.digests, m.name, m.last_direct) == before
+    # b's own next heartbeat still sets them
+    a.receive(replay(entry(b, heartbeat=b.heartbeat + 1), 4242, b"\x01" * 16),
+              net.addr_of(2), net.now)
+    assert a.members[nb].sync_port == 4242 and a.members[nb].name == "forged"
+
+
+def test_a_departure_at_a_higher_incarnation_is_not_undone_by_older_gossip() -> None:
+    """The tombstone used to keep b's old incarnation, so gossip at one in
+    between brought the departed member back."""
+    net, a, b = pair()
+    known = a.members[b.me.node_id].incarnation
+    a.receive(wire.encode_leave(wire.Leave(entry(b, incarnation=known + 5, status=LEFT))),
+              net.addr_of(2), net.now)
+    assert b.me.node_id not in a.members
+    a.receive(heartbeat_from(stranger(), [entry(b, incarnation=known + 2)]), ATTACKER, net.now)
+    assert b.me.node_id not in a.members
+    assert a.stats["stale_entry_ignored"] == 1
+
+
+def ghost(i: int) -> Entry:
+    return Entry(uuid.UUID(int=1000 + i, version=4).bytes, 1, 1, LEFT, "10.8.1.1", 7946, 0, 0)
+
+
+def test_hearsay_of_an_unknown_members_departure_leaves_no_tombstone() -> None:
+    """Anyone could fill the tombstones with departures of nobody by gossip;
+    only a member's own word records its departure before we know it."""
+    net, a, _ = pair()
+    a.receive(heartbeat_from(stranger(), [ghost(1)]), ATTACKER, net.now)
+    alive = replace(ghost(1), status=ALIVE)
+    a.receive(heartbeat_from(stranger(), [alive]), ATTACKER, net.now)
+    assert alive.node_id in a.members  # nothing recorded blocks it
+    # its own LEAVE is recorded
+    a.receive(wire.encode_leave(wire.Leave(ghost(2))), ("10.8.1.1", 7946), net.now)
+    a.receive(heartbeat_from(stranger(), [replace(ghost(2), status=ALIVE)]), ATTACKER, net.now)
+    assert ghost(2).node_id not in a.members
+
+
+def test_tombstones_are_capped_dropping_the_soonest_due() -> None:
+    """Spoofed LEAVEs from many sources must not grow the table without bound."""
+    net = SimNet(seed=3, params=Params(max_peers=8))
+    a = net.add(1)
+    for i in range(40):
+        net.now += 0.01
+        a.receive(wire.encode_leave(wire.Leave(ghost(i))), (f"10.8.2.{i + 1}", 7946), net.now)
+    assert len(a._tombs) == 8
+    assert set(a._tombs) == {ghost(i).node_id for i in range(32, 40)}  # the newest kept
+
+
+def test_a_real_departure_is_relayed_past_many_others() -> None:
+    """Heartbeats used to carry the first four departures in insertion order:
+    earlier ones (forged or not) crowded out a real one for a whole TTL."""
+    net = SimNet(seed=3)
+    nodes = [net.add(1)] + [net.add(i, seeds=[net.addr_of(1)]) for i in (2, 3)]
+    net.run_until(lambda: net.converged([1, 2, 3]), timeout=10)
+    a, b, c = nodes
+    for i in range(12):
+        a.receive(wire.encode_leave(wire.Leave(ghost(i))), (f"10.8.2.{i + 1}", 7946), net.now)
+    a.receive(wire.encode_leave(wire.Leave(entry(b, status=LEFT))), net.addr_of(2), net.now)
+    relayed = False
+    for _ in range(8):
+        a.tick(net.now)
+        for data, _to in a.take_outgoing():
+            msg = wire.decode(data)
+            if isinstance(msg, Heartbeat):
+                relayed |= any(e.node_id == b.me.node_id and e.status == LEFT
+                               for e in msg.peers)
+    assert relayed
+    assert c.members  # a third member, so the table has more than b to relay
+
+
+def test_a_failed_identity_save_is_retried_and_reported_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pending incarnation used to be cleared before the write and an
+    OSError swallowed: a refutation was then never saved, and a restart came
+    back below what peers hold."""
+    node = uuid.uuid4()
+    identity.save(tmp_path, identity.Identity(node, 1))
+    ag = agent_mod.Agent(Config(data_dir=tmp_path), identity.Identity(node, 1))
+    real = identity.save
+    failing = True
+
+    def save(path: Path, ident: identity.Identity) -> None:
+        if failing:
+            raise OSError("disk full")
+        real(path, ident)
+
+    monkeypatch.setattr(agent_mod.identity, "save", save)
+    monkeypatch.setattr(agent_mod, "IDENTITY_SAVE_EVERY", 0.0)
+    with caplog.at_level(logging.WARNING, logger="hs_gossip"):
+        ag._on_event(IncarnationRaised(5))
+        ag._save_identity()  # a tick while the disk is still full
+    assert len([r for r in caplog.records if "cannot save" in r.getMessage()]) == 1
+    assert identity.read(tmp_path) == identity.Identity(node, 1)
+    failing = False
+    ag._save_identity()  # the next tick
+    assert identity.read(tmp_path) == identity.Identity(node, 5)
 
 
 def test_a_lamport_clock_far_ahead_is_not_adopted() -> None:

@@ -39,7 +39,11 @@ Theory of operation (heartbeat counters, as in Scuttlebutt and Cassandra):
   above what is known is forged or corrupted. We never adopt it (a counted
   drop), so we never refute to, emit or save a number peers would refuse.
   A member's address moves only on fresh evidence: a higher incarnation,
-  progress, or its own datagram from the address we know.
+  progress, or its own datagram from the address we know. "M itself" is a
+  datagram from the source M's accepted datagrams last came from, not M's
+  advertised address (they differ behind NAT).
+* Tombstones are capped at ``max_peers`` (soonest due dropped first); a
+  departure of a member we never knew is recorded only from its own word.
 * Leave: a member shutting down sends LEAVE to every peer it knows and its
   entry (status LEFT) keeps being gossiped from tombstones for ``ttl``; peers
   drop it at once.
@@ -170,6 +174,9 @@ class Member:
     healthy: bool = True
     last_direct: float | None = None
     sync_port: int = 0
+    #: source address of the last datagram of M's own we accepted: what
+    #: reaches M, even when M advertises another address (NAT, advertise)
+    src: Addr | None = None
 
     @property
     def addr(self) -> Addr:
@@ -220,6 +227,7 @@ class Membership:
     _last_push: float = -1e9
     _digest_offset: int = 0
     _rr_offset: int = 0
+    _left_offset: int = 0
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     # --- inputs ----------------------------------------------------------
@@ -412,7 +420,11 @@ class Membership:
         so every entry is relayed at a steady rate whatever the swarm size
         (random picks would leave a coupon-collector tail of stale entries)."""
         now = self.now
-        left = [t.entry for t in self._tombs.values() if t.status == LEFT][:4]
+        # Departures in rotation, so every one is relayed whatever sits first.
+        gone = [t.entry for t in self._tombs.values() if t.status == LEFT]
+        start = self._left_offset % len(gone) if gone else 0
+        left = (gone[start:] + gone[:start])[:4]
+        self._left_offset += 4
         ms = list(self.members.values())
         fresh = sorted(ms, key=lambda m: m.last_progress, reverse=True)[:FRESH_ENTRIES]
         n = len(ms)
@@ -499,8 +511,11 @@ class Membership:
                 self.lc = hb.lc
             else:
                 self.stats["drop_implausible_lc"] += 1
-        m = self._merge(hb.sender, src, now, direct=True)
-        if m is not None:
+        if self._merge(hb.sender, src, now, direct=True):
+            m = self.members[hb.sender.node_id]
+            # Only an entry we took carries the rest: a replayed or forged
+            # heartbeat refused as older or implausible must not move sync or
+            # change digests.
             m.name = hb.name
             m.lc = hb.lc
             m.digests = hb.digests
@@ -516,12 +531,14 @@ class Membership:
             self._send_heartbeat(src, want_state=False)
             self._send_state(src, now)
 
-    def _merge(self, e: Entry, src: Addr | None, now: float, direct: bool) -> Member | None:
-        """Fold one entry into the table. ``src`` is the datagram's source when
-        the entry is the sender's own (its address is then trusted from src)."""
+    def _merge(self, e: Entry, src: Addr | None, now: float, direct: bool) -> bool:
+        """Fold one entry into the table; True when it was taken into a live
+        member (not refused as older or implausible, not a departure).
+        ``src`` is the datagram's source when the entry is the sender's own
+        (its address is then trusted from src)."""
         if e.node_id == self.me.node_id:
             self._maybe_refute(e)
-            return None
+            return False
         host, port = e.host, e.port
         if direct and src is not None:
             # The source address is what reaches the sender; an advertised
@@ -529,59 +546,75 @@ class Membership:
             host = e.host or src[0]
         if not host or not port:
             self.stats["drop_no_address"] += 1
-            return None
+            return False
         age = 0.0 if direct else e.age_ms / 1000.0
         progress_at = now - age
         m = self.members.get(e.node_id)
         if m is None:
-            return self._add(e, host, port, progress_at, now)
+            added = self._add(e, host, port, progress_at, now, direct)
+            if added is not None and direct:
+                added.src = src
+            return added is not None
         if e.incarnation < m.incarnation:
-            return m
-        if (e.incarnation > m.incarnation + INCARNATION_STEP
-                and not (direct and src == m.addr)):
+            return False
+        # M itself, speaking from where its datagrams come from (not where it
+        # says it lives: behind NAT or with an advertised address they differ).
+        from_m = direct and src is not None and src == (m.src or m.addr)
+        if e.incarnation > m.incarnation + INCARNATION_STEP and not from_m:
             # Far ahead of what we know, and not M itself speaking from where
             # we know it: forged or corrupted. Adopting it would make M's real
             # heartbeats look stale everywhere (M cannot refute it either).
             self.stats["drop_implausible_incarnation"] += 1
-            return m
+            return False
         if e.status == LEFT:
             self._remove(m, LEFT, now, e)
             self._events.append(MemberLeft(m.node_id))
-            return None
+            return False
         if e.incarnation > m.incarnation:
-            if e.status == ALIVE or direct:
-                restarted = e.heartbeat < m.heartbeat
-                m.incarnation, m.heartbeat = e.incarnation, e.heartbeat
-                m.last_progress = max(m.last_progress, progress_at)
-                m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
-                if restarted:
-                    self._events.append(MemberRestarted(m.node_id, e.incarnation))
-                    self._push_due = True
-                self._refresh_health(m, now)
-            return m
+            if not (e.status == ALIVE or direct):
+                return False
+            restarted = e.heartbeat < m.heartbeat
+            m.incarnation, m.heartbeat = e.incarnation, e.heartbeat
+            m.last_progress = max(m.last_progress, progress_at)
+            m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
+            if direct:
+                m.src = src
+            if restarted:
+                self._events.append(MemberRestarted(m.node_id, e.incarnation))
+                self._push_due = True
+            self._refresh_health(m, now)
+            return True
+        # Older news of M (reordered, delayed or replayed) is refused.
+        older = e.heartbeat < m.heartbeat
         progressed = e.heartbeat > m.heartbeat
         if progressed:
             m.heartbeat = e.heartbeat
             m.last_progress = max(m.last_progress, progress_at)
-        elif (e.heartbeat == m.heartbeat
+        elif (not older
               and progress_at > m.last_progress + self.params.interval / 2):
             # The same counter heard with a much smaller age tells us when it
             # really advanced. Small gains are transit time, not news: taking
             # them would let a dead member's entry grow younger as it circulates.
             m.last_progress = progress_at
         if direct:
-            if progressed or (host, port) == m.addr:
+            if progressed or (not older and (host, port) == m.addr):
                 m.host, m.port, m.http_port, m.role = host, port, e.http_port, e.role
-            else:
+                m.src = src
+            elif (host, port) != m.addr:
                 # A replayed or delayed datagram from elsewhere is no evidence
                 # that M moved: only news at least as fresh as ours moves it.
                 self.stats["stale_address_ignored"] += 1
         self._refresh_health(m, now)
-        return m
+        return not older
 
-    def _add(self, e: Entry, host: str, port: int, progress_at: float, now: float) -> Member | None:
+    def _add(self, e: Entry, host: str, port: int, progress_at: float, now: float,
+             direct: bool) -> Member | None:
         if e.status == LEFT:
-            self._note_tomb(e, now)
+            # Only M's own word (its LEAVE or own entry) makes a tombstone for
+            # a member we never knew: hearsay about unknown ids would let
+            # anyone fill the table with departures of nobody.
+            if direct:
+                self._note_tomb(e, now)
             return None
         if now - progress_at >= self.params.ttl:
             return None
@@ -609,16 +642,29 @@ class Membership:
     def _note_tomb(self, e: Entry, now: float) -> None:
         t = self._tombs.get(e.node_id)
         if t is None or e.incarnation >= t.incarnation:
-            self._tombs[e.node_id] = _Tombstone(
-                e.incarnation, e.heartbeat, LEFT, now + self.params.ttl, e
-            )
+            self._put_tomb(e.node_id, _Tombstone(
+                e.incarnation, e.heartbeat, LEFT, now + self.params.ttl, e))
 
     def _remove(self, m: Member, status: int, now: float, e: Entry | None = None) -> None:
+        """Drop M and keep a tombstone at the newest state we know: the
+        departure's own (a LEFT may come at a higher incarnation than ours),
+        so gossip at an incarnation in between cannot bring M back."""
         del self.members[m.node_id]
         entry = e or Entry(m.node_id, m.incarnation, m.heartbeat, status, m.host, m.port,
                            m.http_port, 0, m.role)
-        self._tombs[m.node_id] = _Tombstone(m.incarnation, m.heartbeat, status,
-                                            now + self.params.ttl, entry)
+        self._put_tomb(m.node_id, _Tombstone(entry.incarnation, entry.heartbeat, status,
+                                             now + self.params.ttl, entry))
+
+    def _put_tomb(self, node_id: bytes, tomb: _Tombstone) -> None:
+        """Keep at most ``max_peers`` tombstones, dropping the soonest due.
+        Each is kept ``ttl`` from when it was written and time never goes
+        back, so re-inserting on every write keeps the table in expiry order:
+        the first one is the soonest due."""
+        self._tombs.pop(node_id, None)
+        while self._tombs and len(self._tombs) >= self.params.max_peers:
+            del self._tombs[next(iter(self._tombs))]
+            self.stats["tombstones_evicted"] += 1
+        self._tombs[node_id] = tomb
 
     def _maybe_refute(self, e: Entry) -> None:
         """Answer a claim about ourselves that would beat our own entry: one

@@ -28,7 +28,6 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +58,7 @@ from agent.runtime.faults import NO_FAULTS, Faults
 from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.seeds import Seeds, resolve
-from agent.runtime.view import AgentView, ApiServer, Controls, build_view
+from agent.runtime.view import AgentView, ApiServer, Controls, build_view, role_name
 from agent.store.store import wall_ms
 
 if TYPE_CHECKING:
@@ -116,6 +115,7 @@ class Agent:
     #: tick and shutdown write what is pending)
     _ident_pending: int | None = None
     _ident_saved_at: float = float("-inf")
+    _ident_save_failing: bool = False
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -156,7 +156,7 @@ class Agent:
 
     @property
     def role(self) -> str:
-        return wire.ROLES[self.core.me.role]
+        return role_name(self.core.me.role)
 
     def wall_time_of(self, mono: float) -> float:
         return time.time() - (anyio.current_time() - mono)
@@ -484,10 +484,22 @@ class Agent:
         if self._ident_pending is None or (
                 not force and now - self._ident_saved_at < IDENTITY_SAVE_EVERY):
             return
-        incarnation, self._ident_pending = self._ident_pending, None
+        incarnation = self._ident_pending
         self._ident_saved_at = now
-        with suppress(OSError):
+        try:
             identity.save(self.cfg.data_dir, identity.Identity(self.ident.node_id, incarnation))
+        except OSError as e:
+            # Kept pending: the next tick tries again. Said once, not per tick.
+            if not self._ident_save_failing:
+                self._ident_save_failing = True
+                log.warning("cannot save incarnation %d to %s (will retry): %s",
+                            incarnation, self.cfg.data_dir, e)
+            return
+        if self._ident_save_failing:
+            self._ident_save_failing = False
+            log.info("saved incarnation %d", incarnation)
+        if self._ident_pending == incarnation:
+            self._ident_pending = None
 
 
 def _short(node_id: bytes) -> str:
