@@ -28,6 +28,11 @@ Theory of operation:
 * Nothing here trusts the peer: counts and hashes only steer the search;
   every received item is validated and applied by last-writer-wins by the
   caller, so lying hashes can waste work but cannot corrupt a replica.
+* A STEP may only answer what our last message offered, each node once: a
+  child of a node we summarised (as a node, a leaf or a want of everything),
+  or a leaf we sent (as a want of some of its digests). Anything else is a
+  ProtocolError, raised before any work: otherwise one STEP naming the root
+  100,000 times would scan (or queue) the whole replica 100,000 times.
 
 Messages (msgpack arrays; typed, encoded and validated in :mod:`merkle.frames`):
 
@@ -74,6 +79,11 @@ LEAF_MAX = 24
 #: (level, idx, digests) of items to ship to the peer; None means all of them
 SendRequest = tuple[int, int, set[bytes] | None]
 
+#: what the peer may say of a node we offered: a child of a node we summarised
+#: comes back as a node, a leaf or a want of everything; a leaf we sent, as a
+#: want of some digests
+_CHILD, _LEAF = 0, 1
+
 
 def _summary(salt: bytes, total: int, count: int) -> bytes:
     return blake3(salt + total.to_bytes(32, "big") + count.to_bytes(8, "big")).digest()[:HASH_LEN]
@@ -95,6 +105,8 @@ class Session:
     done: bool = False
     messages_out: int = 0
     messages_in: int = 0
+    #: the nodes our last message offered, and how each may be answered
+    _offered: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.salt) != SALT_LEN:
@@ -108,6 +120,7 @@ class Session:
         total, count = reader.node(0, 0)
         hashes, counts = self._children(reader, 0, 0)
         self.messages_out += 1
+        self._offered = {(1, c): _CHILD for c in range(FANOUT)}
         return Hello(collection, self.salt, _summary(self.salt, total, count), count,
                      hashes, counts, horizon_ms)
 
@@ -145,6 +158,7 @@ class Session:
         return self._step(nodes, leaves, wants)
 
     def _on_step(self, reader: TreeReader, msg: Step) -> Step | None:
+        self._check_offered(msg)
         nodes: list[Node] = []
         leaves: list[Leaf] = []
         wants: list[Want] = []
@@ -171,11 +185,27 @@ class Session:
 
     # --- internals ---------------------------------------------------------
 
+    def _check_offered(self, msg: Step) -> None:
+        """Every node the STEP names answers one we offered, each once; the
+        offers are used up either way."""
+        offered, self._offered = self._offered, {}
+        refs = [(n.level, n.idx, _CHILD) for n in msg.nodes]
+        refs += [(lf.level, lf.idx, _CHILD) for lf in msg.leaves]
+        refs += [(w.level, w.idx, _CHILD if w.digests is None else _LEAF) for w in msg.wants]
+        for level, idx, kind in refs:
+            if offered.pop((level, idx), None) != kind:
+                raise ProtocolError(f"STEP names node ({level}, {idx}), which was not "
+                                    "offered or was named already")
+
     def _step(self, nodes: list[Node], leaves: list[Leaf], wants: list[Want]) -> Step:
         final = not (nodes or leaves or wants)
         if final:
             self.done = True
         self.messages_out += 1
+        self._offered = {(lf.level, lf.idx): _LEAF for lf in leaves}
+        for n in nodes:
+            first = n.idx * FANOUT
+            self._offered.update(((n.level + 1, first + c), _CHILD) for c in range(FANOUT))
         return Step(tuple(nodes), tuple(leaves), tuple(wants), final)
 
     def _children(self, reader: TreeReader, level: int,

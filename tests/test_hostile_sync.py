@@ -140,6 +140,38 @@ def test_an_oversized_hello_is_refused_at_its_length(swarm: Swarm) -> None:
         assert time.monotonic() - t0 < 2.0
 
 
+
+def test_a_step_naming_the_root_over_and_over_is_refused_at_once(swarm: Swarm) -> None:
+    """A STEP of thousands of root-level leaves and wants, none of which the
+    agent offered, would have it scan (or queue) the whole collection once per
+    entry on its store thread. It ends the session at once, and the agent
+    keeps answering."""
+    a = swarm.add()
+    batch = {"items": {f"k{i}": i for i in range(5000)}}
+    assert a.request("POST", "/api/collections/safe/items", batch)[0] == 200
+    n = 8000
+    step = frames.encode(frames.Step(leaves=(frames.Leaf(0, 0, b""),) * n,
+                                     wants=(frames.Want(0, 0, None),) * n))
+    with socket.create_connection((a.host, a.gossip_port), timeout=5) as s:
+        s.sendall(hello("safe"))
+        s.sendall(len(step).to_bytes(4, "big") + step)
+        t0 = time.monotonic()
+        s.settimeout(0.5)
+        closed = False
+        while not closed and time.monotonic() - t0 < 5:
+            try:
+                closed = s.recv(65536) == b""
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                closed = True
+        took = time.monotonic() - t0
+    assert closed and took < 2.0, f"session still open after {took:.1f}s"
+    t0 = time.monotonic()
+    assert a.request("PUT", "/api/collections/safe/items/after", {"value": 1})[0] == 200
+    assert time.monotonic() - t0 < 2.0
+
+
 def test_a_frame_of_empty_arrays_is_refused_within_its_decode_budget() -> None:
     """1 MiB of nested empty arrays used to decode into ~75 MB of lists."""
     chunk = [[]] * 100_000

@@ -208,12 +208,74 @@ def test_session_refuses_frames_out_of_order() -> None:
     with pytest.raises(ProtocolError, match="HELLO"):
         initiator.receive(a, hello)  # a HELLO to the side that sent one
     # a final STEP must not leave questions: here b still lacks the item
+    asker = Session(SALT)
+    asker.hello(b, "c")
     with pytest.raises(ProtocolError, match="final"):
-        Session(SALT).receive(b, Step((), (Leaf(1, 0, b"zzzz"),), (), final=True))
+        asker.receive(b, Step((), (Leaf(1, 0, b"zzzz"),), (), final=True))
     done = Session(SALT)
     assert done.receive(a, Done()) is None and done.done
     with pytest.raises(ProtocolError, match="end"):
         done.receive(a, Done())
+
+
+
+class CountingTree(MemoryTree):
+    """Counts the whole-subtree reads a session makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans = 0
+
+    def digests_under(self, level: int, idx: int) -> list[bytes]:
+        self.scans += 1
+        return super().digests_under(level, idx)
+
+
+def _opened(n: int = 300) -> tuple[Session, CountingTree]:
+    """An initiator that has sent its HELLO, over a replica of ``n`` items."""
+    t = CountingTree()
+    for i in range(n):
+        t.apply(mk(f"k{i}", i + 1, 0, i))
+    s = Session(SALT)
+    s.hello(t, "c")
+    return s, t
+
+
+@pytest.mark.parametrize("step", [
+    Step(leaves=(Leaf(0, 0, b""),) * 5000),  # the root, which nobody offered
+    Step(wants=(Want(0, 0, None),) * 5000),
+    Step(wants=(Want(0, 0, b"zzzz"),) * 5000),
+    Step(leaves=(Leaf(1, 3, b""),) * 2),  # an offered child, twice
+    Step(leaves=(Leaf(1, 3, b""),), wants=(Want(1, 3, None),)),
+    Step(wants=(Want(1, 3, b"zzzz"),)),  # digests wanted from a child, not a leaf we sent
+    Step(leaves=(Leaf(2, 0, b""),)),  # a level below what was offered
+    Step(nodes=(Node(0, 0, b"\0" * 64, (1,) * FANOUT),)),
+], ids=["root-leaves", "root-wants-all", "root-wants", "twice", "leaf-and-want",
+        "want-digests-of-child", "too-deep", "root-node"])
+def test_a_step_may_only_answer_what_was_offered(step: Step) -> None:
+    """A STEP naming nodes we never offered (or one twice) is refused before
+    any work: otherwise one frame naming the root many times would scan or
+    queue the whole replica once per entry."""
+    s, t = _opened()
+    with pytest.raises(ProtocolError, match="not offered"):
+        s.receive(t, step)
+    assert t.scans == 0 and not s.take_sends()
+
+
+def test_a_full_step_on_the_root_is_refused_quickly() -> None:
+    """A STEP as large as the codec admits, all root leaves and wants, through
+    the codec: refused in well under a second, without reading the tree."""
+    import time
+
+    s, t = _opened(2000)
+    n = 8000  # each way: about what the decode budget admits for such small entries
+    wire = frames.encode(Step(leaves=(Leaf(0, 0, b""),) * n, wants=(Want(0, 0, None),) * n))
+    step = frames.decode(wire)  # the codec lets it through: the session must not
+    started = time.perf_counter()
+    with pytest.raises(ProtocolError, match="not offered"):
+        s.receive(t, step)
+    assert time.perf_counter() - started < 1.0
+    assert t.scans == 0 and not s.take_sends()
 
 
 ops = st.lists(

@@ -12,6 +12,11 @@ counted (``drop_unopened``) and dropped. With a key the seal also says who
 sealed a beacon: one whose node_id is not its authenticated sender (a key
 holder speaking for another node) is counted (``drop_sender_mismatch``) and
 dropped too.
+
+The group port also answers unicast, from anywhere that can reach it, so
+nothing kept per source grows without bound: the addresses already logged
+are the last :data:`HEARD_MAX` (:class:`Heard`), and what becomes a seed is
+bounded by the caller (agent.runtime.seeds).
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ from anyio.abc import UDPSocket
 
 from agent.core.addr import Addr
 from agent.net.seal import CLEARTEXT, Kind, Seal
+from agent.net.udp import only_os_errors
 
 log = logging.getLogger("hs_gossip.discovery")
 MAGIC = b"HSG1"
 ANNOUNCE_EVERY = 2.0
+#: addresses remembered as already announced in the log
+HEARD_MAX = 256
 
 
 def encode(port: int, node_id: bytes) -> bytes:
@@ -78,6 +86,7 @@ class DiscoverySocket:
             await self._sock.sendto(self._seal.seal(data, Kind.DISCOVERY),
                                     self._group, self._port)
         except (OSError, anyio.BrokenResourceError) as e:
+            only_os_errors(e)
             self.stats["send_errors"] += 1
             log.debug("multicast announce failed: %s", e)
 
@@ -86,7 +95,8 @@ class DiscoverySocket:
         while True:
             try:
                 datagram, (host, port) = await self._sock.receive()
-            except (OSError, anyio.BrokenResourceError):
+            except (OSError, anyio.BrokenResourceError) as e:
+                only_os_errors(e)  # a closed socket would otherwise spin here
                 self.stats["receive_errors"] += 1
                 await anyio.lowlevel.checkpoint()
                 continue
@@ -108,6 +118,28 @@ class DiscoverySocket:
         await self._sock.aclose()
 
 
+class Heard:
+    """The agents heard lately, so that each is logged once while it keeps
+    announcing: the last ``limit`` addresses, the least recently heard
+    forgotten first."""
+
+    def __init__(self, limit: int = HEARD_MAX) -> None:
+        self.limit = limit
+        self._addrs: dict[Addr, None] = {}  # insertion order: least recent first
+
+    def __len__(self) -> int:
+        return len(self._addrs)
+
+    def first(self, addr: Addr) -> bool:
+        """Note ``addr``; True when it was not among the remembered ones."""
+        new = addr not in self._addrs
+        self._addrs.pop(addr, None)  # heard again: now the most recent
+        self._addrs[addr] = None
+        if len(self._addrs) > self.limit:
+            del self._addrs[next(iter(self._addrs))]
+        return new
+
+
 async def run(group: str, port: int, gossip_port: int, node_id: bytes,
               found: Callable[[Addr], None], seal: Seal = CLEARTEXT) -> None:
     try:
@@ -123,7 +155,7 @@ async def serve(sock: DiscoverySocket, gossip_port: int, node_id: bytes,
     """Announce this agent and report every other agent heard, until cancelled.
     Closes ``sock`` on the way out."""
     announce = encode(gossip_port, node_id)
-    seen: set[Addr] = set()
+    heard = Heard()
 
     async def sender() -> None:
         while True:
@@ -139,8 +171,7 @@ async def serve(sock: DiscoverySocket, gossip_port: int, node_id: bytes,
                 if msg is None or msg[1] == node_id:
                     continue
                 addr = (host, msg[0])
-                if addr not in seen:
-                    seen.add(addr)
+                if heard.first(addr):
                     log.info("discovered agent at %s:%d", *addr)
                 found(addr)
     finally:

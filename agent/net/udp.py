@@ -64,7 +64,7 @@ def normalize(host: str) -> str:
     return str(ip)
 
 
-def _only_os_errors(e: BaseException) -> None:
+def only_os_errors(e: BaseException) -> None:
     """anyio reports any OSError of a socket call as BrokenResourceError,
     though a UDP socket survives an unreachable peer. Re-raise anything else."""
     if isinstance(e, anyio.BrokenResourceError) and not isinstance(e.__cause__, OSError):
@@ -108,7 +108,7 @@ class GossipSocket:
             async with self._send_lock:
                 await self._sock.sendto(datagram, dest, addr[1])
         except (OSError, anyio.BrokenResourceError) as e:
-            _only_os_errors(e)
+            only_os_errors(e)
             self.stats["send_errors"] += 1
 
     async def receive(self) -> tuple[bytes, Addr]:
@@ -118,7 +118,7 @@ class GossipSocket:
                 datagram, (host, port) = await self._sock.receive()
             except (OSError, anyio.BrokenResourceError) as e:
                 # ICMP errors from an earlier send can surface here.
-                _only_os_errors(e)
+                only_os_errors(e)
                 self.stats["receive_errors"] += 1
                 await anyio.lowlevel.checkpoint()
                 continue

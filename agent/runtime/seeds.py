@@ -1,6 +1,13 @@
 """Where the agent looks for the swarm: configured seeds (resolved to numeric
 addresses, looked up again while the agent has not joined), saved peers and
-LAN discovery."""
+LAN discovery.
+
+Rules: the seed list handed to the membership core is always the configured
+seeds followed by at most :data:`MAX_EXTRA` others (saved peers, discovered
+agents), the least recently added dropped first. Discovery beacons reach us
+by unicast from anywhere, one new source after another, so that list must
+not grow with them.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ log = logging.getLogger("hs_gossip")
 
 #: how often unresolved or unanswering seeds are looked up again (seconds)
 SEED_RERESOLVE = 30.0
+#: seeds kept from saved peers and discovery (the core asks 16 per tick)
+MAX_EXTRA = 64
 
 
 async def resolve(hp: HostPort, family: int = 0) -> list[Addr]:
@@ -34,20 +43,35 @@ async def resolve(hp: HostPort, family: int = 0) -> list[Addr]:
 
 class Seeds:
     """The seed list handed to the membership core: configured seeds plus
-    addresses found by other means (kept across re-resolutions)."""
+    addresses found by other means (kept across re-resolutions, at most
+    ``max_extra`` of them)."""
 
-    def __init__(self, core: Membership, configured: tuple[HostPort, ...]) -> None:
+    def __init__(self, core: Membership, configured: tuple[HostPort, ...],
+                 max_extra: int = MAX_EXTRA) -> None:
         self.core = core
         self.configured = configured
-        self.extra: list[Addr] = []
+        self.max_extra = max_extra
+        #: found by other means, least recently added first
+        self._extra: dict[Addr, None] = {}
+        self._resolved: list[Addr] = []  # the configured seeds, as last resolved
         self._resolved_at = -1e9
 
+    @property
+    def extra(self) -> list[Addr]:
+        return list(self._extra)
+
     def add(self, addrs: list[Addr]) -> None:
-        """Seeds from other sources (saved peers, LAN discovery)."""
+        """Seeds from other sources (saved peers, LAN discovery). One already
+        known becomes the most recent; the core is told only of a change."""
+        changed = False
         for a in addrs:
-            if a not in self.extra:
-                self.extra.append(a)
-        self.core.add_seeds(addrs)
+            changed |= a not in self._extra
+            self._extra.pop(a, None)
+            self._extra[a] = None
+            if len(self._extra) > self.max_extra:
+                del self._extra[next(iter(self._extra))]
+        if changed:
+            self.core.set_seeds(self._resolved + list(self._extra))
 
     async def refresh(self, force: bool = False) -> None:
         """Checkpoint. Resolve the configured seeds again (at most every
@@ -63,5 +87,5 @@ class Seeds:
                 found.extend(await resolve(hp))
             except OSError as e:
                 log.warning("seed %s does not resolve (%s); will retry", hp, e)
-        found.extend(self.extra)
-        self.core.set_seeds(found)
+        self._resolved = found
+        self.core.set_seeds(found + list(self._extra))
