@@ -29,7 +29,7 @@ Rules:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -38,7 +38,12 @@ from blake3 import blake3
 from agent.core.changelog import FORMAT, GENESIS, LogEntry, Op, Position, Retention, decode
 
 if TYPE_CHECKING:
-    from agent.store.changes import Change
+    from merkle.tree import Item
+
+#: (key, old version, new version): what the change path reports per change
+#: (agent.store.changes.Change is one; the log does not import it, so the
+#: change path can import the log)
+ChangeRow = tuple[str, "Item | None", "Item | None"]
 
 #: entries deleted per compaction transaction at most
 COMPACT_BATCH = 10_000
@@ -83,7 +88,8 @@ class ChangeLog:
         row = conn.execute("SELECT entry FROM log ORDER BY seq DESC LIMIT 1").fetchone()
         self.head = decode(row[0]).position if row else self.floor
 
-    def append(self, conn: sqlite3.Connection, collection: str, changes: list[Change]) -> None:
+    def append(self, conn: sqlite3.Connection, collection: str,
+               changes: Sequence[ChangeRow]) -> None:
         """One entry per change, chained to the head, in the current transaction."""
         epoch = self.epoch
         seq = self.head.seq
