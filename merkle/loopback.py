@@ -6,18 +6,15 @@ and decoded (validated) again on the other side."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from merkle import frames
 from merkle.frames import SALT_LEN, Done, Frame, Hello, Items, Step
-from merkle.reconcile import SendRequest, Session
+from merkle.reconcile import Session, item_batches
 from merkle.tree import Item, TreeReader
 
-#: items per ITEMS frame (frames are also cut at ~512 KiB of values)
-BATCH_ITEMS = 1000
-BATCH_BYTES = 512 * 1024
 #: the salt when the caller gives none: runs are reproducible. Vary it between
 #: runs (as the agent does) so that a 4-byte collision is not met twice.
 DEFAULT_SALT = bytes(SALT_LEN)
@@ -38,29 +35,6 @@ class Stats:
     @property
     def round_trips(self) -> float:
         return self.messages / 2
-
-
-def item_batches(reader: TreeReader, requests: list[SendRequest]) -> Iterator[list[Item]]:
-    """Stream the requested items in bounded batches, in position order."""
-    batch: list[Item] = []
-    size = 0
-    for level, idx, digests in requests:
-        after = -1
-        while True:
-            page = reader.items_under(level, idx, digests, after, BATCH_ITEMS)
-            if not page:
-                break
-            for item in page:
-                batch.append(item)
-                size += len(item.value or b"") + len(item.key) + 40
-                if len(batch) >= BATCH_ITEMS or size >= BATCH_BYTES:
-                    yield batch
-                    batch, size = [], 0
-            after = page[-1].pos
-            if len(page) < BATCH_ITEMS:
-                break
-    if batch:
-        yield batch
 
 
 def run_pair(

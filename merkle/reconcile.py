@@ -47,6 +47,7 @@ Messages (msgpack arrays; typed, encoded and validated in :mod:`merkle.frames`):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from blake3 import blake3
@@ -67,10 +68,11 @@ from merkle.frames import (
     Want,
     split_hashes,
 )
-from merkle.tree import FANOUT, MAX_LEVEL, TreeReader
+from merkle.tree import FANOUT, MAX_LEVEL, Item, TreeReader
 
-__all__ = ["DONE", "HASH_LEN", "HELLO", "ITEMS", "LEAF_MAX", "SALT_LEN", "STEP",
-           "ProtocolError", "SendRequest", "Session"]
+__all__ = ["BATCH_BYTES", "BATCH_ITEMS", "DONE", "HASH_LEN", "HELLO", "ITEMS", "LEAF_MAX",
+           "SALT_LEN", "STEP",
+           "ProtocolError", "SendRequest", "Session", "item_batches"]
 
 #: a differing subtree with at most this many items (on both sides) is settled
 #: by digest lists (4 bytes per item) rather than 16 child summaries (~100 bytes)
@@ -250,3 +252,32 @@ class Session:
     def take_sends(self) -> list[SendRequest]:
         out, self.sends = self.sends, []
         return out
+
+
+#: items per ITEMS frame (frames are also cut at ~512 KiB of values)
+BATCH_ITEMS = 1000
+BATCH_BYTES = 512 * 1024
+
+
+def item_batches(reader: TreeReader, requests: list[SendRequest]) -> Iterator[list[Item]]:
+    """Stream the requested items in bounded batches, in position order: the
+    ITEMS frames that answer :meth:`Session.take_sends`."""
+    batch: list[Item] = []
+    size = 0
+    for level, idx, digests in requests:
+        after = -1
+        while True:
+            page = reader.items_under(level, idx, digests, after, BATCH_ITEMS)
+            if not page:
+                break
+            for item in page:
+                batch.append(item)
+                size += len(item.value or b"") + len(item.key) + 40
+                if len(batch) >= BATCH_ITEMS or size >= BATCH_BYTES:
+                    yield batch
+                    batch, size = [], 0
+            after = page[-1].pos
+            if len(page) < BATCH_ITEMS:
+                break
+    if batch:
+        yield batch

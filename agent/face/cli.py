@@ -3,14 +3,18 @@ verify | install-unit | --version``.
 
 Errors are one line on stderr, never a traceback. Exit codes: 0 ok, 1 runtime
 failure (port taken, agent not reachable), 2 bad configuration or usage.
-The parser is built from explicit tables: :data:`COMMANDS` here, then
-agent.face.cli_data's and agent.face.cli_ops's, in that order. Their shared
-helpers live in agent.face.cli_common, so no command module imports this one.
+The parser is built from one explicit registry, :data:`REGISTRY`: each
+subcommand's name, help line and the module whose ``COMMANDS`` table runs it
+(this one, agent.face.cli_data or agent.face.cli_ops). A command module is
+imported only when one of its commands is chosen, so ``hs-gossip run`` does
+not carry the code of the other commands. Their shared helpers live in
+agent.face.cli_common, so no command module imports this one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -21,10 +25,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import __version__
 from agent.config import FIELDS, PREFIX, Config, ConfigError, check_data_dir, load
-from agent.face import cli_data, cli_ops
 from agent.face.cli_common import (
     ApiError,
     Command,
+    Listing,
     UsageError,
     add_api_argument,
     api_get,
@@ -211,15 +215,51 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 # --- the parser ------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
-    Command("run", "run the agent in the foreground", cmd_run, _add_run_arguments),
-    Command("peers", "list the peers the local agent knows", cmd_peers, _peers_args),
-    Command("status", "show the local agent's identity and role", cmd_status, _peers_args),
-    Command("demo", "start N agents on loopback and show a live peers table", cmd_demo,
-            _demo_args),
+    Command("run", cmd_run, _add_run_arguments),
+    Command("peers", cmd_peers, _peers_args),
+    Command("status", cmd_status, _peers_args),
+    Command("demo", cmd_demo, _demo_args),
 )
 
+_DATA = "agent.face.cli_data"
+_OPS = "agent.face.cli_ops"
+
 #: every subcommand, in the order ``--help`` lists them
-ALL_COMMANDS: tuple[Command, ...] = (*COMMANDS, *cli_data.COMMANDS, *cli_ops.COMMANDS)
+REGISTRY: tuple[Listing, ...] = (
+    Listing("run", "run the agent in the foreground", __name__),
+    Listing("peers", "list the peers the local agent knows", __name__),
+    Listing("status", "show the local agent's identity and role", __name__),
+    Listing("demo", "start N agents on loopback and show a live peers table", __name__),
+    Listing("put", "write an item: hs-gossip put COLLECTION KEY JSON", _DATA),
+    Listing("get", "read an item: hs-gossip get COLLECTION KEY", _DATA),
+    Listing("del", "delete an item: hs-gossip del COLLECTION KEY", _DATA),
+    Listing("ls", "list collections, or the items of one: hs-gossip ls [COLLECTION]", _DATA),
+    Listing("verify", "rebuild a collection's hash tree from its items and compare", _DATA),
+    Listing("install-unit", "install the systemd unit and its env file", _OPS),
+    Listing("keygen", "print a new cluster key (base64 of 32 random bytes)", _OPS),
+    Listing("keys", "list the cluster keys in use (fingerprints) and which peers use each",
+            _OPS),
+)
+
+
+def command(listing: Listing) -> Command:
+    """The table row of a listed command, importing its module."""
+    table: tuple[Command, ...] = importlib.import_module(listing.module).COMMANDS
+    for c in table:
+        if c.name == listing.name:
+            return c
+    raise LookupError(f"{listing.module} has no command {listing.name!r}")
+
+
+def chosen(argv: list[str]) -> str | None:
+    """The subcommand named on a command line: its first argument that is not
+    an option (the top-level options, ``-h`` and ``--version``, take no value)."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 class Parser(argparse.ArgumentParser):
@@ -232,13 +272,21 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"hs-gossip: {where}{message} (see {self.prog} --help)\n")
 
 
-def build_parser(commands: tuple[Command, ...] = ALL_COMMANDS) -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None,
+                 registry: tuple[Listing, ...] = REGISTRY) -> argparse.ArgumentParser:
+    """The parser for ``argv`` (default ``sys.argv[1:]``): every listed
+    command is a choice with its help line; only the chosen one gets its
+    arguments and handler, so only its module is imported."""
+    name = chosen(sys.argv[1:] if argv is None else argv)
     parser = Parser(
         prog="hs-gossip", description="Gossip swarm agent for edge devices.")
     parser.add_argument("--version", action="version", version=f"hs-gossip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for c in commands:
-        p = sub.add_parser(c.name, help=c.help, description=c.help)
+    for listing in registry:
+        p = sub.add_parser(listing.name, help=listing.help, description=listing.help)
+        if listing.name != name:
+            continue
+        c = command(listing)
         if c.add_arguments is not None:
             c.add_arguments(p)
         p.set_defaults(handler=c.run)
@@ -246,7 +294,7 @@ def build_parser(commands: tuple[Command, ...] = ALL_COMMANDS) -> argparse.Argum
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)

@@ -1,8 +1,10 @@
 """What every CLI command module shares: the :class:`Command` table row, the
-one-line error (:func:`fail`) and the client of the local HTTP API.
+:class:`Listing` registry row, the one-line error (:func:`fail`) and the
+client of the local HTTP API.
 
-Command modules (cli, cli_data, cli_ops) import this and never each other;
-agent.face.cli builds the parser from their ``COMMANDS`` tables.
+Command modules (cli, cli_data, cli_ops) import this and never each other.
+agent.face.cli lists every subcommand (name, help, module) in its registry and
+imports a command module only when one of its commands is chosen.
 """
 
 from __future__ import annotations
@@ -24,12 +26,22 @@ Handler = Callable[[argparse.Namespace], int]
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: ``hs-gossip NAME ...``."""
+    """One subcommand: ``hs-gossip NAME ...``; its help line is in the registry
+    (:class:`Listing`)."""
+
+    name: str
+    run: Handler
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One line of ``hs-gossip --help``: a subcommand's name and help, and the
+    module whose ``COMMANDS`` table holds it."""
 
     name: str
     help: str
-    run: Handler
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    module: str
 
 
 def fail(msg: str, code: int = 1) -> int:

@@ -128,11 +128,9 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("put", "write an item: hs-gossip put COLLECTION KEY JSON", cmd_put, _put_args),
-    Command("get", "read an item: hs-gossip get COLLECTION KEY", cmd_get, _get_args),
-    Command("del", "delete an item: hs-gossip del COLLECTION KEY", cmd_del, _key_args),
-    Command("ls", "list collections, or the items of one: hs-gossip ls [COLLECTION]", cmd_ls,
-            _ls_args),
-    Command("verify", "rebuild a collection's hash tree from its items and compare",
-            cmd_verify, _verify_args),
+    Command("put", cmd_put, _put_args),
+    Command("get", cmd_get, _get_args),
+    Command("del", cmd_del, _key_args),
+    Command("ls", cmd_ls, _ls_args),
+    Command("verify", cmd_verify, _verify_args),
 )

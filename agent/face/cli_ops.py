@@ -110,9 +110,7 @@ def _keys_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("install-unit", "install the systemd unit and its env file", cmd_install_unit,
-            _install_unit_args),
-    Command("keygen", "print a new cluster key (base64 of 32 random bytes)", cmd_keygen),
-    Command("keys", "list the cluster keys in use (fingerprints) and which peers use each",
-            cmd_keys, _keys_args),
+    Command("install-unit", cmd_install_unit, _install_unit_args),
+    Command("keygen", cmd_keygen),
+    Command("keys", cmd_keys, _keys_args),
 )

@@ -50,8 +50,7 @@ from agent.store.schema import DB_FILE
 from agent.store.tree import SqliteTree
 from agent.store.values import CollectionInfo, StoreError
 from agent.store.writer import Writer
-from merkle.loopback import item_batches
-from merkle.reconcile import SendRequest
+from merkle.reconcile import SendRequest, item_batches
 from merkle.tree import Item
 
 log = logging.getLogger("hs_gossip.store")
