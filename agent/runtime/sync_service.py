@@ -18,6 +18,13 @@
   :func:`frame_deadline` (a minimum rate, so a trickling peer cannot hold a
   slot for the whole session deadline); frames decode within
   :func:`merkle.frames.decode_budget`. See docs/PROTOCOL.md for the bound.
+* The listener is shared: the first byte of a connection's first frame says
+  what it is. A sync HELLO is a msgpack array (its first byte is an array
+  header, 0x90-0x9f or 0xdc); any other first byte is looked up in
+  :attr:`SyncService.routes` (membership push-pull registers there), and
+  an unknown one is refused (``stream_refused_kind``). A first frame may be
+  at most :data:`FIRST_MAX_FRAME` bytes, and one that turns out to be a
+  HELLO at most :data:`HELLO_MAX_FRAME`.
 * Interrupting a session at any point is safe: received items are applied in
   whole batches by last-writer-wins, and applying an item twice is a no-op.
 * With cluster keys, both ends of every connection run the stream handshake
@@ -34,7 +41,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -130,14 +137,19 @@ async def _receive(conn: Framed) -> Frame:
     return frames.decode(data)
 
 
-async def _receive_hello(conn: Framed) -> Frame:
-    """The first frame of a served session, under the HELLO size limit."""
+async def _receive_first(conn: Framed, max_size: int) -> bytes:
+    """The first frame of a served connection, raw, at most ``max_size`` bytes."""
     limit = conn.max_frame
-    conn.max_frame = min(limit, HELLO_MAX_FRAME)
+    conn.max_frame = min(limit, max_size)
     try:
-        return await _receive(conn)
+        with anyio.fail_after(frame_deadline(conn.max_frame)):
+            return await conn.receive()
     finally:
         conn.max_frame = limit
+
+
+def _is_msgpack_array(first: int) -> bool:
+    return 0x90 <= first <= 0x9F or first == 0xDC
 
 
 async def _exchange(store: Store, conn: Framed, session: Session, name: str,
@@ -228,11 +240,30 @@ async def sync_once(store: Store, host: str, port: int, name: str,
     return result
 
 
-async def handle_connection(store: Store, conn: Framed, stats: dict[str, int]) -> None:
-    """Answer one session on an accepted connection; errors are logged, not raised."""
+#: a handler for connections whose first frame starts with its byte: it gets
+#: the connection and that frame, and must bound its own time and memory
+Route = Callable[[Framed, bytes], Awaitable[None]]
+#: the largest first frame any route accepts (a membership push-pull)
+FIRST_MAX_FRAME = (1 << 20) + 1024
+
+
+async def handle_connection(store: Store, conn: Framed, stats: dict[str, int],
+                            routes: Mapping[int, Route] | None = None) -> None:
+    """Answer one connection: a sync session, or what ``routes`` says for
+    its first byte. Errors are logged, not raised."""
     try:
         with anyio.fail_after(SESSION_TIMEOUT):
-            hello = await _receive_hello(conn)
+            first = await _receive_first(conn, FIRST_MAX_FRAME if routes else HELLO_MAX_FRAME)
+            if first and not _is_msgpack_array(first[0]):
+                route = (routes or {}).get(first[0])
+                if route is None:
+                    stats["stream_refused_kind"] = stats.get("stream_refused_kind", 0) + 1
+                    return
+                await route(conn, first)
+                return
+            if len(first) > HELLO_MAX_FRAME:
+                raise ProtocolError(f"HELLO of {len(first)} bytes")
+            hello = frames.decode(first)
             if not isinstance(hello, Hello):
                 raise ProtocolError("expected HELLO")
             name = hello.collection
@@ -288,6 +319,8 @@ class SyncService:
         self.serving: dict[str, int] = {}  # source host -> sessions served now
         self.stats: dict[str, int] = {}
         self.refused = RefusalLog(self.stats)
+        #: other kinds of connection on this listener, by first byte
+        self.routes: dict[int, Route] = {}
         self.durations: list[float] = []  # the last 100 sessions started here
         self.seconds_total = 0.0  # all of them, for the metrics summary
 
@@ -315,7 +348,7 @@ class SyncService:
             return  # the listener closes the connection
         self.serving[host] = self.serving.get(host, 0) + 1
         try:
-            await handle_connection(self.store, conn, self.stats)
+            await handle_connection(self.store, conn, self.stats, self.routes)
         finally:
             self.serving[host] -= 1
             if not self.serving[host]:
