@@ -36,33 +36,47 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from agent.config import Config, ConfigError, HostPort, load_reloadable
 from agent.core import clock, wire
-from agent.core.membership import (
+from agent.core.swim import (
+    DigestsChanged,
     Event,
     IncarnationRaised,
     MemberExpired,
+    MemberFailed,
     MemberJoined,
     MemberLeft,
     MemberRecovered,
     MemberRestarted,
-    Membership,
-    MemberUnhealthy,
+    MemberSuspected,
     Params,
+    PushPull,
     SelfInfo,
+    Swim,
+    Timer,
 )
 from agent.net import keyring
 from agent.net.seal import Cleartext, Seal
-from agent.net.udp import GossipSocket
-from agent.runtime import epoch, health, identity, maintenance, snapshot, supervision
+from agent.net.udp import GossipSocket, normalize
+from agent.runtime import (
+    epoch,
+    health,
+    identity,
+    maintenance,
+    push_pull,
+    snapshot,
+    supervision,
+)
 from agent.runtime.errors import StartupError
 from agent.runtime.faults import NO_FAULTS, Faults
 from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.seeds import Seeds, resolve
+from agent.runtime.timers import TimerHeap
 from agent.runtime.view import AgentView, ApiServer, Controls, build_view, role_name
 from agent.store.store import wall_ms
 
 if TYPE_CHECKING:
     from agent.net.handshake import StreamKeys
+    from agent.net.stream import Framed
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
 
@@ -72,13 +86,16 @@ log = logging.getLogger("hs_gossip")
 IDENTITY_SAVE_EVERY = 1.0
 #: how long in-flight API requests get to finish on shutdown (seconds)
 API_DRAIN = 5.0
+#: membership push-pull exchanges in flight at once; the core's next ones
+#: fail at once beyond it (it retries on its own schedule)
+MAX_PUSH_PULLS = 4
 
 
 @dataclass
 class Agent:
     cfg: Config
     ident: identity.Identity
-    core: Membership = field(init=False)
+    core: Swim = field(init=False)
     sock: GossipSocket | None = None
     http_port: int = 0
     started_wall: float = field(default_factory=time.time)
@@ -88,9 +105,14 @@ class Agent:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     #: serves the HTTP API (given by the face); None: no API
     api: ApiServer | None = None
-    #: monotonic time of the last completed gossip tick (watchdog evidence)
+    #: monotonic time the membership loop last ran (watchdog evidence)
     last_tick: float = 0.0
+    #: probe periods started
     ticks: int = 0
+    #: the deadlines the membership core asked for
+    timers: TimerHeap[Timer] = field(default_factory=TimerHeap)
+    _push_pulls_running: int = 0
+    _tg: TaskGroup | None = None
     _shutdown: anyio.Event = field(default_factory=anyio.Event)
     store: Store | None = None
     sync: SyncService = field(init=False)
@@ -120,8 +142,8 @@ class Agent:
     def __post_init__(self) -> None:
         cfg = self.cfg
         params = Params(
-            interval=cfg.interval, suspect_after=cfg.suspect_after, ttl=cfg.ttl,
-            fanout=cfg.fanout, max_peers=cfg.max_peers,
+            probe_interval=cfg.interval, suspicion_mult=round(cfg.suspect_intervals), ttl=cfg.ttl,
+            gossip_fanout=cfg.fanout, max_members=cfg.max_peers,
         )
         me = SelfInfo(
             node_id=self.ident.node_id.bytes, incarnation=self.ident.incarnation,
@@ -129,8 +151,8 @@ class Agent:
         )
         self.seed = Seed.of(cfg.seed)
         log.debug("random seed %d (HS_GOSSIP_SEED replays this run's choices)", self.seed.value)
-        self.core = Membership(me, params, self.seed.rng_for("membership"), now=0.0)
-        self.seeds = Seeds(self.core, cfg.peers)
+        self.core = Swim(me, params, self.seed.rng_for("membership"), now=0.0)
+        self.seeds = Seeds(self._join, cfg.peers)
 
     # --- the view the face reads -------------------------------------------
 
@@ -168,10 +190,13 @@ class Agent:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
-        self.core.now = anyio.current_time()
         advertise = await self._resolve_advertise()
         if advertise:
             self.core.me.host = advertise
+        elif self.cfg.bind not in ("0.0.0.0", "::"):
+            # Bound to one address: that is where we are reached. (Bound to
+            # all, peers take the address our datagrams come from.)
+            self.core.me.host = normalize(self.cfg.bind)
         if self.seal is None:
             self.seal = self._build_seal()
         try:
@@ -182,21 +207,26 @@ class Agent:
                 f"{e.strerror or e}"
             ) from None
         self.core.me.port = self.sock.local_port
-        self._load_snapshot()
-        await self.seeds.refresh(force=True)
         store = await self._open_store()
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             await tg.start(self.sync.serve)
             tg.start_soon(self.sync.run, self.sync_targets)
             self.http_port = await tg.start(self._serve_api)
+            # Before start: a port set later takes a new incarnation to spread.
             self.core.set_http_port(self.http_port)
+            self.core.start(anyio.current_time(), [])
+            # Answered only once our card is whole (its HTTP port known).
+            self.sync.routes[push_pull.FIRST_BYTE] = self._serve_push_pull
+            self._load_snapshot()
+            await self.seeds.refresh(force=True)
             log.info(
                 "agent %s (%s) incarnation %d: gossip udp %s:%d, api http://%s:%d",
                 self.node_id, cfg.node_name, self.core.me.incarnation, cfg.bind,
                 self.core.me.port, cfg.api.host, self.http_port,
             )
             tg.start_soon(self._receive_loop)
-            tg.start_soon(self._tick_loop)
+            tg.start_soon(self._timer_loop)
             tg.start_soon(self._signal_loop)
             tg.start_soon(maintenance.snapshot_loop, cfg.interval, cfg.data_dir,
                           self._snapshot_rows, lambda: self.core.lc)
@@ -317,7 +347,8 @@ class Agent:
         self.core.leave(anyio.current_time())
         with anyio.move_on_after(2, shield=True):
             await self._flush()
-        log.info("left the swarm (told %d peers)", len(self.core.members))
+        log.info("left the swarm (told %d peers)",
+                 sum(m.healthy for m in self.core.members.values()))
 
     async def _signal_loop(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -422,41 +453,86 @@ class Agent:
             raise StartupError(f"cannot resolve HS_GOSSIP_ADVERTISE={adv!r}: {e}") from None
         return addrs[0][0]
 
+    def _join(self, addrs: list[tuple[str, int]]) -> None:
+        """Contact these addresses now (seeds, saved peers, discovery, the API)."""
+        self.core.join(addrs, anyio.current_time())
+
     async def _flush(self) -> None:
+        """Carry out what the core asked for: timers, datagrams, push-pulls, events."""
         assert self.sock is not None
-        for data, addr in self.core.take_outgoing():
-            await self.sock.send(data, addr)
-        for ev in self.core.take_events():
+        core = self.core
+        self.timers.add((t.deadline, t.timer) for t in core.take_timers())
+        for s in core.take_outgoing():
+            await self.sock.send(s.data, s.addr)
+        for pp in core.take_push_pulls():
+            self._start_push_pull(pp)
+        for ev in core.take_events():
             self._on_event(ev)
+
+    def _start_push_pull(self, pp: PushPull) -> None:
+        if self._tg is None or self._push_pulls_running >= MAX_PUSH_PULLS:
+            self.core.push_pull_failed(pp.addr, anyio.current_time())
+            return
+        self._push_pulls_running += 1
+        self._tg.start_soon(self._push_pull, pp)
+
+    async def _push_pull(self, pp: PushPull) -> None:
+        """One exchange the core asked for; its answer or failure goes back to it."""
+        host, port = pp.addr
+        port = next((m.sync_port for m in self.core.members.values()
+                     if m.addr == pp.addr and m.sync_port), port)
+        try:
+            reply = await push_pull.exchange(host, port, pp.data, self._stream_keys())
+        except push_pull.FAILURES as e:
+            log.debug("push-pull with %s:%d failed: %s", host, port, e or type(e).__name__)
+            self.core.push_pull_failed(pp.addr, anyio.current_time())
+        else:
+            self.core.receive_push_pull_reply(reply, pp.addr, anyio.current_time())
+        finally:
+            self._push_pulls_running -= 1
+        await self._flush()
+
+    async def _serve_push_pull(self, conn: Framed, first: bytes) -> None:
+        """A member's push-pull on the sync listener: merge theirs, answer ours."""
+        reply = self.core.handle_push_pull(first, push_pull.peer_addr(conn), anyio.current_time())
+        await self._flush()
+        if reply is not None:
+            with anyio.fail_after(push_pull.TIMEOUT):
+                await conn.send(reply)
 
     async def _receive_loop(self) -> None:
         assert self.sock is not None
         seal = self._seal()
         while True:
             data, src = await self.sock.receive()
-            now = anyio.current_time()
             # The node it authenticated as (None when keyless): the core
             # refuses a message that speaks for another node.
-            self.core.receive(data, src, now, seal.sender(data))
-            self.core.push(now)
+            self.core.receive(data, src, anyio.current_time(), seal.sender(data))
             await self._flush()
 
-    async def _tick_loop(self) -> None:
-        rng = self.seed.rng_for("tick")
+    async def _timer_loop(self) -> None:
+        """Fire the core's timers as they fall due, and once per interval do
+        the agent's own rounds: publish digests, advance the logical clock,
+        save a raised incarnation, look seeds up again while alone."""
+        interval = self.cfg.interval
+        next_round = anyio.current_time()
         while True:
             now = anyio.current_time()
             if now >= self._stall_tick_at:
                 await anyio.sleep_forever()
-            self._publish_digests()
-            self.core.tick(now)
+            for timer in self.timers.due(now):
+                self.core.handle_timer(timer, now)
+            if now >= next_round:
+                next_round = now + interval
+                self.ticks += 1
+                self._publish_digests()
+                self.core.bump_lc()
+                self._save_identity()
+                if not self.core.joined and self.cfg.peers:
+                    await self.seeds.refresh()
             await self._flush()
             self.last_tick = now
-            self.ticks += 1
-            self._save_identity()
-            if not self.core.joined and self.cfg.peers:
-                await self.seeds.refresh()
-            # +-10% jitter keeps a fleet booted together from ticking in lockstep.
-            await anyio.sleep(self.cfg.interval * rng.uniform(0.9, 1.1))
+            await self.timers.wait(max(0.0, next_round - anyio.current_time()))
 
     def _on_event(self, ev: Event) -> None:
         nid = _short(getattr(ev, "node_id", b""))
@@ -464,18 +540,22 @@ class Agent:
             log.info("peer %s joined at %s:%d", nid, *ev.addr)
         elif isinstance(ev, MemberRestarted):
             log.info("peer %s restarted (incarnation %d)", nid, ev.incarnation)
-        elif isinstance(ev, MemberUnhealthy):
-            log.warning("peer %s unhealthy (no news for %.1fs)", nid, self.cfg.suspect_after)
+        elif isinstance(ev, MemberSuspected):
+            log.warning("peer %s suspected (probes unanswered)", nid)
         elif isinstance(ev, MemberRecovered):
             log.info("peer %s healthy again", nid)
+        elif isinstance(ev, MemberFailed):
+            log.warning("peer %s failed (suspicion not refuted)", nid)
         elif isinstance(ev, MemberLeft):
             log.info("peer %s left", nid)
         elif isinstance(ev, MemberExpired):
-            log.warning("peer %s dropped after %.0fs of silence", nid, self.cfg.ttl)
+            log.info("peer %s dropped (not confirmed alive for %.0fs)", nid, self.cfg.ttl)
         elif isinstance(ev, IncarnationRaised):
             log.warning("refuting a suspicion: incarnation now %d", ev.incarnation)
             self._ident_pending = ev.incarnation
             self._save_identity()
+        elif isinstance(ev, DigestsChanged):
+            pass  # the sync service reads members' digests each interval
 
     def _save_identity(self, force: bool = False) -> None:
         """Write the pending incarnation, unless one was written less than

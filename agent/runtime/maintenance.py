@@ -16,7 +16,7 @@ import anyio
 
 from agent.core import tombstones
 from agent.core.changelog import Retention
-from agent.core.membership import Membership
+from agent.core.swim import ALIVE, SUSPECT, Swim
 from agent.runtime import snapshot
 from agent.store import Store
 
@@ -37,10 +37,10 @@ LOG_COMPACT_EVERY_INTERVALS = 30
 Row = tuple[str, str, int, float]
 
 
-def snapshot_rows(core: Membership, wall_time_of: Callable[[float], float]) -> list[Row]:
+def snapshot_rows(core: Swim, wall_time_of: Callable[[float], float]) -> list[Row]:
     """Taken on the event loop: the membership core is not thread-safe."""
-    return [(m.node_id.hex(), m.host, m.port, wall_time_of(m.last_progress))
-            for m in core.members.values()]
+    return [(m.node_id.hex(), m.host, m.port, wall_time_of(m.last_alive))
+            for m in core.members.values() if m.status in (ALIVE, SUSPECT)]
 
 
 def write_snapshot(data_dir: Path, rows: list[Row], lc: int) -> None:
@@ -66,7 +66,7 @@ async def snapshot_loop(interval: float, data_dir: Path, rows: Callable[[], list
             saved, saved_at = members, now
 
 
-async def tombstone_loop(interval: float, store: Store, core: Membership, grace: float,
+async def tombstone_loop(interval: float, store: Store, core: Swim, grace: float,
                          wall_ms: Callable[[], int]) -> None:
     """Purge tombstones when agent.core.tombstones says it is safe."""
     while True:

@@ -2,9 +2,10 @@
 addresses, looked up again while the agent has not joined), saved peers and
 LAN discovery.
 
-Rules: the seed list handed to the membership core is always the configured
-seeds followed by at most :data:`MAX_EXTRA` others (saved peers, discovered
-agents), the least recently added dropped first. Discovery beacons reach us
+Rules: the membership core is asked to join the configured seeds (each time
+they are looked up again) and every address found by other means (saved
+peers, discovered agents) once, when it is new; at most :data:`MAX_EXTRA`
+such addresses are remembered, the least recently added dropped first. Discovery beacons reach us
 by unicast from anywhere, one new source after another, so that list must
 not grow with them.
 """
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 
 import anyio
 
 from agent.config import HostPort
 from agent.core.addr import Addr
-from agent.core.membership import Membership
 from agent.net.udp import normalize
 
 log = logging.getLogger("hs_gossip")
@@ -42,13 +43,13 @@ async def resolve(hp: HostPort, family: int = 0) -> list[Addr]:
 
 
 class Seeds:
-    """The seed list handed to the membership core: configured seeds plus
-    addresses found by other means (kept across re-resolutions, at most
-    ``max_extra`` of them)."""
+    """Where to join: configured seeds plus addresses found by other means
+    (kept across re-resolutions, at most ``max_extra`` of them). ``join``
+    is the core's: it contacts the addresses it is given."""
 
-    def __init__(self, core: Membership, configured: tuple[HostPort, ...],
+    def __init__(self, join: Callable[[list[Addr]], None], configured: tuple[HostPort, ...],
                  max_extra: int = MAX_EXTRA) -> None:
-        self.core = core
+        self.join = join
         self.configured = configured
         self.max_extra = max_extra
         #: found by other means, least recently added first
@@ -62,16 +63,17 @@ class Seeds:
 
     def add(self, addrs: list[Addr]) -> None:
         """Seeds from other sources (saved peers, LAN discovery). One already
-        known becomes the most recent; the core is told only of a change."""
-        changed = False
+        known becomes the most recent; the core is told only of new ones."""
+        new = []
         for a in addrs:
-            changed |= a not in self._extra
+            if a not in self._extra:
+                new.append(a)
             self._extra.pop(a, None)
             self._extra[a] = None
             if len(self._extra) > self.max_extra:
                 del self._extra[next(iter(self._extra))]
-        if changed:
-            self.core.set_seeds(self._resolved + list(self._extra))
+        if new:
+            self.join(new)
 
     async def refresh(self, force: bool = False) -> None:
         """Checkpoint. Resolve the configured seeds again (at most every
@@ -88,4 +90,5 @@ class Seeds:
             except OSError as e:
                 log.warning("seed %s does not resolve (%s); will retry", hp, e)
         self._resolved = found
-        self.core.set_seeds(found + list(self._extra))
+        if found:
+            self.join(found)

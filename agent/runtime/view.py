@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent.config import HostPort
 from agent.core import wire
-from agent.core.membership import Member, Membership
+from agent.core.swim import LEFT, Member, Swim
 from agent.net.seal import Seal, Sealed
 
 if TYPE_CHECKING:
@@ -156,14 +156,17 @@ def role_name(role: int) -> str:
     return wire.ROLES[role] if role < len(wire.ROLES) else "Unknown"
 
 
-def build_view(core: Membership, *, started_wall: float, wall_now: float, mono_now: float,
+def build_view(core: Swim, *, started_wall: float, wall_now: float, mono_now: float,
                http_port: int = 0, socket_stats: Mapping[str, int] | None = None,
                sync: SyncService | None = None, store: Store | None = None,
                loop_lag: float = 0.0, seal: Seal | None = None) -> AgentView:
     """The agent as of now. ``wall_now``/``mono_now`` are read together by the
     caller: members' last-seen times are monotonic and shown as wall clock."""
     offset = wall_now - mono_now
-    members = sorted(core.members.values(), key=lambda m: (m.host, m.port))
+    # A member that left is gone at once; suspect and dead ones stay listed,
+    # unhealthy, until they are dropped.
+    members = sorted((m for m in core.members.values() if m.status != LEFT),
+                     key=lambda m: (m.host, m.port))
     peers = tuple(_peer(m, offset) for m in members)
     counters = dict(core.stats)
     if socket_stats is not None:
@@ -223,7 +226,7 @@ def _peer(m: Member, wall_minus_mono: float) -> PeerView:
         incarnation=m.incarnation,
         logical_clock=m.lc,
         collections=tuple(DigestView(d.name, d.state_hash.hex(), d.count) for d in m.digests),
-        last_seen_secs=int(wall_minus_mono + m.last_progress),
+        last_seen_secs=int(wall_minus_mono + m.last_alive),
         healthy=m.healthy,
         app_healthy=m.app_healthy,
     )

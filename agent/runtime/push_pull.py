@@ -1,0 +1,58 @@
+"""Membership push-pull over TCP: the exchange the membership core asks for.
+
+The core (agent.core.swim) hands out ``PushPull(addr, data)``: open a stream
+to the member, send our full state as one frame, read theirs back as one
+frame. Streams go through :mod:`agent.net.stream` like sync sessions (the
+handshake applies with cluster keys) and arrive on the sync listener, which
+routes them here by their first byte (:mod:`agent.runtime.sync_service`).
+Both directions are bounded: one frame each, at most :data:`MAX_FRAME`
+bytes, the whole exchange within :data:`TIMEOUT` seconds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import SocketAttribute
+
+from agent.core import wire
+from agent.core.addr import Addr
+from agent.net.stream import Framed, SyncError, connect
+
+if TYPE_CHECKING:
+    from agent.net.handshake import StreamKeys
+
+#: a push-pull payload opens with the datagram envelope's version byte; a
+#: sync HELLO opens with a msgpack array header, so the listener tells them
+#: apart by this first byte
+FIRST_BYTE = wire.VERSION
+#: what a failed exchange raises (the peer is gone, slow, or not one of us)
+FAILURES = (OSError, TimeoutError, SyncError, anyio.EndOfStream, anyio.BrokenResourceError)
+
+#: one side's full state: the core caps its payload at 1 MiB
+MAX_FRAME = (1 << 20) + 1024
+#: seconds a whole exchange may take (connect, handshake, both frames)
+TIMEOUT = 10.0
+
+
+async def exchange(host: str, port: int, data: bytes, keys: StreamKeys | None,
+                   timeout: float = TIMEOUT) -> bytes:
+    """Checkpoint. Send ``data``, return the answer. Raises OSError,
+    TimeoutError, anyio stream errors or StreamHandshakeError on failure;
+    a cancellation leaves nothing open."""
+    with anyio.fail_after(timeout):
+        async with await connect(host, port, MAX_FRAME, keys) as conn:
+            await conn.send(data)
+            return await conn.receive()
+
+
+def peer_addr(conn: Framed) -> Addr:
+    """The source address of an accepted connection (("", 0) if unknown)."""
+    try:
+        addr = conn.stream.extra(SocketAttribute.remote_address)
+        if isinstance(addr, tuple):
+            return (str(addr[0]), int(addr[1]))
+        return (str(addr), 0)
+    except (OSError, anyio.TypedAttributeLookupError, ValueError, TypeError):
+        return ("", 0)

@@ -1,0 +1,65 @@
+"""The timers a sans-I/O core asks for, kept in one heap and fired in order.
+
+Rules: a core says "call me back at this deadline with this timer" and never
+cancels; a timer that no longer applies is ignored by the core when it fires.
+So the heap only grows by what the core asked for and shrinks as deadlines
+pass, and :meth:`TimerHeap.due` costs O(log n) per fired timer. The task
+that waits on it sleeps until the earliest deadline, or until an earlier one
+is added (:meth:`wait` returns then, so the caller recomputes).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+#: the most timers held at once; beyond it the latest deadlines are dropped.
+#: A core asks for a handful per member in flight, so this is never reached
+#: by a healthy one: it only keeps a bug from growing memory without bound.
+MAX_TIMERS = 1 << 16
+
+
+class TimerHeap(Generic[T]):
+    def __init__(self, max_timers: int = MAX_TIMERS) -> None:
+        self._heap: list[tuple[float, int, T]] = []
+        self._seq = 0
+        self._wake = anyio.Event()
+        self.max_timers = max_timers
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, items: Iterable[tuple[float, T]]) -> None:
+        earliest = self._heap[0][0] if self._heap else float("inf")
+        for deadline, timer in items:
+            self._seq += 1
+            heapq.heappush(self._heap, (deadline, self._seq, timer))
+            if deadline < earliest:
+                earliest = deadline
+                self._wake.set()
+        if len(self._heap) > self.max_timers:
+            self.dropped += len(self._heap) - self.max_timers
+            self._heap = heapq.nsmallest(self.max_timers, self._heap)
+            heapq.heapify(self._heap)
+
+    def due(self, now: float) -> list[T]:
+        """Pop every timer whose deadline has passed, earliest first."""
+        out: list[T] = []
+        while self._heap and self._heap[0][0] <= now:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    async def wait(self, at_most: float) -> None:
+        """Checkpoint. Sleep until the earliest deadline but at most
+        ``at_most`` seconds, or until an earlier timer is added."""
+        self._wake = anyio.Event()
+        now = anyio.current_time()
+        deadline = min(self._heap[0][0], now + at_most) if self._heap else now + at_most
+        with anyio.move_on_after(max(0.0, deadline - now)):
+            await self._wake.wait()
