@@ -227,6 +227,8 @@ def test_an_agent_that_reaches_no_seed_says_so_after_10s(swarm: Swarm, tmp_path:
     assert time.monotonic() - started >= SEED_WARN_AFTER - 2
     assert dead_seed in seeds["warning"] and seeds["since_secs"] >= SEED_WARN_AFTER
     assert seeds["reached"] is False
+    out = cli(a0, "status")
+    assert out.returncode == 0 and "no seed reached" in out.stdout and dead_seed in out.stdout
     log = wait_for(lambda: a0.log_path.read_text().count("no seed reached"),
                    what="the warning in the log")
     assert log == 1

@@ -181,7 +181,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
     else:
         for k, v in body.items():
-            print(f"{k:16} {v}")
+            # nested parts (seeds, keys, ...) as JSON, not Python's repr
+            print(f"{k:16} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     return 0
 
 
