@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # System tools some tests use: iproute2 (network namespaces for the LAN
-# discovery test) and systemd (systemd-analyze checks the unit). Idempotent;
+# discovery test), systemd (systemd-analyze checks the unit) and etcd-server
+# (the leader election tests start a real etcd on loopback). Idempotent;
 # does nothing when they are present, and only warns when it cannot install
 # (not root, no apt-get): those tests then skip and say why.
 set -euo pipefail
 need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 if [ "${#need[@]}" -eq 0 ]; then
     exit 0
 fi

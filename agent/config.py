@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.core.addr import join_host_port
 from agent.core.changelog import Retention, parse_retention
@@ -95,6 +96,11 @@ class Config:
     keyfile: Path | None = None
     #: swarm name bound into every sealed datagram
     cluster: str = "default"
+    #: etcd client URLs coordinator candidates elect a leader through
+    #: (agent.runtime.election); empty: no automatic failover
+    etcd: tuple[str, ...] = ()
+    #: seconds of the etcd lease a leader holds its term with
+    etcd_ttl: int = 5
 
     @property
     def suspect_after(self) -> float:
@@ -309,6 +315,34 @@ def _keys(text: str) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+def _etcd_endpoints(text: str) -> tuple[str, ...]:
+    """Comma-separated etcd client URLs, ``scheme://host:port``. Plain http://
+    only to a loopback address (an etcd or etcd proxy on this machine): the
+    leader key decides which agent accepts writes, and a forged answer on the
+    network would make a second leader. Elsewhere https://, verified against
+    the system's trust store."""
+    expected = ("comma-separated etcd client URLs such as http://127.0.0.1:2379 "
+                "(http:// only to a loopback address, else https://)")
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            url = urlsplit(part)
+            port = url.port
+        except ValueError:
+            raise ValueError(expected) from None
+        if (url.scheme not in ("http", "https") or not url.hostname or url.username
+                or url.password or url.path not in ("", "/") or url.query or url.fragment
+                or port == 0):
+            raise ValueError(expected)
+        if url.scheme == "http" and not is_loopback(url.hostname):
+            raise ValueError(f"https:// for {url.hostname}: plain http:// to etcd only "
+                             "on loopback (leases and the leader key must not be forgeable)")
+        out.append(f"{url.scheme}://{url.netloc}")
+    return tuple(out)
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text.strip()).expanduser() if text.strip() else None
 
@@ -409,6 +443,15 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("cluster", _cluster, "default",
                   "swarm name bound into every sealed datagram: swarms with one key "
                   "but different names never mix"),
+        FieldSpec("etcd", _etcd_endpoints, "(unset)",
+                  "comma-separated etcd client URLs (v3 API, etcd 3.4+): coordinator "
+                  "candidates campaign there for a lease and the leader key's revision "
+                  "is the epoch; everyone else finds the leader there. http:// only to "
+                  "a loopback address, else https://"),
+        FieldSpec("etcd_ttl", _int_range(2, 300, "a whole number of seconds"), "5",
+                  "seconds of the etcd lease behind a leader's term (2-300): a leader "
+                  "that stops renewing it is replaced within about this time, and stops "
+                  "accepting writes a safety margin before it could expire"),
     )
 }
 

@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
-from agent.face import auth, collections_api, metrics
+from agent.face import auth, collections_api, metrics, swarm_api
 from agent.runtime.view import AgentView, Controls, PeerView
 
 if TYPE_CHECKING:
@@ -88,6 +88,11 @@ def cluster_status_json(v: AgentView) -> dict[str, Any]:
         "keys": [{"fingerprint": k.fingerprint, "key_id": k.key_id, "primary": k.primary,
                   "peers": list(k.senders)} for k in v.keys],
         "datagrams_refused": dict(v.refused),
+        # the seeds tried and whether any answered; "warning" once none has
+        # for agent.runtime.joining.SEED_WARN_AFTER seconds
+        "seeds": None if v.seeds is None else {
+            "tried": list(v.seeds.tried), "reached": v.seeds.reached,
+            "since_secs": v.seeds.since_secs, "warning": v.seeds.warning},
     }
 
 
@@ -278,7 +283,8 @@ async def _serve(cfg: Config, view: ViewSource, store: Store,
                  task_status: TaskStatus[int], controls: Controls | None) -> Exception | None:
     """Run Hypercorn until shutdown; the bind error, if that is why it stopped."""
     app = build_app(view, [*collections_api.routes(store, cfg.max_value),
-                           *metrics.routes(view), *keyring_routes(controls)],
+                           *metrics.routes(view), *keyring_routes(controls),
+                           *swarm_api.routes(view, controls)],
                     max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)),
                     spawn=spawn)
     if cfg.api_token is not None:  # outermost: nothing runs for a request without it

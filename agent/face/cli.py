@@ -1,13 +1,14 @@
-"""Command line: ``hs-gossip run | peers | status | demo | put | get | del | ls |
-verify | install-unit | --version``.
+"""Command line: ``hs-gossip run | peers | members | join | status | demo | put |
+get | del | ls | verify | install-unit | keygen | keys | --version``.
 
 Errors are one line on stderr, never a traceback. Exit codes: 0 ok, 1 runtime
 failure (port taken, agent not reachable), 2 bad configuration or usage.
 The parser is built from one explicit registry, :data:`REGISTRY`: each
 subcommand's name, help line and the module whose ``COMMANDS`` table runs it
-(this one, agent.face.cli_data or agent.face.cli_ops). A command module is
-imported only when one of its commands is chosen, so ``hs-gossip run`` does
-not carry the code of the other commands. Their shared helpers live in
+(this one, agent.face.cli_members, agent.face.cli_data or
+agent.face.cli_ops). A command module is imported only when one of its
+commands is chosen, so ``hs-gossip run`` does not carry the code of the other
+commands. Their shared helpers live in
 agent.face.cli_common, so no command module imports this one.
 """
 
@@ -180,7 +181,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
     else:
         for k, v in body.items():
-            print(f"{k:16} {v}")
+            # nested parts (seeds, keys, ...) as JSON, not Python's repr
+            print(f"{k:16} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     return 0
 
 
@@ -222,12 +224,16 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 _DATA = "agent.face.cli_data"
+_MEMBERS = "agent.face.cli_members"
 _OPS = "agent.face.cli_ops"
 
 #: every subcommand, in the order ``--help`` lists them
 REGISTRY: tuple[Listing, ...] = (
     Listing("run", "run the agent in the foreground", __name__),
     Listing("peers", "list the peers the local agent knows", __name__),
+    Listing("members", "list every member, this agent included, with its status "
+            "(alive, suspect, dead, left)", _MEMBERS),
+    Listing("join", "join a swarm now: hs-gossip join HOST:PORT [HOST:PORT ...]", _MEMBERS),
     Listing("status", "show the local agent's identity and role", __name__),
     Listing("demo", "start N agents on loopback and show a live peers table", __name__),
     Listing("put", "write an item: hs-gossip put COLLECTION KEY JSON", _DATA),

@@ -27,7 +27,7 @@ import signal
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,7 @@ from agent.runtime import (
 )
 from agent.runtime.errors import StartupError
 from agent.runtime.faults import NO_FAULTS, Faults
+from agent.runtime.joining import SeedWatch, join
 from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.seeds import Seeds, resolve
@@ -126,6 +127,8 @@ class Agent:
     _stall_tick_at: float = float("inf")
     #: fault injection for tests; production runs get none
     faults: Faults = NO_FAULTS
+    #: says when no seed has answered (agent.runtime.joining)
+    seed_watch: SeedWatch = field(default_factory=SeedWatch)
     #: every datagram of both UDP sockets (gossip, discovery) crosses this;
     #: None: built from the key settings at start
     seal: Seal | None = None
@@ -158,12 +161,14 @@ class Agent:
 
     def view(self) -> AgentView:
         """An immutable snapshot (see agent.runtime.view); on the event loop."""
+        now = anyio.current_time()
         return build_view(
             self.core, started_wall=self.started_wall, wall_now=time.time(),
-            mono_now=anyio.current_time(), http_port=self.http_port,
+            mono_now=now, http_port=self.http_port,
             socket_stats=None if self.sock is None else self.sock.stats,
             sync=getattr(self, "sync", None), store=self.store, loop_lag=self.loop_lag,
-            seal=self.seal)
+            seal=self.seal, self_host=self.core.me.host or self.cfg.bind,
+            seeds=self.seed_watch.view(self.core, now))
 
     def status_line(self) -> str:
         """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""
@@ -182,6 +187,10 @@ class Agent:
 
     def wall_time_of(self, mono: float) -> float:
         return time.time() - (anyio.current_time() - mono)
+
+    async def join(self, addrs: Sequence[HostPort]) -> tuple[str, ...]:
+        """Join at run time (``POST /api/swarm/join``): see agent.runtime.joining."""
+        return await join(self.core, self.seeds, addrs, self._flush)
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -235,6 +244,7 @@ class Agent:
             tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain)
             tg.start_soon(supervision.loop_lag_monitor, self._record_loop_lag)
             tg.start_soon(supervision.trim_memory)
+            tg.start_soon(self.seed_watch.run, self.core)
             self._start_optional_services(tg)
             for svc in self.services:
                 tg.start_soon(svc, self)
@@ -268,7 +278,8 @@ class Agent:
                 task_status.started(0)
                 return
             await self.api(self.view, self.store, self._shutdown.wait, task_status=task_status,
-                           controls=Controls(reload_keyring=self.reload_keyring))
+                           controls=Controls(reload_keyring=self.reload_keyring,
+                                             join=self.join))
         finally:
             self._api_done.set()
 

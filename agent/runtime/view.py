@@ -14,25 +14,35 @@ function returning a fresh view, the store, and the shutdown trigger.
 
 Rules: build a view on the event loop (the membership core is not
 thread-safe); a view is cheap to build and never cached, so it is never stale.
+
+The core adapter (:func:`member_rows`, :func:`seed_state`, :func:`join_core`)
+is the only code in this module, and in the face, that knows the membership
+core's internals (its member table, tombstones and seed list): changing the
+core changes those three functions and nothing that reads the view.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from agent.config import HostPort
 from agent.core import wire
-from agent.core.swim import LEFT, Member, Swim
+from agent.core.addr import Addr
+from agent.core.swim import LEFT, STATUS_NAMES, Member, Swim
 from agent.net.seal import Seal, Sealed
 
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
+    from agent.runtime.seeds import Seeds
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
+
+#: member statuses, as ``/api/swarm/members`` and ``hs-gossip members`` name them
+STATUSES = ("alive", "suspect", "dead", "left")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +70,39 @@ class PeerView:
     last_seen_secs: int  # Unix seconds of the last news of it
     healthy: bool
     app_healthy: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """One member as ``/api/swarm/members`` shows it: every known member,
+    this agent included, whatever its status (see :data:`STATUSES`)."""
+
+    node_id: str
+    name: str  # "" until known (a departed member's name may be forgotten)
+    status: str  # one of STATUSES
+    addr: str  # gossip host:port; "" when unknown
+    http_addr: str  # host:http_port of its API; "" when unknown
+    incarnation: int
+    role: str
+    #: seconds since its status last changed or since its last news, by
+    #: this agent's clock (this agent's own row: seconds since start)
+    age_secs: float
+    is_self: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SeedsView:
+    """Whether this agent has reached its swarm through the seeds it tried
+    (configured, saved, discovered and joined at run time)."""
+
+    tried: tuple[str, ...]  # host:port of the seeds it contacts
+    reached: bool  # any member alive (the agent has joined)
+    #: seconds the current state has lasted: unreached since the first seed
+    #: was tried, reached since the first member answered, or no seed to try
+    since_secs: float
+    #: set once seeds have been tried for ``warn_after`` seconds without reaching
+    #: any member (also logged once as a warning), else None
+    warning: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +166,10 @@ class AgentView:
     #: datagrams the seal refused since start, by cause (also in ``counters``
     #: as ``drop_seal_<cause>``)
     refused: tuple[tuple[str, int], ...] = ()
+    #: every known member and this agent, this agent first, then by address
+    members: tuple[MemberView, ...] = ()
+    #: the seeds tried and whether any was reached (None: not watched)
+    seeds: SeedsView | None = None
 
     @property
     def status_line(self) -> str:
@@ -133,12 +180,21 @@ class AgentView:
         return f"{peers}, {n} collection{'' if n == 1 else 's'}, role {self.role}"
 
 
+class JoinError(Exception):
+    """A run-time join refused, before anything changed (an address that does
+    not resolve): the message is safe to show."""
+
+
 @dataclass(frozen=True)
 class Controls:
     """The few actions the face may ask of the runtime (besides the store)."""
 
     #: re-read the key file; None when done, else why not (nothing changed)
     reload_keyring: Callable[[], str | None]
+    #: join at run time: resolve the addresses, add them as seeds and contact
+    #: them at once; returns the numeric addresses contacted, raises
+    #: JoinError (nothing added) when one does not resolve
+    join: Callable[[Sequence[HostPort]], Awaitable[tuple[str, ...]]] | None = None
 
 
 class ApiServer(Protocol):
@@ -159,9 +215,12 @@ def role_name(role: int) -> str:
 def build_view(core: Swim, *, started_wall: float, wall_now: float, mono_now: float,
                http_port: int = 0, socket_stats: Mapping[str, int] | None = None,
                sync: SyncService | None = None, store: Store | None = None,
-               loop_lag: float = 0.0, seal: Seal | None = None) -> AgentView:
+               loop_lag: float = 0.0, seal: Seal | None = None, self_host: str = "",
+               seeds: SeedsView | None = None) -> AgentView:
     """The agent as of now. ``wall_now``/``mono_now`` are read together by the
-    caller: members' last-seen times are monotonic and shown as wall clock."""
+    caller: members' last-seen times are monotonic and shown as wall clock.
+    ``self_host`` is the address this agent's own member row shows (its
+    advertised or bound address)."""
     offset = wall_now - mono_now
     # A member that left is gone at once; suspect and dead ones stay listed,
     # unhealthy, until they are dropped.
@@ -201,6 +260,9 @@ def build_view(core: Swim, *, started_wall: float, wall_now: float, mono_now: fl
         encrypted=seal is not None and seal.encrypted,
         keys=_keys(seal) if isinstance(seal, Sealed) else (),
         refused=tuple(sorted(refused.items())),
+        members=member_rows(core, mono_now, self_host=self_host, http_port=http_port,
+                            uptime=wall_now - started_wall),
+        seeds=seeds,
     )
 
 
@@ -241,3 +303,48 @@ def _sync(s: Mapping[str, int], seconds_total: float) -> SyncView:
         handshake_failed=tuple(sorted((k[len("handshake_failed_"):], n) for k, n in s.items()
                                       if k.startswith("handshake_failed_"))),
     )
+
+
+# --- the core adapter: the only code that knows the core's internals ---------
+
+
+def member_rows(core: Swim, now: float, *, self_host: str, http_port: int,
+                uptime: float) -> tuple[MemberView, ...]:
+    """Every member the core knows, this agent first, in its status (alive,
+    suspect, dead, left). ``age_secs`` is how long it has been in that
+    status. ``now`` is the core's (monotonic) clock."""
+    me = core.me
+    rows = [MemberView(
+        node_id=str(uuid.UUID(bytes=me.node_id)), name=me.name,
+        status="left" if core._leaving else "alive",
+        addr=_host_port(me.host or self_host, me.port),
+        http_addr=_host_port(me.host or self_host, http_port),
+        incarnation=me.incarnation, role=role_name(me.role),
+        age_secs=round(max(0.0, uptime), 1), is_self=True)]
+    others = [MemberView(
+        node_id=str(uuid.UUID(bytes=m.node_id)), name=m.name,
+        status=STATUS_NAMES[m.status],
+        addr=_host_port(m.host, m.port), http_addr=_host_port(m.host, m.http_port),
+        incarnation=m.incarnation, role=role_name(m.role),
+        age_secs=round(max(0.0, now - m.status_since), 1), is_self=False)
+        for m in core.members.values()]
+    others.sort(key=lambda r: (r.addr, r.node_id))
+    return (rows[0], *others)
+
+
+def seed_state(core: Swim) -> tuple[tuple[Addr, ...], bool]:
+    """The seeds the core has tried, and whether one answered."""
+    return core.seeds_tried, core.seeds_reached or core.joined
+
+
+def join_core(core: Swim, seeds: Seeds, addrs: Sequence[Addr], now: float) -> None:
+    """Add numeric ``addrs`` as seeds (so re-resolving the configured seeds
+    keeps them) and contact them now (the caller sends what the core queued)."""
+    again = [a for a in dict.fromkeys(addrs) if a in seeds.extra]
+    seeds.add(list(addrs))  # joins the new ones
+    if again:
+        core.join(again, now)
+
+
+def _host_port(host: str, port: int) -> str:
+    return str(HostPort(host, port)) if host and port else ""

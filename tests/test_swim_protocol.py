@@ -1,0 +1,388 @@
+"""SWIM + Lifeguard core behaviours, driven only through the Swim API on the
+small in-memory network of tests/swim_harness.py (seeded, no real time)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from agent.core import wire
+from agent.core.addr import Addr
+from agent.core.swim import (
+    ALIVE,
+    DEAD,
+    LEFT,
+    SUSPECT,
+    DigestsChanged,
+    IncarnationRaised,
+    MemberExpired,
+    MemberFailed,
+    MemberJoined,
+    MemberLeft,
+    MemberRecovered,
+    MemberRestarted,
+    MemberSuspected,
+    Params,
+    SelfInfo,
+    Swim,
+    Timer,
+    TimerKind,
+    codec,
+)
+from agent.core.swim.codec import Alive, Card, Packet, Suspect
+from agent.core.wire import Digest
+from tests.swim_harness import Net, addr_of, node_id_of
+
+N = 8
+ALL = list(range(1, N + 1))
+
+
+def swarm(n: int = N, seed: int = 1, **params: object) -> Net:
+    net = Net(seed=seed, params=dataclasses.replace(Params.lan(), **params))  # type: ignore[arg-type]
+    net.add(1)
+    for i in range(2, n + 1):
+        net.add(i, seeds=[1])
+    net.run_until(lambda: net.converged(list(range(1, n + 1))), timeout=60)
+    return net
+
+
+def gossip_from(net: Net, i: int, *updates: codec.Update) -> bytes:
+    """A GOSSIP datagram as core i would send it, carrying ``updates``."""
+    me = net.core(i)
+    card = Card(me.me.node_id, me.me.incarnation, me.lc, me.dhash)
+    return codec.encode_packet(Packet(codec.GOSSIP, card, updates=updates))
+
+
+def deliver(net: Net, to: int, data: bytes, frm: int) -> None:
+    net.core(to).receive(data, addr_of(frm), net.now)
+    net._drain(addr_of(to))
+
+
+def events_of(net: Net, i: int, cls: type) -> list[object]:
+    return [e for e in net.events[addr_of(i)] if isinstance(e, cls)]
+
+
+def clear_events(net: Net) -> None:
+    for evs in net.events.values():
+        evs.clear()
+
+
+# --- joining and steady state ------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_swarm_converges_through_one_seed(seed: int) -> None:
+    net = Net(seed=seed)
+    net.add(1)
+    for i in range(2, N + 1):
+        net.add(i, seeds=[1])
+    took = net.run_until(lambda: net.converged(ALL), timeout=30)
+    assert took < 10
+    assert all(net.core(i).joined and net.core(i).seeds_reached for i in ALL[1:])
+
+
+def test_idle_swarm_sends_only_probes() -> None:
+    net = swarm(seed=4)
+    net.run(20)  # let every broadcast run out
+    since = net.now
+    net.run(30)
+    sent = [s for s in net.sent if s.at >= since]
+    types = {s.data[1] for s in sent}
+    assert types == {codec.PING, codec.ACK}
+    assert max(len(s.data) for s in sent) < 100
+    per_agent_s = sum(len(s.data) for s in sent) / N / 30
+    assert per_agent_s < 268 / 2  # half of Serf's 268 B/s at 20 agents
+    pings = sum(1 for s in sent if s.data[1] == codec.PING) / N / 30
+    assert 0.9 <= pings <= 1.05
+    assert not any(net.core(i).take_push_pulls() for i in ALL)
+
+
+def test_join_retries_a_seed_that_was_down() -> None:
+    net = Net(seed=3)
+    net.add(1)
+    net.kill(1)
+    net.add(2, seeds=[1])
+    net.run(5)
+    assert not net.core(2).joined and not net.core(2).seeds_reached
+    assert net.core(2).seeds_tried == (addr_of(1),)
+    net.down.discard(addr_of(1))
+    net.run_until(lambda: net.converged([1, 2]), timeout=20)
+    assert net.core(2).seeds_reached
+
+
+# --- failure detection ---------------------------------------------------------------
+
+
+def test_crashed_member_is_suspected_declared_dead_then_expired() -> None:
+    net = swarm(seed=5)
+    clear_events(net)
+    net.kill(3)
+    others = [i for i in ALL if i != 3]
+    took = net.run_until(lambda: all(net.status(i, 3) == DEAD for i in others), timeout=30)
+    assert took < 15
+    victim = net.core(3).me.node_id
+    assert all(MemberSuspected(victim) in net.events[addr_of(i)] or
+               MemberFailed(victim) in net.events[addr_of(i)] for i in others)
+    assert not net.core(1).members[victim].healthy
+    net.run_until(lambda: all(net.status(i, 3) is None for i in others), timeout=40)
+    assert MemberExpired(victim) in net.events[addr_of(1)]
+    assert net.core(1).tombstone(victim) is not None
+    # No one else was ever suspected.
+    assert all(isinstance(e, MemberSuspected) and e.node_id == victim
+               for i in others for e in events_of(net, i, MemberSuspected))
+
+
+def test_indirect_probe_saves_member_behind_lossy_direct_link() -> None:
+    net = swarm(seed=6)
+    clear_events(net)
+    a1, a2 = addr_of(1), addr_of(2)
+    net.drop = lambda s, d, _: {s, d} == {a1, a2}
+    net.run(60)
+    assert not any(events_of(net, i, MemberSuspected) for i in ALL)
+    assert net.converged(ALL)
+    assert net.core(1).stats["probes_failed"] == 0
+
+
+def test_suspicion_confirmations_shorten_deadline() -> None:
+    net = swarm(n=10, seed=7)
+    core = net.core(1)
+    victim = net.core(3).me.node_id
+    deliver(net, 1, gossip_from(net, 2, Suspect(victim, 0, net.core(2).me.node_id)), frm=2)
+    core.take_timers()
+    # The deadline core 1 asked for, as the harness keeps it.
+    def deadline() -> float:
+        due = [at for at, _, a, what in net._heap if a == addr_of(1)
+               and what[1] == Timer(TimerKind.SUSPECT_TIMEOUT, victim)]  # type: ignore[index]
+        return min(due)
+    lone = deadline()
+    deliver(net, 1, gossip_from(net, 4, Suspect(victim, 0, net.core(4).me.node_id)), frm=4)
+    once = deadline()
+    deliver(net, 1, gossip_from(net, 5, Suspect(victim, 0, net.core(5).me.node_id)), frm=5)
+    twice = deadline()
+    assert twice < once < lone
+    # The same confirmer twice, or the accuser, does not count.
+    deliver(net, 1, gossip_from(net, 4, Suspect(victim, 0, net.core(4).me.node_id)), frm=4)
+    assert deadline() == twice
+    assert core.stats["suspicion_confirmations"] == 2
+
+
+def test_a_suspect_that_refutes_stays_alive() -> None:
+    net = swarm(seed=8)
+    clear_events(net)
+    target = net.core(2).me.node_id
+    deliver(net, 4, gossip_from(net, 3, Suspect(target, 0, net.core(3).me.node_id)), frm=3)
+    assert net.status(4, 2) == SUSPECT
+    net.run(30)
+    assert net.converged(ALL)
+    assert IncarnationRaised(1) in net.events[addr_of(2)]
+    assert MemberRecovered(target) in net.events[addr_of(4)]
+    assert all(net.core(i).members[target].incarnation == 1 for i in ALL if i != 2)
+    assert not any(events_of(net, i, MemberFailed) for i in ALL)
+
+
+def test_lifeguard_awareness_rises_when_we_are_the_sick_one() -> None:
+    net = swarm(seed=9)
+    sick = addr_of(5)
+    net.drop = lambda s, d, _: sick in (s, d)
+    net.run(8)
+    assert net.core(5).health_score() >= 2
+    assert all(net.core(i).health_score() == 0 for i in ALL if i != 5)
+    # Its probe period is stretched by the score: fewer pings per second.
+    since = net.now
+    net.run(10)
+    pings = sum(1 for s in net.sent if s.at >= since and s.src == sick
+                and s.data[1] == codec.PING)
+    assert pings < 10 / 2
+
+
+# --- dissemination, card and push-pull -------------------------------------------------
+
+
+def test_digest_change_reaches_member_that_never_probes_the_owner() -> None:
+    net = swarm(seed=10)
+    clear_events(net)
+    a1, a5 = addr_of(1), addr_of(5)
+    net.drop = lambda s, d, _: {s, d} == {a1, a5}
+    digests = (Digest("items", b"x" * 32, 7, 0),)
+    net.core(1).set_digests(digests)
+    net._drain(a1)
+    owner = net.core(1).me.node_id
+    took = net.run_until(lambda: all(
+        net.core(i).members[owner].digests == digests for i in ALL if i != 1), timeout=10)
+    assert took < 3
+    assert DigestsChanged(owner) in net.events[a5]
+
+
+def test_card_mismatch_fetches_the_full_digest_list() -> None:
+    net = swarm(seed=11)
+    net.run(20)
+    owner = net.core(1).me.node_id
+    digests = (Digest("items", b"x" * 32, 7, 0),)
+    # The change is made but its broadcast is lost everywhere (queue dropped).
+    net.core(1).set_digests(digests)
+    net.core(1)._bq = type(net.core(1)._bq)(4, 16)
+    net._drain(addr_of(1))
+    net.run_until(lambda: all(
+        net.core(i).members[owner].digests == digests for i in ALL if i != 1), timeout=25)
+    assert all(net.core(i).members[owner].dhash == net.core(1).dhash for i in ALL if i != 1)
+
+
+def test_push_pull_repairs_missed_gossip() -> None:
+    net = swarm(n=4, seed=12, push_pull_interval=5.0)
+    # Member 4 hears no datagram at all; only the TCP exchange gets through.
+    a4 = addr_of(4)
+    net.drop = lambda s, d, _: a4 in (s, d)
+    net.add(5, seeds=[1])
+    new = net.core(5).me.node_id
+    net.run_until(lambda: new in net.core(4).members, timeout=12)
+    assert MemberJoined(new, addr_of(5)) in net.events[a4]
+
+
+def test_leave_is_immediate() -> None:
+    net = swarm(seed=13)
+    clear_events(net)
+    gone = net.core(3).me.node_id
+    net.core(3).leave(net.now)
+    net._drain(addr_of(3))
+    net.kill(3)
+    took = net.run_until(lambda: all(net.status(i, 3) == LEFT for i in ALL if i != 3),
+                         timeout=1)
+    assert took <= 2 * net.latency
+    assert all(MemberLeft(gone) in net.events[addr_of(i)] for i in ALL if i != 3)
+    net.run(30)
+    assert not any(events_of(net, i, MemberSuspected) for i in ALL)
+
+
+def test_restart_with_higher_incarnation_replaces_entry() -> None:
+    net = swarm(seed=14)
+    net.kill(3)
+    net.run_until(lambda: all(net.status(i, 3) == DEAD for i in ALL if i != 3), timeout=30)
+    clear_events(net)
+    old = net.core(3).me.node_id
+    net.add(3, seeds=[1], incarnation=1)
+    net.run_until(lambda: net.converged(ALL), timeout=10)
+    assert all(MemberRestarted(old, 1) in net.events[addr_of(i)] for i in ALL if i != 3)
+    assert all(net.core(i).members[old].incarnation == 1 for i in ALL if i != 3)
+
+
+def test_dead_member_is_not_revived_by_stale_alive() -> None:
+    net = swarm(seed=15)
+    net.kill(3)
+    net.run_until(lambda: all(net.status(i, 3) == DEAD for i in ALL if i != 3), timeout=30)
+    c3 = net.core(3)
+    stale = Alive(c3.me.node_id, 0, addr_of(3)[0], 7946, 8003, 0, 0, "n3")
+    stats = net.core(1).stats
+    before = stats["dead_stays_dead"]
+    deliver(net, 1, gossip_from(net, 2, stale), frm=2)
+    assert net.status(1, 3) == DEAD
+    assert stats["dead_stays_dead"] == before + 1
+    # Reaped: the tombstone still refuses it.
+    net.run_until(lambda: net.status(1, 3) is None, timeout=40)
+    before = stats["dead_stays_dead"]
+    deliver(net, 1, gossip_from(net, 2, stale), frm=2)
+    assert net.status(1, 3) is None
+    assert stats["dead_stays_dead"] == before + 1
+
+
+# --- hostile input ------------------------------------------------------------------
+
+
+def lone_core(**params: object) -> Swim:
+    me = SelfInfo(node_id_of(1), 0, "n1", 7946, 8001, host="10.0.0.1")
+    core = Swim(me, dataclasses.replace(Params.lan(), **params),  # type: ignore[arg-type]
+                random.Random(1), 0.0)
+    core.start(0.0, [])
+    core.take_outgoing()
+    return core
+
+
+def ping_from(i: int, target: bytes) -> bytes:
+    card = Card(node_id_of(i), 0, 0, codec.digest_hash(()))
+    return codec.encode_packet(Packet(codec.PING, card, seq=1, target=target))
+
+
+def test_sender_mismatch_is_dropped() -> None:
+    core = lone_core()
+    src: Addr = addr_of(2)
+    core.receive(ping_from(2, core.me.node_id), src, 1.0, sender=node_id_of(3))
+    assert core.stats["sender_mismatch"] == 1 and not core.take_outgoing()
+    core.receive(ping_from(2, core.me.node_id), src, 1.0, sender=node_id_of(2))
+    assert [s.addr for s in core.take_outgoing()] == [src]
+
+
+def test_ping_for_someone_else_is_not_acked() -> None:
+    core = lone_core()
+    core.receive(ping_from(2, node_id_of(9)), addr_of(2), 1.0)
+    assert core.stats["not_for_us"] == 1 and not core.take_outgoing()
+
+
+@pytest.mark.parametrize(("data", "label"), [
+    (b"\x01", "decode_truncated"),
+    (b"\x07\x0a\x90", "decode_version"),
+    (b"\x01\x63\x90", "decode_type"),
+    (b"\x01\x0a" + b"\x00" * 1500, "decode_too_big"),
+    (b"\x01\x0a\x93\x01\x02\x03", "decode_field"),
+])
+def test_hostile_datagrams_are_counted_by_drop_reason(data: bytes, label: str) -> None:
+    core = lone_core()
+    core.receive(data, addr_of(2), 1.0)
+    assert core.stats[label] == 1
+    assert not core.take_outgoing() and not core.take_events()
+
+
+def test_flood_from_one_address_is_rate_limited() -> None:
+    core = lone_core(max_datagrams_per_source=10)
+    for _ in range(100):
+        core.receive(b"\x01", addr_of(2), 1.0)
+    assert core.stats["rate_limited"] == 80
+    core.receive(b"\x01", addr_of(3), 1.0)  # another address is not starved
+    assert core.stats["rate_limited"] == 80
+
+
+def table(n: int, inc: int = 0) -> bytes:
+    entries = []
+    for i in range(2, n + 2):
+        nid = node_id_of(i)
+        entries.append(codec.Entry(Alive(nid, inc, addr_of(i)[0], 7946, 80, 0, 0, f"n{i}"),
+                                   ALIVE, 0, codec.Digests(nid, inc, 0, codec.digest_hash(()),
+                                                           (), None)))
+    return codec.encode_state(codec.State(False, tuple(entries)), 10_000)
+
+
+def test_table_is_capped_at_max_members() -> None:
+    core = lone_core(max_members=5)
+    core.receive_push_pull_reply(table(5), addr_of(2), 1.0)
+    assert len(core.members) == 5
+    # A larger peer's table: entries beyond the cap are counted, not held.
+    assert core.handle_push_pull(table(20, inc=1), addr_of(2), 1.0) is not None
+    assert len(core.members) == 5
+    assert core.stats["table_full"] == 15
+    assert core.stats["push_pull_merged"] == 2
+
+
+def test_incarnation_jump_is_refused_unless_from_the_member_itself() -> None:
+    core = lone_core()
+    core.receive_push_pull_reply(table(3), addr_of(2), 1.0)
+    far = Alive(node_id_of(3), 1000, addr_of(3)[0], 7946, 80, 0, 0, "n3")
+    card = Card(node_id_of(2), 0, 0, codec.digest_hash(()))
+    core.receive(codec.encode_packet(Packet(codec.GOSSIP, card, updates=(far,))),
+                 addr_of(2), 2.0)
+    assert core.members[node_id_of(3)].incarnation == 0
+    assert core.stats["incarnation_jump"] == 1
+    # Claims about ourselves far above our incarnation are not refuted to.
+    sus = Suspect(node_id_of(1), 500, node_id_of(2))
+    core.receive(codec.encode_packet(Packet(codec.GOSSIP, card, updates=(sus,))),
+                 addr_of(2), 2.0)
+    assert core.me.incarnation == 0
+    assert not [e for e in core.take_events() if isinstance(e, IncarnationRaised)]
+
+
+def test_numbers_we_send_stay_within_what_peers_accept() -> None:
+    core = lone_core()
+    core.lc = wire.JS_SAFE
+    core.receive(ping_from(2, core.me.node_id), addr_of(2), 1.0)
+    (ack,) = core.take_outgoing()
+    assert codec.decode_packet(ack.data).card.lc == wire.JS_SAFE
+    assert core.bump_lc() == wire.JS_SAFE
