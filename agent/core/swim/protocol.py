@@ -502,7 +502,9 @@ class Swim(Table):
             self._drop(DropReason.FROM_SELF)
             return False
         self.stats["push_pull_merged"] += 1
-        self._apply(first.alive, now, src=(src[0], first.alive.port), own=True)
+        # A TCP peer is not authenticated as the member it names: it speaks
+        # for it only from the member's known address (or as a new member).
+        self._apply(first.alive, now, src=(src[0], first.alive.port))
         self._apply(first.digests, now, spread=False)
         m = self.members.get(sender)
         if m is not None and first.alive.incarnation >= m.incarnation:

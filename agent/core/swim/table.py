@@ -101,6 +101,7 @@ class Table:
         #: the probe order: a shuffled round of ALIVE and SUSPECT members
         self._order: list[bytes] = []
         self._order_i = 0
+        self._in_order: set[bytes] = set()
         self._gossip_armed = False
         self._started = False
         self._leaving = False
@@ -116,7 +117,7 @@ class Table:
             return
         if now + EPS < self._suspect_deadline(m, s):
             return  # re-armed later (or a stale timer)
-        self._apply(Dead(node_id, m.incarnation, self.me.node_id), now)
+        self._gone(m, Dead(node_id, m.incarnation, self.me.node_id), DEAD, now)
 
     def _reap(self, node_id: bytes, now: float) -> None:
         m = self.members.get(node_id)
@@ -142,7 +143,7 @@ class Table:
         if u.node_id == self.me.node_id:
             return self._about_me(u)
         if isinstance(u, Digests):
-            return self._apply_digests(u, spread)
+            return self._apply_digests(u, spread, src, own)
         m = self.members.get(u.node_id)
         if m is None:
             if isinstance(u, Alive):
@@ -161,17 +162,33 @@ class Table:
             self._alive(m, u, now, src, spread)
         elif isinstance(u, Suspect):
             self._suspect(m, u, now)
+        elif isinstance(u, Dead):
+            if m.status in (ALIVE, SUSPECT) and not self._death_due(m, u, now):
+                # Hearsay of a death: our own suspicion decides, so a forged
+                # DEAD kills no faster than a SUSPECT would. It still counts
+                # as one accuser's confirmation.
+                self._suspect(m, Suspect(m.node_id, u.incarnation, u.accuser), now)
+            else:
+                self._gone(m, u, DEAD, now)
         else:
-            status = DEAD if isinstance(u, Dead) else LEFT
-            same = u.incarnation == m.incarnation
-            if (m.status == LEFT and same) or (m.status == DEAD and status == DEAD and same):
-                return
-            self._set_status(m, status, now, u.incarnation)
-            self._events.append(MemberFailed(m.node_id) if status == DEAD
-                                else MemberLeft(m.node_id))
-            item = codec.encode_update(u)
-            self._broadcast(m.node_id, item)
-            self._timer(max(now, m.last_alive + self.params.ttl), TimerKind.REAP, m.node_id)
+            self._gone(m, u, LEFT, now)
+
+    def _death_due(self, m: Member, u: Dead, now: float) -> bool:
+        """Whether our suspicion of M at the DEAD's incarnation ran its minimum."""
+        s = self._suspicions.get(m.node_id)
+        return (s is not None and m.status == SUSPECT and m.incarnation == u.incarnation
+                and now + EPS >= s.started + s.min_s)
+
+    def _gone(self, m: Member, u: Dead | Left, status: int, now: float) -> None:
+        """M is DEAD or LEFT: report, gossip, and reap it after ttl without life."""
+        same = u.incarnation == m.incarnation
+        if (m.status == LEFT and same) or (m.status == DEAD and status == DEAD and same):
+            return
+        self._set_status(m, status, now, u.incarnation)
+        self._events.append(MemberFailed(m.node_id) if status == DEAD
+                            else MemberLeft(m.node_id))
+        self._broadcast(m.node_id, codec.encode_update(u))
+        self._timer(max(now, m.last_alive + self.params.ttl), TimerKind.REAP, m.node_id)
 
     def _add(self, u: Alive, now: float, src: Addr | None, spread: bool) -> None:
         tomb = self._tombs.get(u.node_id)
@@ -189,7 +206,7 @@ class Table:
                    src=src, held_dhash=empty)
         self.members[u.node_id] = m
         # A random place in the rest of this round: probed within two rounds.
-        self._order.insert(self.rng.randint(self._order_i, len(self._order)), u.node_id)
+        self._into_order(u.node_id)
         self._events.append(MemberJoined(u.node_id, m.addr))
         if spread:
             self._broadcast(m.node_id, codec.encode_update(self._alive_of(m)))
@@ -211,7 +228,7 @@ class Table:
             self._events.append(MemberRecovered(m.node_id))
         elif was in (DEAD, LEFT):
             self._events.append(MemberRestarted(m.node_id, m.incarnation))
-            self._order.insert(self.rng.randint(self._order_i, len(self._order)), m.node_id)
+            self._into_order(m.node_id)
         if spread or was != ALIVE:
             self._broadcast(m.node_id, codec.encode_update(self._alive_of(m)))
 
@@ -253,12 +270,17 @@ class Table:
         if status != SUSPECT:
             self._suspicions.pop(m.node_id, None)
 
-    def _apply_digests(self, u: Digests, spread: bool) -> None:
+    def _apply_digests(self, u: Digests, spread: bool, src: Addr | None, own: bool) -> None:
         m = self.members.get(u.node_id)
         if m is None:
             return self._drop(DropReason.UNKNOWN_MEMBER)
         version = (u.incarnation, u.version)
-        if version <= m.digests_version:
+        # The member's own word at its current incarnation is taken whatever
+        # version hearsay claimed before (a forged far-ahead version must not
+        # freeze its digests until it restarts).
+        from_m = src is not None and (own or src == (m.src or m.addr)) \
+            and u.incarnation >= m.incarnation
+        if version == m.digests_version or (version < m.digests_version and not from_m):
             return
         if u.incarnation > m.incarnation + INCARNATION_STEP:
             return self._drop(DropReason.INCARNATION_JUMP)
@@ -321,7 +343,16 @@ class Table:
                            if m.status in (ALIVE, SUSPECT)]
             self.rng.shuffle(self._order)
             self._order_i = 0
+            self._in_order = set(self._order)
         return None
+
+    def _into_order(self, node_id: bytes) -> None:
+        """A new (or restarted) member goes in at a random place in the rest
+        of this round, so it is probed within two rounds; once per round at
+        most, so the list stays bounded by the table."""
+        if node_id not in self._in_order:
+            self._in_order.add(node_id)
+            self._order.insert(self.rng.randint(self._order_i, len(self._order)), node_id)
 
     def _random_members(self, k: int, exclude: bytes,
                         statuses: tuple[int, ...]) -> list[Member]:
