@@ -6,16 +6,20 @@ settings."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgpack
 import pytest
+from anyio.abc import SocketAttribute
 
-from agent.config import ConfigError, load
+from agent.config import ConfigError, HostPort, load
 from agent.core import changelog
-from agent.core.changelog import GENESIS, ChainBroken, Position
+from agent.core.changelog import GENESIS, ChainBroken, Position, Retention
 from agent.core.replication import (
     TAG,
     Ack,
@@ -34,6 +38,9 @@ from agent.core.replication import (
     epoch_ok,
     is_replication,
 )
+from agent.net.stream import connect, listen
+from agent.runtime.replication import Follower, Leader
+from agent.runtime.sync_service import SyncService
 from agent.store import Store
 
 A, B = b"a" * 16, b"b" * 16
@@ -266,46 +273,166 @@ def test_adopt_and_epochs_only_move_forward(tmp_path: Path) -> None:
 # --- leader and follower over TCP, in one process ----------------------------------------
 
 
+@asynccontextmanager
+async def serving(store: Store, **leader_args: Any) -> AsyncIterator[tuple[Leader, HostPort]]:
+    """A Leader behind a real sync listener on loopback (Merkle sync too)."""
+    sync = SyncService(store, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
+    leader = Leader(store, A, 0.2, **leader_args)
+    sync.streams[TAG] = leader.serve
+    listener = await listen("127.0.0.1", 0, sync.max_frame)
+    port = listener.listener.extra(SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, sync._serve_one)
+        yield leader, HostPort("127.0.0.1", port)
+        tg.cancel_scope.cancel()
+
+
+def follower_of(store: Store, addr: HostPort) -> Follower:
+    return Follower(store, addr, B, 0.2, 3 << 20, lambda: None, random.Random(2))
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20) -> None:
+    with anyio.fail_after(timeout):
+        while not cond():
+            await anyio.sleep(0.02)
+
+
 def test_leader_streams_backlog_then_live_entries(tmp_path: Path) -> None:
-    """A Leader behind a real sync listener and a Follower: the backlog, then
-    live writes woken by commits, each follower ACKed position tracked."""
-    import random
-
-    from agent.config import HostPort
-    from agent.runtime.replication import Follower, Leader
-    from agent.runtime.sync_service import SyncService
-
+    """The backlog, then live writes woken by commits; each follower's
+    acknowledged position tracked."""
     async def main() -> None:
         leader_store = await _filled_leader(tmp_path / "l")
         follower_store = await _open(tmp_path / "f", B)
-        sync = SyncService(leader_store, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
-        leader = Leader(leader_store, A, 0.2, window_entries=64, window_bytes=1 << 20)
-        sync.streams[TAG] = leader.serve
-        from agent.net.stream import listen
-
-        listener = await listen("127.0.0.1", 0, sync.max_frame)
-        port = listener.listener.extra(anyio.abc.SocketAttribute.local_port)
-        follower = Follower(follower_store, HostPort("127.0.0.1", port), B, 0.2, sync.max_frame,
-                            lambda: None, random.Random(2))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, sync._serve_one)
+        async with serving(leader_store, window_entries=64) as (leader, addr), \
+                anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
             tg.start_soon(follower.run)
             head = await leader_store.log_position()
-            with anyio.fail_after(20):
-                while follower.applied != head:
-                    await anyio.sleep(0.02)
+            await until(lambda: follower.applied == head)
             assert follower.role(anyio.current_time()) == "Follower"
             await leader_store.put_many("vision", {f"live{i}": i for i in range(500)})
             head = await leader_store.log_position()
-            with anyio.fail_after(20):
-                while follower.applied != head or leader.downstream()[0].acked != head:
-                    await anyio.sleep(0.02)
+            await until(lambda: follower.applied == head and leader.downstream()[0].acked == head)
             [down] = leader.downstream()
             assert down.lag == 0 and down.node_id == B.hex()
             assert leader.stats["entries_streamed"] == head.seq
             assert leader.min_needed_seq() == head.seq + 1
             tg.cancel_scope.cancel()
         assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_the_leader_sends_no_more_than_the_window_until_acknowledged(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _filled_leader(tmp_path / "l")  # 303 entries
+        async with serving(store, window_entries=100, window_bytes=1 << 20) as (leader, addr), \
+                await connect(addr.host, addr.port, 3 << 20) as conn:
+            await conn.send(encode(Hello(0, B, Position(0, 0, GENESIS))))
+            assert isinstance(decode(await conn.receive()), Stream)
+            got: list[bytes] = []
+            with anyio.move_on_after(1.0):  # several keepalive intervals
+                while True:
+                    f = decode(await conn.receive())
+                    assert isinstance(f, Entries)
+                    got += f.entries
+            assert len(got) == 100  # the window, and not one entry more
+            last = changelog.decode(got[-1])
+            await conn.send(encode(Ack(1, last.position)))
+            with anyio.fail_after(5):
+                while len(got) < 200:
+                    f = decode(await conn.receive())
+                    assert isinstance(f, Entries)
+                    got += f.entries
+            assert len(got) == 200
+            assert leader.downstream()[0].acked == last.position
+            # an ACK of what was never sent ends the stream
+            await conn.send(encode(Ack(1, Position(1, 10_000, H1))))
+            await until(lambda: not leader.followers, 5)
+            assert leader.stats["follower_streams_failed"] == 1
+        await store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_tampered_batch_on_the_wire_is_refused_and_counted(tmp_path: Path) -> None:
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        real = leader_store.read_log_raw
+        tampered = 0
+
+        async def tamper(after: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
+            nonlocal tampered
+            rows = await real(after, limit, max_bytes)
+            if tampered < 2 and len(rows) > 3:
+                tampered += 1
+                e = changelog.decode(rows[2][1])
+                forged = changelog.encode(e.epoch, e.seq, e.prev_hash, e.origin, e.hlc,
+                                          e.collection, e.key, e.op, msgpack.packb("forged"))
+                rows[2] = (rows[2][0], forged)
+            return rows
+
+        leader_store.read_log_raw = tamper  # type: ignore[method-assign]
+        async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            head = await leader_store.log_position()
+            await until(lambda: follower.applied == head)
+            tg.cancel_scope.cancel()
+        assert follower.stats["chain_refused"] == 2
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_behind_compaction_the_follower_catches_up_by_merkle_sync(tmp_path: Path) -> None:
+    """SNAPSHOT_NEEDED: Merkle sync with the leader (both ways: the
+    follower's own write survives), then streaming from the leader's head."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        await leader_store.compact_log(Retention(10, None))
+        assert (await leader_store.log_floor()).seq > 0
+        follower_store = await _open(tmp_path / "f", B)
+        await follower_store.put("vision", "mine", "kept")
+        async with serving(leader_store) as (leader, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            # (the sync brought the follower's write to the leader: its head moved)
+            await until(lambda: follower.applied == leader_store.log_head)
+            await leader_store.put("vision", "after", 1)
+            await until(lambda: follower.applied == leader_store.log_head)
+            tg.cancel_scope.cancel()
+        assert follower.stats["resyncs"] == 1 and leader.stats["answered_snapshot_needed"] == 1
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        assert (await leader_store.get("vision", "mine")) is not None
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_diverged_follower_merges_back_and_resumes(tmp_path: Path) -> None:
+    """A follower whose position the leader does not know (here: ahead of a
+    leader that lost its data) is answered DIVERGED; it loses nothing."""
+    async def main() -> None:
+        follower_store = await _open(tmp_path / "f", B)
+        await follower_store.adopt_stream_position(Position(1, 5000, H1))
+        await follower_store.put("vision", "mine", "kept")
+        leader_store = await _filled_leader(tmp_path / "l")
+        async with serving(leader_store) as (leader, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            await until(lambda: follower.applied == leader_store.log_head
+                        and leader_store.log_head.seq > 303)
+            tg.cancel_scope.cancel()
+        assert leader.stats["answered_diverged"] == 1
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        assert (await leader_store.get("vision", "mine")) is not None
         await follower_store.close()
         await leader_store.close()
 
