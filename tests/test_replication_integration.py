@@ -5,8 +5,11 @@ position, and a follower turning Edge when its leader stops."""
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +123,25 @@ def test_a_follower_whose_leader_stops_turns_edge_and_accepts_writes(swarm: Swar
     assert follower.request("PUT", f"/api/collections/{COLL}/items/b", {"value": 2})[0] == 200
     assert follower.get(f"/api/collections/{COLL}/items/b")["value"] == 2
     assert metric(follower, "hs_gossip_replication_entries_applied") == 1
+
+
+def test_streams_are_keyed_when_the_swarm_has_a_key(tmp_path: Path) -> None:
+    """With a cluster key the stream runs the PSK handshake: a keyed follower
+    streams, a follower with another key never gets a frame."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    swarm = Swarm(tmp_path, HS_GOSSIP_KEY=key)
+    try:
+        leader = swarm.add(HS_GOSSIP_ROLE="leader")
+        follower = swarm.add(HS_GOSSIP_COORDINATOR=leader.gossip_addr)
+        stranger = swarm.add(HS_GOSSIP_COORDINATOR=leader.gossip_addr,
+                             HS_GOSSIP_KEY=base64.b64encode(os.urandom(32)).decode())
+        write_batches(leader, 0, 100, per=100)
+        wait_for(lambda: caught_up(leader, [follower]), timeout=20, what="keyed streaming")
+        assert status(follower)["role"] == "Follower"
+        st = status(leader)
+        assert [d["node_id"] for d in st["downstream_peers"]] == \
+            [follower.node_id.replace("-", "")]
+        assert st["sync_handshake_failures"]  # the stranger's attempts, refused
+        assert status(stranger)["role"] == "Edge" and status(stranger)["applied_seq"] == 0
+    finally:
+        swarm.stop_all()
