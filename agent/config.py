@@ -96,6 +96,10 @@ class Config:
     keyfile: Path | None = None
     #: swarm name bound into every sealed datagram
     cluster: str = "default"
+    #: "leader": serve the change log to followers (agent.runtime.replication)
+    role: str = ""
+    #: the leader's sync/stream TCP address; set: this agent follows it
+    coordinator: HostPort | None = None
     #: etcd client URLs coordinator candidates elect a leader through
     #: (agent.runtime.election); empty: no automatic failover
     etcd: tuple[str, ...] = ()
@@ -315,6 +319,24 @@ def _keys(text: str) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+def _role(text: str) -> str:
+    v = text.strip().lower()
+    if v not in ("", "leader"):
+        raise ValueError("leader, or empty (a follower names its leader in "
+                         "HS_GOSSIP_COORDINATOR)")
+    return v
+
+
+def _coordinator(text: str) -> HostPort | None:
+    if not text.strip():
+        return None
+    try:
+        return parse_host_port(text)
+    except ValueError:
+        raise ValueError("host:port of the leader's TCP sync port (its HS_GOSSIP_SYNC_PORT, "
+                         "which is its HS_GOSSIP_PORT number unless set), or empty") from None
+
+
 def _etcd_endpoints(text: str) -> tuple[str, ...]:
     """Comma-separated etcd client URLs, ``scheme://host:port``. Plain http://
     only to a loopback address (an etcd or etcd proxy on this machine): the
@@ -443,6 +465,14 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("cluster", _cluster, "default",
                   "swarm name bound into every sealed datagram: swarms with one key "
                   "but different names never mix"),
+        FieldSpec("role", _role, "(empty)",
+                  "leader: this agent is a coordinator, serving its change log to "
+                  "followers on its sync port; empty: not a leader"),
+        FieldSpec("coordinator", _coordinator, "(unset)",
+                  "host:port of the leader's TCP sync port (the same number as its "
+                  "gossip port unless it sets HS_GOSSIP_SYNC_PORT): this agent streams "
+                  "the leader's change log, role Follower while connected and Edge when "
+                  "not; gossip and Merkle sync go on underneath"),
         FieldSpec("etcd", _etcd_endpoints, "(unset)",
                   "comma-separated etcd client URLs (v3 API, etcd 3.4+): coordinator "
                   "candidates campaign there for a lease and the leader key's revision "
@@ -547,6 +577,7 @@ def load(
         values["data_dir"] = default_data_dir(env)
     cfg = Config(**values)
     check_api_exposure(cfg)
+    check_replication(cfg)
     if cfg.ttl <= cfg.suspect_after:
         warnings.append(
             f"{PREFIX}TTL={cfg.ttl:g} is not above the unhealthy threshold "
@@ -605,6 +636,14 @@ def check_api_exposure(cfg: Config) -> None:
     """An API bound beyond loopback needs a token. ExposedApiError if not."""
     if cfg.api_token is None and not is_loopback(cfg.api.host):
         raise ExposedApiError(cfg.api)
+
+
+def check_replication(cfg: Config) -> None:
+    """A leader follows nobody. ConfigError if both are set."""
+    if cfg.role == "leader" and cfg.coordinator is not None:
+        raise ConfigError(f"{PREFIX}COORDINATOR", str(cfg.coordinator),
+                          f"no coordinator on a leader ({PREFIX}ROLE=leader): a leader "
+                          "follows nobody; unset one of the two")
 
 
 def check_data_dir(path: Path) -> None:

@@ -333,7 +333,7 @@ def test_schema_v2_database_upgrades_in_place(tmp_path: Path) -> None:
         [e] = await s.read_log(0, 10)
         assert (e.epoch, e.seq, e.prev_hash, e.key) == (1, 1, GENESIS, "new")
         [(version,)] = storehelp.query(tmp_path, "SELECT v FROM meta WHERE k='schema_version'")
-        assert int(version) == len(store_mod.MIGRATIONS) == 3
+        assert int(version) == len(store_mod.MIGRATIONS) >= 3
         await s.close()
 
     anyio.run(reopen, backend="trio")

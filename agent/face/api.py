@@ -74,8 +74,7 @@ def cluster_status_json(v: AgentView) -> dict[str, Any]:
         "node_id": v.node_id,
         "name": v.name,
         "role": v.role,
-        "upstream_peer": None,
-        "downstream_peers": [],
+        **replication_json(v),
         "logical_clock": v.logical_clock,
         "incarnation": v.incarnation,
         "peer_count": v.peer_count,
@@ -93,6 +92,24 @@ def cluster_status_json(v: AgentView) -> dict[str, Any]:
         "seeds": None if v.seeds is None else {
             "tried": list(v.seeds.tried), "reached": v.seeds.reached,
             "since_secs": v.seeds.since_secs, "warning": v.seeds.warning},
+    }
+
+
+def replication_json(v: AgentView) -> dict[str, Any]:
+    """The change-log streaming part of ``/api/cluster/status``."""
+    r = v.replication
+    if r is None:
+        return {"upstream_peer": None, "downstream_peers": [], "epoch": None,
+                "applied_seq": None}
+    return {
+        "upstream_peer": r.upstream,
+        "downstream_peers": [
+            {"addr": d.addr, "node_id": d.node_id, "lag": d.lag, "start_seq": d.start_seq,
+             "acked": {"epoch": d.acked.epoch, "seq": d.acked.seq, "hash": d.acked.hash.hex()}}
+            for d in r.downstream],
+        "epoch": r.epoch,
+        "applied_seq": r.applied_seq,
+        "replication": dict(r.stats),
     }
 
 

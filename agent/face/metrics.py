@@ -103,6 +103,31 @@ def collect(v: AgentView) -> Iterator[Metric]:
                                   "Store operations", value=st.ops)
         yield GaugeMetricFamily("hs_gossip_collections", "Replicated collections",
                                 value=st.collections)
+    r = v.replication
+    if r is not None:
+        rs = dict(r.stats)
+        yield CounterMetricFamily("hs_gossip_replication_entries_streamed",
+                                  "Change-log entries sent to followers",
+                                  value=rs.get("entries_streamed", 0))
+        yield CounterMetricFamily("hs_gossip_replication_entries_applied",
+                                  "Change-log entries applied from the leader",
+                                  value=rs.get("entries_applied", 0))
+        yield CounterMetricFamily("hs_gossip_replication_chain_refused",
+                                  "Batches from the leader refused: the chain did not verify",
+                                  value=rs.get("chain_refused", 0))
+        yield CounterMetricFamily("hs_gossip_replication_resyncs",
+                                  "DIVERGED or SNAPSHOT_NEEDED answers caught up by Merkle sync",
+                                  value=rs.get("resyncs", 0))
+        yield GaugeMetricFamily("hs_gossip_replication_followers", "Followers connected",
+                                value=len(r.downstream))
+        lag = GaugeMetricFamily("hs_gossip_replication_lag_entries",
+                                "Entries a follower has not acknowledged", labels=["follower"])
+        for d in r.downstream:
+            lag.add_metric([d.node_id], d.lag)
+        yield lag
+        yield GaugeMetricFamily("hs_gossip_replication_applied_seq",
+                                "Leader: its log head; follower: the leader's seq applied",
+                                value=r.applied_seq)
     yield GaugeMetricFamily("hs_gossip_event_loop_lag_seconds",
                             "Lateness of the last event-loop timer", value=v.loop_lag)
     yield GaugeMetricFamily("hs_gossip_logical_clock", "Lamport clock", value=v.logical_clock)

@@ -78,6 +78,7 @@ from agent.store.store import wall_ms
 if TYPE_CHECKING:
     from agent.net.handshake import StreamKeys
     from agent.net.stream import Framed
+    from agent.runtime.replication import Replication
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
 
@@ -129,6 +130,7 @@ class Agent:
     faults: Faults = NO_FAULTS
     #: says when no seed has answered (agent.runtime.joining)
     seed_watch: SeedWatch = field(default_factory=SeedWatch)
+    replication: Replication | None = None
     #: every datagram of both UDP sockets (gossip, discovery) crosses this;
     #: None: built from the key settings at start
     seal: Seal | None = None
@@ -168,7 +170,8 @@ class Agent:
             socket_stats=None if self.sock is None else self.sock.stats,
             sync=getattr(self, "sync", None), store=self.store, loop_lag=self.loop_lag,
             seal=self.seal, self_host=self.core.me.host or self.cfg.bind,
-            seeds=self.seed_watch.view(self.core, now))
+            seeds=self.seed_watch.view(self.core, now),
+            replication=None if self.replication is None else self.replication.view(now))
 
     def status_line(self) -> str:
         """The systemd STATUS= text, e.g. "42 peers, 3 collections, role Edge"."""
@@ -241,7 +244,14 @@ class Agent:
                           self._snapshot_rows, lambda: self.core.lc)
             tg.start_soon(maintenance.tombstone_loop, cfg.interval, store, self.core,
                           cfg.tombstone_grace, wall_ms)
-            tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain)
+            # change-log streaming: leader, follower or neither (agent.runtime.replication)
+            from agent.runtime.replication import Replication
+
+            self.replication = Replication(cfg, store, self.sync, self.ident.node_id.bytes,
+                                           self._stream_keys, self.seed.rng_for("replication"))
+            tg.start_soon(self.replication.run)
+            tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain,
+                          self.replication.min_needed_seq)
             tg.start_soon(supervision.loop_lag_monitor, self._record_loop_lag)
             tg.start_soon(supervision.trim_memory)
             tg.start_soon(self.seed_watch.run, self.core)

@@ -24,7 +24,10 @@
   :attr:`SyncService.routes` (membership push-pull registers there), and
   an unknown one is refused (``stream_refused_kind``). A first frame may be
   at most :data:`FIRST_MAX_FRAME` bytes, and one that turns out to be a
-  HELLO at most :data:`HELLO_MAX_FRAME`.
+  HELLO at most :data:`HELLO_MAX_FRAME`. Kinds in :attr:`SyncService.streams`
+  (the change-log stream, agent.runtime.replication) are long-lived: they
+  give back their sync slot, run without the session deadline, and cap and
+  time themselves.
 * Interrupting a session at any point is safe: received items are applied in
   whole batches by last-writer-wins, and applying an item twice is a no-op.
 * With cluster keys, both ends of every connection run the stream handshake
@@ -39,6 +42,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -248,12 +252,25 @@ FIRST_MAX_FRAME = (1 << 20) + 1024
 
 
 async def handle_connection(store: Store, conn: Framed, stats: dict[str, int],
-                            routes: Mapping[int, Route] | None = None) -> None:
+                            routes: Mapping[int, Route] | None = None,
+                            streams: Mapping[int, Route] | None = None,
+                            release: Callable[[], None] | None = None) -> None:
     """Answer one connection: a sync session, or what ``routes`` says for
-    its first byte. Errors are logged, not raised."""
+    its first byte. ``streams`` are routes for long-lived connections (the
+    change-log stream, agent.runtime.replication): they run without the
+    session deadline, after ``release()`` gave back their sync slot, and cap
+    and time themselves. Errors are logged, not raised."""
     try:
-        with anyio.fail_after(SESSION_TIMEOUT):
-            first = await _receive_first(conn, FIRST_MAX_FRAME if routes else HELLO_MAX_FRAME)
+        with anyio.fail_after(SESSION_TIMEOUT) as scope:
+            first = await _receive_first(conn, FIRST_MAX_FRAME if routes or streams
+                                         else HELLO_MAX_FRAME)
+            stream = (streams or {}).get(first[0]) if first else None
+            if stream is not None:
+                scope.deadline = math.inf
+                if release is not None:
+                    release()
+                await stream(conn, first)
+                return
             if first and not _is_msgpack_array(first[0]):
                 route = (routes or {}).get(first[0])
                 if route is None:
@@ -321,6 +338,9 @@ class SyncService:
         self.refused = RefusalLog(self.stats)
         #: other kinds of connection on this listener, by first byte
         self.routes: dict[int, Route] = {}
+        #: long-lived kinds (the change-log stream): no session deadline, no
+        #: sync slot; each caps its own connections
+        self.streams: dict[int, Route] = {}
         self.durations: list[float] = []  # the last 100 sessions started here
         self.seconds_total = 0.0  # all of them, for the metrics summary
 
@@ -347,12 +367,21 @@ class SyncService:
             self.stats["sync_refused_busy"] = self.stats.get("sync_refused_busy", 0) + 1
             return  # the listener closes the connection
         self.serving[host] = self.serving.get(host, 0) + 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.serving[host] -= 1
+                if not self.serving[host]:
+                    del self.serving[host]
+
         try:
-            await handle_connection(self.store, conn, self.stats, self.routes)
+            await handle_connection(self.store, conn, self.stats, self.routes, self.streams,
+                                    release)
         finally:
-            self.serving[host] -= 1
-            if not self.serving[host]:
-                del self.serving[host]
+            release()
 
     async def run(self, peers: Any) -> None:
         """``peers()`` returns [(peer_key, host, sync_port, {collection: state_hash},

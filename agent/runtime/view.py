@@ -37,6 +37,7 @@ from agent.net.seal import Seal, Sealed
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
+    from agent.runtime.replication import ReplicationView
     from agent.runtime.seeds import Seeds
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
@@ -170,6 +171,9 @@ class AgentView:
     members: tuple[MemberView, ...] = ()
     #: the seeds tried and whether any was reached (None: not watched)
     seeds: SeedsView | None = None
+    #: change-log streaming (agent.runtime.replication); None: neither
+    #: leader nor follower
+    replication: ReplicationView | None = None
 
     @property
     def status_line(self) -> str:
@@ -216,7 +220,8 @@ def build_view(core: Swim, *, started_wall: float, wall_now: float, mono_now: fl
                http_port: int = 0, socket_stats: Mapping[str, int] | None = None,
                sync: SyncService | None = None, store: Store | None = None,
                loop_lag: float = 0.0, seal: Seal | None = None, self_host: str = "",
-               seeds: SeedsView | None = None) -> AgentView:
+               seeds: SeedsView | None = None,
+               replication: ReplicationView | None = None) -> AgentView:
     """The agent as of now. ``wall_now``/``mono_now`` are read together by the
     caller: members' last-seen times are monotonic and shown as wall clock.
     ``self_host`` is the address this agent's own member row shows (its
@@ -244,7 +249,7 @@ def build_view(core: Swim, *, started_wall: float, wall_now: float, mono_now: fl
     return AgentView(
         node_id=str(uuid.UUID(bytes=core.me.node_id)),
         name=core.me.name,
-        role=role_name(core.me.role),
+        role=replication.role if replication is not None else role_name(core.me.role),
         incarnation=core.me.incarnation,
         logical_clock=core.lc,
         http_port=http_port,
@@ -263,6 +268,7 @@ def build_view(core: Swim, *, started_wall: float, wall_now: float, mono_now: fl
         members=member_rows(core, mono_now, self_host=self_host, http_port=http_port,
                             uptime=wall_now - started_wall),
         seeds=seeds,
+        replication=replication,
     )
 
 

@@ -4,6 +4,7 @@
 * :mod:`~agent.store.schema`: tables, migrations, the writing connection.
 * :mod:`~agent.store.changes`: the one change path and the Merkle index it keeps.
 * :mod:`~agent.store.log`: the change log the change path appends to; compaction.
+* :mod:`~agent.store.stream`: a follower's applied position; applying a leader's entries.
 * :mod:`~agent.store.tree`: the read-only tree view reconciliation uses.
 * :mod:`~agent.store.writer`: the operations, run on the store thread.
 * :mod:`~agent.store.checkpoint`: the WAL checkpointer thread.

@@ -72,6 +72,19 @@ MIGRATIONS: list[str] = [
     );
     INSERT OR IGNORE INTO meta VALUES ('log_epoch', 1);
     """,
+    # 4: a follower's applied position in its leader's log (agent.store.stream):
+    # at most one row, written in the transaction that applies the entries it
+    # names, and the highest leader epoch seen (frames of lower epochs are
+    # refused).
+    """
+    CREATE TABLE IF NOT EXISTS upstream (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        epoch_seen INTEGER NOT NULL
+    );
+    """,
 ]
 
 

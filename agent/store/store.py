@@ -43,6 +43,7 @@ import sniffio
 
 from agent.core.changelog import LogEntry, Position, Retention
 from agent.core.clock import HLC
+from agent.store import stream
 from agent.store.check import CheckResult, check_at_start, is_corrupt, is_full, set_aside
 from agent.store.checkpoint import WAL_SAFETY_PAGES, Checkpointer
 from agent.store.log import COMPACT_BATCH
@@ -144,6 +145,11 @@ class Store:
         self.batches = 0
         self.ops = 0
         self.on_change: Callable[[], None] | None = None
+        #: called in the event loop after every batch that wrote (the
+        #: change-log stream wakes on it); never blocks the store thread
+        self.commit_listeners: list[Callable[[], None]] = []
+        #: the change log's head as of the last commit (no query)
+        self.log_head: Position = self._writer.log.head
         #: the last write failed for lack of space (cleared by the next commit)
         self.full = False
         self.corrupt_reads = 0
@@ -209,6 +215,7 @@ class Store:
                 w.conn.execute("ROLLBACK")
             w.reload()
             self._digests = w.infos()
+            self.log_head = w.log.head
         except BaseException as again:
             log.error("store thread: recovering from a failed batch failed too: %s", again)
         err = StoreError(f"database operation failed: {e}")
@@ -275,6 +282,7 @@ class Store:
         self.write_seconds += time.perf_counter() - t0
         self._checkpointer.dirty.set()
         self._digests = w.infos()
+        self.log_head = w.log.head
 
     def _translate(self, e: sqlite3.Error) -> StoreError:
         """The caller's error for an SQLite failure; logged here, once per episode."""
@@ -325,6 +333,7 @@ class Store:
     def _notify(self, batch: list[_Op]) -> None:
         events = [o.event for o in batch if o.event is not None]
         callback = self.on_change
+        listeners = list(self.commit_listeners) if any(not o.read for o in batch) else []
         if self._wake is None:
             return
 
@@ -333,6 +342,8 @@ class Store:
                 ev.set()
             if callback is not None:
                 callback()
+            for listener in listeners:
+                listener()
 
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             self._wake(wake)
@@ -422,6 +433,38 @@ class Store:
     async def read_log(self, after_seq: int, limit: int = 1000) -> list[LogEntry]:
         """Up to ``limit`` entries (at most 10,000) after ``after_seq``, in order."""
         return await self._call(lambda w: w.read_log(after_seq, limit), read=True)
+
+    # --- change-log streaming (agent.store.stream) ------------------------------
+
+    async def stream_position(self) -> tuple[Position, int]:
+        """(this follower's applied position in its leader's log, the
+        highest leader epoch seen); ((0, 0, GENESIS), 0) before any."""
+        return await self._call(lambda w: stream.position(w.conn), read=True)
+
+    async def apply_stream(self, entries: list[LogEntry],
+                           last_hash: bytes | None = None) -> tuple[Position, int]:
+        """Verify a batch of the leader's entries against the applied
+        position and apply it in one transaction that also records the new
+        position; returns (it, entries the store refused). ChainBroken:
+        nothing was applied."""
+        return await self._call(lambda w: stream.apply(w, entries, last_hash))
+
+    async def adopt_stream_position(self, pos: Position) -> None:
+        """Record ``pos`` as applied (after catching up by Merkle sync)."""
+        await self._call(lambda w: stream.adopt(w, pos))
+
+    async def see_epoch(self, epoch: int) -> None:
+        await self._call(lambda w: stream.see_epoch(w, epoch))
+
+    async def read_log_raw(self, after_seq: int, limit: int,
+                           max_bytes: int) -> list[tuple[int, bytes]]:
+        """Entries after ``after_seq`` as stored: (seq, canonical bytes)."""
+        return await self._call(lambda w: stream.read_raw(w.conn, after_seq, limit, max_bytes),
+                                read=True)
+
+    async def log_hash_at(self, seq: int) -> bytes | None:
+        """The hash of this agent's log entry ``seq`` (the floor's at the floor)."""
+        return await self._call(lambda w: stream.hash_at(w, seq), read=True)
 
     async def compact_log(self, retain: Retention, min_needed_seq: int | None = None,
                           batch: int = COMPACT_BATCH) -> int:

@@ -1,0 +1,406 @@
+"""The member table and its rules: what each piece of news does to it.
+
+:class:`Table` is the part of :class:`agent.core.swim.protocol.Swim` that
+holds the members, tombstones and suspicions and folds updates into them;
+the protocol (probes, datagrams, push-pull, timers) feeds it. Every change
+it accepts is queued for gossip and reported as an outcome event.
+
+Rules:
+
+* **Precedence** per member: a higher incarnation wins; at equal incarnation
+  LEFT > DEAD > SUSPECT > ALIVE. ALIVE news clears a suspicion, a death or a
+  departure only with a *higher* incarnation; a higher incarnation of a DEAD
+  or LEFT member is a restart (MemberRestarted) and replaces the entry.
+* **Only a member raises its own incarnation.** News about ourselves that
+  would make others drop us (SUSPECT, DEAD, or LEFT while we are not
+  leaving, at an incarnation >= ours) is refuted: incarnation = claim + 1,
+  gossiped as ALIVE, IncarnationRaised, awareness +1. A claim more than
+  INCARNATION_STEP above what we know is forged or corrupt: refused (and
+  never refuted to), unless the member itself says it.
+* **Suspicion** (``suspicion.py``): bounds from log10(N), scaled by our
+  awareness; each independent accuser shortens the deadline (the timer is
+  re-armed); the deadline is also cut so a suspect is declared dead before
+  ``ttl`` passes without a sign of life.
+* **Dead stays dead.** A non-ALIVE member not confirmed alive for ``ttl``
+  is removed (MemberExpired); its tombstone (incarnation, status) stays
+  another ``ttl``, and ALIVE news at or below it is refused
+  (DEAD_STAYS_DEAD). Tombstones are capped at ``max_members``, soonest due
+  dropped first. A departure of an unknown member is recorded only from its
+  own word.
+* **Bounded.** At most ``max_members`` members (TABLE_FULL beyond).
+* **Digests** are ordered by (incarnation, version): an older list never
+  replaces a newer one; a new list is reported (DigestsChanged).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from agent.core.addr import Addr
+from agent.core.swim import codec
+from agent.core.swim.awareness import Awareness
+from agent.core.swim.broadcasts import BroadcastQueue
+from agent.core.swim.codec import Alive, Dead, Digests, Left, Suspect
+from agent.core.swim.events import (
+    DigestsChanged,
+    DropReason,
+    Event,
+    IncarnationRaised,
+    MemberExpired,
+    MemberFailed,
+    MemberJoined,
+    MemberLeft,
+    MemberRecovered,
+    MemberRestarted,
+    MemberSuspected,
+    SetTimer,
+    Timer,
+    TimerKind,
+)
+from agent.core.swim.members import ALIVE, DEAD, LEFT, SUSPECT, Member, SelfInfo, Tombstone
+from agent.core.swim.params import Params
+from agent.core.swim.suspicion import Suspicion, expected_confirmations, suspicion_bounds
+from agent.core.wire import JS_SAFE, Digest
+
+#: the most an incarnation claim may exceed what we know and still be believed
+#: (incarnations rise by one per restart or refutation); beyond it only the
+#: member itself is believed
+INCARNATION_STEP = 16
+#: the most a peer's logical clock may run ahead of ours and be adopted
+LC_STEP = 2**32
+#: timers firing this close to their deadline count as due (float rounding)
+EPS = 1e-9
+#: a relay waits this fraction of the probe timeout before it NACKs
+NACK_FRACTION = 0.8
+#: key suffix of DIGESTS items in the broadcast queue (they must not replace
+#: the member's ALIVE/SUSPECT/DEAD item, which is keyed by its bare node id)
+_DIGESTS_KEY = b"d"
+
+
+
+class Table:
+    """Members, tombstones, suspicions and the rules that change them."""
+
+    def __init__(self, me: SelfInfo, params: Params, rng: random.Random, now: float) -> None:
+        self.me = me
+        self.params = params
+        self.rng = rng
+        self.lc = 0
+        self.digests: tuple[Digest, ...] = ()
+        self.dhash = codec.digest_hash(())
+        self.app_healthy: bool | None = None
+        self.members: dict[bytes, Member] = {}
+        self.stats: Counter[str] = Counter()
+        self._now = now
+        self._meta_version = 0
+        self._aware = Awareness(params.max_awareness)
+        self._bq = BroadcastQueue(params.retransmit_mult, params.max_broadcasts)
+        self._tombs: dict[bytes, Tombstone] = {}
+        self._suspicions: dict[bytes, Suspicion] = {}
+        #: the probe order: a shuffled round of ALIVE and SUSPECT members
+        self._order: list[bytes] = []
+        self._order_i = 0
+        self._in_order: set[bytes] = set()
+        self._gossip_armed = False
+        self._started = False
+        self._leaving = False
+        self._timers: list[SetTimer] = []
+        self._events: list[Event] = []
+
+    # --- timers of the table --------------------------------------------------
+
+    def _suspect_timeout(self, node_id: bytes, now: float) -> None:
+        m = self.members.get(node_id)
+        s = self._suspicions.get(node_id)
+        if m is None or s is None or m.status != SUSPECT:
+            return
+        if now + EPS < self._suspect_deadline(m, s):
+            return  # re-armed later (or a stale timer)
+        self._gone(m, Dead(node_id, m.incarnation, self.me.node_id), DEAD, now)
+
+    def _reap(self, node_id: bytes, now: float) -> None:
+        m = self.members.get(node_id)
+        if m is not None:
+            if m.status in (ALIVE, SUSPECT) or now + EPS < m.last_alive + self.params.ttl:
+                return
+            del self.members[node_id]
+            self._put_tomb(node_id, Tombstone(m.incarnation, m.status, now + self.params.ttl))
+            self._events.append(MemberExpired(node_id))
+            self._timer(now + self.params.ttl, TimerKind.REAP, node_id)
+            return
+        t = self._tombs.get(node_id)
+        if t is not None and now + EPS >= t.until:
+            del self._tombs[node_id]
+
+    # --- the rules ------------------------------------------------------------
+
+    def _apply(self, u: codec.Update, now: float, src: Addr | None = None,
+               own: bool = False, spread: bool = True) -> None:
+        """Fold one update into the table. ``src`` is set when the update is
+        the member's own word (its datagram or its push-pull entry); ``own``
+        when that word is authenticated or comes from where it spoke before."""
+        if u.node_id == self.me.node_id:
+            return self._about_me(u)
+        if isinstance(u, Digests):
+            return self._apply_digests(u, spread, src, own)
+        m = self.members.get(u.node_id)
+        if m is None:
+            if isinstance(u, Alive):
+                self._add(u, now, src, spread)
+            elif isinstance(u, Left) and src is not None:
+                # Only M's own word records a departure of a member we never knew.
+                self._put_tomb(u.node_id, Tombstone(u.incarnation, LEFT, now + self.params.ttl))
+                self._timer(now + self.params.ttl, TimerKind.REAP, u.node_id)
+            return
+        if u.incarnation < m.incarnation:
+            return self._drop(DropReason.STALE_INCARNATION)
+        from_m = src is not None and (own or src == (m.src or m.addr))
+        if u.incarnation > m.incarnation + INCARNATION_STEP and not from_m:
+            return self._drop(DropReason.INCARNATION_JUMP)
+        if isinstance(u, Alive):
+            self._alive(m, u, now, src, spread)
+        elif isinstance(u, Suspect):
+            self._suspect(m, u, now)
+        elif isinstance(u, Dead):
+            if m.status in (ALIVE, SUSPECT) and not self._death_due(m, u, now):
+                # Hearsay of a death: our own suspicion decides, so a forged
+                # DEAD kills no faster than a SUSPECT would. It still counts
+                # as one accuser's confirmation.
+                self._suspect(m, Suspect(m.node_id, u.incarnation, u.accuser), now)
+            else:
+                self._gone(m, u, DEAD, now)
+        else:
+            self._gone(m, u, LEFT, now)
+
+    def _death_due(self, m: Member, u: Dead, now: float) -> bool:
+        """Whether our suspicion of M at the DEAD's incarnation ran its minimum."""
+        s = self._suspicions.get(m.node_id)
+        return (s is not None and m.status == SUSPECT and m.incarnation == u.incarnation
+                and now + EPS >= s.started + s.min_s)
+
+    def _gone(self, m: Member, u: Dead | Left, status: int, now: float) -> None:
+        """M is DEAD or LEFT: report, gossip, and reap it after ttl without life."""
+        same = u.incarnation == m.incarnation
+        if (m.status == LEFT and same) or (m.status == DEAD and status == DEAD and same):
+            return
+        self._set_status(m, status, now, u.incarnation)
+        self._events.append(MemberFailed(m.node_id) if status == DEAD
+                            else MemberLeft(m.node_id))
+        self._broadcast(m.node_id, codec.encode_update(u))
+        self._timer(max(now, m.last_alive + self.params.ttl), TimerKind.REAP, m.node_id)
+
+    def _add(self, u: Alive, now: float, src: Addr | None, spread: bool) -> None:
+        tomb = self._tombs.get(u.node_id)
+        if tomb is not None and u.incarnation <= tomb.incarnation:
+            return self._drop(DropReason.DEAD_STAYS_DEAD)
+        host = u.host or (src[0] if src is not None else "")
+        if not host or not u.port:
+            return self._drop(DropReason.NO_ADDRESS)
+        if len(self.members) >= self.params.max_members:
+            return self._drop(DropReason.TABLE_FULL)
+        self._tombs.pop(u.node_id, None)
+        empty = codec.digest_hash(())
+        m = Member(u.node_id, u.incarnation, ALIVE, host, u.port, u.http_port,
+                   u.sync_port or u.port, u.role, u.name, 0, empty, (), None, now, now,
+                   src=src, held_dhash=empty)
+        self.members[u.node_id] = m
+        # A random place in the rest of this round: probed within two rounds.
+        self._into_order(u.node_id)
+        self._events.append(MemberJoined(u.node_id, m.addr))
+        if spread:
+            self._broadcast(m.node_id, codec.encode_update(self._alive_of(m)))
+
+    def _alive(self, m: Member, u: Alive, now: float, src: Addr | None, spread: bool) -> None:
+        if u.incarnation == m.incarnation:
+            if m.status in (DEAD, LEFT):
+                self._drop(DropReason.DEAD_STAYS_DEAD)
+            return
+        was = m.status
+        host = u.host or (src[0] if src is not None else "") or m.host
+        m.host, m.port, m.http_port = host, u.port or m.port, u.http_port
+        m.sync_port, m.role, m.name = u.sync_port or m.port, u.role, u.name
+        if src is not None:
+            m.src = src
+        m.last_alive = now
+        self._set_status(m, ALIVE, now, u.incarnation)
+        if was == SUSPECT:
+            self._events.append(MemberRecovered(m.node_id))
+        elif was in (DEAD, LEFT):
+            self._events.append(MemberRestarted(m.node_id, m.incarnation))
+            self._into_order(m.node_id)
+        if spread or was != ALIVE:
+            self._broadcast(m.node_id, codec.encode_update(self._alive_of(m)))
+
+    def _suspect(self, m: Member, u: Suspect, now: float) -> None:
+        if m.status in (DEAD, LEFT):
+            return
+        if m.status == SUSPECT and u.incarnation == m.incarnation:
+            s = self._suspicions.get(m.node_id)
+            if s is not None and s.confirm(u.accuser):
+                # An independent confirmation: the deadline moves earlier.
+                self.stats["suspicion_confirmations"] += 1
+                self._timer(self._suspect_deadline(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
+                self._broadcast(m.node_id, codec.encode_update(u))
+            return
+        was = m.status
+        self._set_status(m, SUSPECT, now, u.incarnation)
+        n = len(self.members) + 1
+        p = self.params
+        lo, hi = suspicion_bounds(n, p.probe_interval, p.suspicion_mult,
+                                  p.suspicion_max_mult, p.suspicion_min)
+        s = Suspicion(u.accuser, now, self._aware.scale(lo), self._aware.scale(hi),
+                      expected_confirmations(p.suspicion_mult, n))
+        self._suspicions[m.node_id] = s
+        if was == ALIVE:
+            self._events.append(MemberSuspected(m.node_id))
+        self._broadcast(m.node_id, codec.encode_update(u))
+        self._timer(self._suspect_deadline(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
+
+    def _suspect_deadline(self, m: Member, s: Suspicion) -> float:
+        # Declared dead before ttl passes without a sign of life.
+        cap = m.last_alive + self.params.ttl - self.params.probe_interval
+        return max(s.started, min(s.deadline, cap))
+
+    def _set_status(self, m: Member, status: int, now: float, incarnation: int) -> None:
+        m.incarnation = incarnation
+        if status != m.status:
+            m.status = status
+            m.status_since = now
+        if status != SUSPECT:
+            self._suspicions.pop(m.node_id, None)
+
+    def _apply_digests(self, u: Digests, spread: bool, src: Addr | None, own: bool) -> None:
+        m = self.members.get(u.node_id)
+        if m is None:
+            return self._drop(DropReason.UNKNOWN_MEMBER)
+        version = (u.incarnation, u.version)
+        # The member's own word at its current incarnation is taken whatever
+        # version hearsay claimed before (a forged far-ahead version must not
+        # freeze its digests until it restarts).
+        from_m = src is not None and (own or src == (m.src or m.addr)) \
+            and u.incarnation >= m.incarnation
+        if version == m.digests_version or (version < m.digests_version and not from_m):
+            return
+        if u.incarnation > m.incarnation + INCARNATION_STEP:
+            return self._drop(DropReason.INCARNATION_JUMP)
+        m.digests_version = version
+        m.app_healthy = u.app_healthy
+        if u.incarnation >= m.incarnation:
+            m.dhash = u.dhash
+        held = codec.digest_hash(u.digests)
+        changed = held != m.held_dhash
+        m.digests, m.held_dhash = u.digests, held
+        if changed:
+            self._events.append(DigestsChanged(m.node_id))
+            if spread:
+                self._broadcast(m.node_id + _DIGESTS_KEY, codec.encode_update(u))
+
+    def _about_me(self, u: codec.Update) -> None:
+        """News about ourselves: refute what would make others drop us."""
+        mine = self.me.incarnation
+        if isinstance(u, Digests) or self._leaving:
+            return
+        if isinstance(u, Alive):
+            if u.incarnation > mine:
+                self._raise_incarnation(u.incarnation)
+            return
+        if u.incarnation < mine:
+            return
+        self._aware.apply(1)
+        self._raise_incarnation(u.incarnation)
+
+    def _raise_incarnation(self, claim: int) -> None:
+        if claim > self.me.incarnation + INCARNATION_STEP or claim >= JS_SAFE:
+            # Only we raise our incarnation: a claim far above it is forged.
+            return self._drop(DropReason.INCARNATION_JUMP)
+        self.me.incarnation = claim + 1
+        self.stats["refutations"] += 1
+        self._events.append(IncarnationRaised(self.me.incarnation))
+        self._broadcast(self.me.node_id, codec.encode_update(self._own_alive()))
+
+    def _put_tomb(self, node_id: bytes, tomb: Tombstone) -> None:
+        """At most ``max_members`` tombstones; each lasts ttl from when it
+        was written, so insertion order is expiry order: the first goes first."""
+        self._tombs.pop(node_id, None)
+        while self._tombs and len(self._tombs) >= self.params.max_members:
+            del self._tombs[next(iter(self._tombs))]
+            self.stats["tombstones_evicted"] += 1
+        self._tombs[node_id] = tomb
+
+    # --- the probe order --------------------------------------------------------
+
+    def _next_target(self) -> Member | None:
+        for _ in range(2):
+            while self._order_i < len(self._order):
+                nid = self._order[self._order_i]
+                self._order_i += 1
+                m = self.members.get(nid)
+                if m is not None and m.status in (ALIVE, SUSPECT):
+                    return m
+            # A round is over: reshuffle (O(N) once per N probes).
+            self._order = [nid for nid, m in self.members.items()
+                           if m.status in (ALIVE, SUSPECT)]
+            self.rng.shuffle(self._order)
+            self._order_i = 0
+            self._in_order = set(self._order)
+        return None
+
+    def _into_order(self, node_id: bytes) -> None:
+        """A new (or restarted) member goes in at a random place in the rest
+        of this round, so it is probed within two rounds; once per round at
+        most, so the list stays bounded by the table."""
+        if node_id not in self._in_order:
+            self._in_order.add(node_id)
+            self._order.insert(self.rng.randint(self._order_i, len(self._order)), node_id)
+
+    def _random_members(self, k: int, exclude: bytes,
+                        statuses: tuple[int, ...]) -> list[Member]:
+        """Up to ``k`` distinct random members in ``statuses``: O(k) tries in
+        the probe order list, not a walk over the table."""
+        out: dict[bytes, Member] = {}
+        order = self._order
+        for _ in range(4 * k):
+            if len(out) >= k or not order:
+                break
+            nid = order[self.rng.randrange(len(order))]
+            m = self.members.get(nid)
+            if m is not None and nid != exclude and m.status in statuses:
+                out[nid] = m
+        return list(out.values())
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _own_alive(self) -> Alive:
+        me = self.me
+        return Alive(me.node_id, me.incarnation, me.host, me.port, me.http_port,
+                     me.sync_port, me.role, me.name)
+
+    def _own_digests(self) -> Digests:
+        return Digests(self.me.node_id, self.me.incarnation, self._meta_version, self.dhash,
+                       self.digests, self.app_healthy)
+
+    def _alive_of(self, m: Member) -> Alive:
+        return Alive(m.node_id, m.incarnation, m.host, m.port, m.http_port, m.sync_port,
+                     m.role, m.name)
+
+    def _meta_changed(self) -> None:
+        self._meta_version = min(self._meta_version + 1, JS_SAFE)
+        self._broadcast(self.me.node_id + _DIGESTS_KEY,
+                        codec.encode_update(self._own_digests()))
+
+    def _broadcast(self, key: bytes, item: bytes) -> None:
+        self._bq.put(key, item)
+        if self._started:
+            self._arm_gossip(self._now)
+
+    def _arm_gossip(self, now: float) -> None:
+        if not self._gossip_armed:
+            self._gossip_armed = True
+            self._timer(now + self.params.gossip_interval, TimerKind.GOSSIP)
+
+    def _timer(self, deadline: float, kind: TimerKind, key: bytes | int = 0) -> None:
+        self._timers.append(SetTimer(deadline, Timer(kind, key)))
+
+    def _drop(self, reason: DropReason) -> None:
+        self.stats[reason.value] += 1

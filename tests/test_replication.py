@@ -1,0 +1,457 @@
+"""Change-log streaming, without processes: the frame codec, the leader's
+answer to a HELLO, the flow-control window, the follower's store side
+(applying verified batches in one transaction with its position), the
+leader/follower pair over a real TCP listener in one process, and the
+settings."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgpack
+import pytest
+from anyio.abc import SocketAttribute
+
+from agent.config import ConfigError, HostPort, load
+from agent.core import changelog
+from agent.core.changelog import GENESIS, ChainBroken, Position, Retention
+from agent.core.replication import (
+    TAG,
+    Ack,
+    Answer,
+    Diverged,
+    Entries,
+    Hello,
+    ProtocolError,
+    SnapshotNeeded,
+    Stream,
+    Verdict,
+    Window,
+    answer_hello,
+    decode,
+    encode,
+    epoch_ok,
+    is_replication,
+)
+from agent.net.stream import connect, listen
+from agent.runtime.replication import Follower, Leader
+from agent.runtime.sync_service import SyncService
+from agent.store import Store
+
+A, B = b"a" * 16, b"b" * 16
+H1, H2, H3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+
+
+# --- codec -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame", [
+    Hello(3, A, Position(2, 17, H1)),
+    Hello(0, B, Position(0, 0, GENESIS)),
+    Stream(3, A, Position(3, 90, H2)),
+    Diverged(3, A, Position(3, 90, H2), "unknown hash at seq 5", ("vision", "sensors")),
+    SnapshotNeeded(3, A, Position(3, 40, H1), Position(3, 90, H2), ("vision",)),
+    Entries(3, (b"x" * 10, b"y" * 2000), H3),
+    Entries(3, ()),
+    Ack(3, Position(3, 42, H3)),
+])
+def test_frames_round_trip(frame: Any) -> None:
+    data = encode(frame)
+    assert data[0] == TAG and is_replication(data)
+    assert decode(data) == frame
+
+
+def _raw(*fields: Any) -> bytes:
+    return bytes([TAG]) + msgpack.packb(list(fields), use_bin_type=True)
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"\x92\x01\x02",  # a msgpack array: a sync frame, not ours
+    bytes([TAG]),
+    bytes([TAG]) + b"\xc1",  # never-used msgpack byte
+    _raw(99, 1),  # unknown kind
+    _raw(1, 1, A),  # HELLO too short
+    _raw(1, -1, A, 0, 0, H1),  # negative epoch
+    _raw(1, 1, b"short", 0, 0, H1),  # node id of the wrong size
+    _raw(1, 1, A, 0, 0, b"x" * 31),  # hash of the wrong size
+    _raw(6, 1, 1, 2, "not bytes"),
+    _raw(5, 1, ["str is not an entry"], H1),
+    _raw(5, 1, [b"e"], b"short"),
+    _raw(3, 1, A, 1, 1, H1, "r" * 201, []),  # reason too long
+    _raw(3, 1, A, 1, 1, H1, "r", [""]),  # empty collection name
+    bytes([TAG]) + msgpack.packb([5, 1, {"a": 1}, H1]),  # a map
+])
+def test_malformed_frames_are_protocol_errors(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(data)
+
+
+def test_decoding_is_bounded_by_a_budget() -> None:
+    # An empty array is one byte on the wire and ~56 decoded: a frame of
+    # them decodes to more than its budget and is refused while decoding.
+    bomb = _raw(5, 1, [[[]] * 1000] * 40, H1)
+    assert len(bomb) < 50_000
+    with pytest.raises(ProtocolError, match="decodes to more than"):
+        decode(bomb)
+    # an honest frame of many small entries fits
+    assert len(decode(_raw(5, 1, [b"x" * 40] * 10_000, H1)).entries) == 10_000  # type: ignore[union-attr]
+
+
+def test_epochs_below_the_highest_seen_are_refused() -> None:
+    assert epoch_ok(3, 3) and epoch_ok(4, 3) and not epoch_ok(2, 3)
+
+
+# --- the answer to a HELLO -------------------------------------------------------------
+
+
+FLOOR = Position(1, 10, H1)
+HEAD = Position(1, 20, H3)
+KNOWN = {15: H2}
+
+
+@pytest.mark.parametrize("follower, verdict", [
+    (Position(1, 20, H3), Verdict.STREAM),  # up to date
+    (Position(1, 15, H2), Verdict.STREAM),  # behind, known hash
+    (Position(1, 10, H1), Verdict.STREAM),  # exactly at the floor
+    (Position(1, 21, H1), Verdict.DIVERGED),  # ahead
+    (Position(1, 20, H2), Verdict.DIVERGED),  # the head's seq, another hash
+    (Position(1, 15, H3), Verdict.DIVERGED),  # unknown hash
+    (Position(1, 10, H2), Verdict.DIVERGED),  # the floor's seq, another hash
+    (Position(1, 9, H1), Verdict.SNAPSHOT_NEEDED),  # compacted away
+    (Position(0, 0, GENESIS), Verdict.SNAPSHOT_NEEDED),  # empty, log compacted
+])
+def test_answer_hello(follower: Position, verdict: Verdict) -> None:
+    answer = answer_hello(FLOOR, HEAD, follower, KNOWN.get)
+    assert isinstance(answer, Answer) and answer.verdict is verdict, answer
+
+
+def test_answer_hello_for_an_empty_follower_of_an_uncompacted_log() -> None:
+    floor = Position(1, 0, GENESIS)
+    assert answer_hello(floor, HEAD, Position(0, 0, GENESIS), KNOWN.get).verdict is Verdict.STREAM
+    assert answer_hello(floor, floor, Position(0, 0, GENESIS),
+                        KNOWN.get).verdict is Verdict.STREAM
+
+
+# --- the window ---------------------------------------------------------------------------
+
+
+def test_window_stops_sending_until_acknowledged() -> None:
+    w = Window(acked_seq=100, max_entries=10, max_bytes=1000)
+    assert w.room() == (10, 1000)
+    w.sent(106, 300)
+    assert w.room() == (4, 700)
+    w.sent(110, 300)
+    assert w.room() == (0, 0)  # full by entries
+    w.acked(106)
+    assert w.room() == (6, 700) and w.in_flight_entries == 4
+    w.sent(111, 700)
+    assert w.room() == (0, 0)  # full by bytes
+    w.acked(111)
+    assert w.room() == (10, 1000)
+
+
+@pytest.mark.parametrize("ack", [99, 107])
+def test_window_refuses_acks_outside_what_was_sent(ack: int) -> None:
+    w = Window(100, 10, 1000)
+    w.sent(106, 10)
+    with pytest.raises(ProtocolError):
+        w.acked(ack)
+
+
+def test_a_partial_ack_keeps_the_batch_bytes() -> None:
+    w = Window(0, 100, 100)
+    w.sent(10, 100)
+    w.acked(5)
+    assert w.room() == (0, 0)  # the batch's bytes count until its last entry is acked
+    w.acked(10)
+    assert w.room() == (100, 100)
+
+
+# --- the store side -------------------------------------------------------------------------
+
+
+async def _open(path: Path, origin: bytes) -> Store:
+    path.mkdir(exist_ok=True)
+    return await Store.open(path, origin)
+
+
+async def _filled_leader(path: Path) -> Store:
+    s = await _open(path, A)
+    await s.put_many("vision", {f"k{i}": {"i": i} for i in range(300)})
+    await s.delete("vision", "k7")
+    await s.put("other", "x", 1)
+    await s.put("vision", "k8", "again")
+    return s
+
+
+async def _items(s: Store, name: str) -> list[tuple[str, int, bytes, bool, bytes | None]]:
+    return [(i.key, i.hlc, i.origin, i.deleted, i.value)
+            for i in await s.list_items(name, limit=10_000)]
+
+
+def test_apply_stream_copies_the_leader_and_records_the_position(tmp_path: Path) -> None:
+    async def main() -> None:
+        leader = await _filled_leader(tmp_path / "l")
+        follower = await _open(tmp_path / "f", B)
+        assert await follower.stream_position() == (Position(0, 0, GENESIS), 0)
+        entries = await leader.read_log(0, 10_000)
+        # in two batches, as two frames would bring them
+        pos, refused = await follower.apply_stream(entries[:100], entries[99].hash)
+        assert pos == entries[99].position and refused == 0
+        pos, _ = await follower.apply_stream(entries[100:], entries[-1].hash)
+        assert pos == await leader.log_position()
+        for name in ("vision", "other"):
+            assert await _items(follower, name) == await _items(leader, name)
+        assert {c.name: c.state_hash for c in follower.digests()} == \
+            {c.name: c.state_hash for c in leader.digests()}
+        # the follower's own log has its own chain of the same changes
+        own = await follower.read_log(0, 10_000)
+        assert len(own) == len(entries)
+        assert changelog.verify_chain(own, GENESIS, 0) == (await follower.log_position()).hash
+        await follower.close()
+        # a restart resumes from the position kept with the data
+        follower = await _open(tmp_path / "f", B)
+        assert (await follower.stream_position())[0] == await leader.log_position()
+        await follower.close()
+        await leader.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_tampered_reordered_or_missing_entry_is_refused_whole(tmp_path: Path) -> None:
+    async def main() -> None:
+        leader = await _filled_leader(tmp_path / "l")
+        follower = await _open(tmp_path / "f", B)
+        entries = await leader.read_log(0, 10_000)
+        await follower.apply_stream(entries[:10])
+        before = await _items(follower, "vision")
+        e = entries[12]
+        # the value changed in transit: decoded, its hash is that of the new bytes
+        forged = changelog.decode(changelog.encode(
+            e.epoch, e.seq, e.prev_hash, e.origin, e.hlc, e.collection, e.key, e.op,
+            msgpack.packb("forged")))
+        bad_batches = [
+            [*entries[10:12], forged, *entries[13:20]],  # tampered
+            [entries[11], entries[10], *entries[12:20]],  # reordered
+            entries[10:12] + entries[13:20],  # missing
+            entries[11:20],  # does not start at the position
+        ]
+        for batch in bad_batches:
+            with pytest.raises(ChainBroken):
+                await follower.apply_stream(batch)
+        # the last entry of a batch is checked against the hash the leader sent
+        with pytest.raises(ChainBroken):
+            await follower.apply_stream([*entries[10:12], forged], entries[12].hash)
+        assert (await follower.stream_position())[0] == entries[9].position
+        assert await _items(follower, "vision") == before
+        await follower.apply_stream(entries[10:])  # the true entries still apply
+        assert await _items(follower, "vision") == await _items(leader, "vision")
+        await follower.close()
+        await leader.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_adopt_and_epochs_only_move_forward(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = await Store.open(tmp_path, B)
+        await s.see_epoch(4)
+        await s.see_epoch(2)
+        await s.adopt_stream_position(Position(3, 50, H1))
+        assert await s.stream_position() == (Position(3, 50, H1), 4)
+        await s.close()
+
+    anyio.run(main, backend="trio")
+
+
+# --- leader and follower over TCP, in one process ----------------------------------------
+
+
+@asynccontextmanager
+async def serving(store: Store, **leader_args: Any) -> AsyncIterator[tuple[Leader, HostPort]]:
+    """A Leader behind a real sync listener on loopback (Merkle sync too)."""
+    sync = SyncService(store, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
+    leader = Leader(store, A, 0.2, **leader_args)
+    sync.streams[TAG] = leader.serve
+    listener = await listen("127.0.0.1", 0, sync.max_frame)
+    port = listener.listener.extra(SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, sync._serve_one)
+        yield leader, HostPort("127.0.0.1", port)
+        tg.cancel_scope.cancel()
+
+
+def follower_of(store: Store, addr: HostPort) -> Follower:
+    return Follower(store, addr, B, 0.2, 3 << 20, lambda: None, random.Random(2))
+
+
+async def until(cond: Callable[[], bool], timeout: float = 20) -> None:
+    with anyio.fail_after(timeout):
+        while not cond():
+            await anyio.sleep(0.02)
+
+
+def test_leader_streams_backlog_then_live_entries(tmp_path: Path) -> None:
+    """The backlog, then live writes woken by commits; each follower's
+    acknowledged position tracked."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        async with serving(leader_store, window_entries=64) as (leader, addr), \
+                anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            head = await leader_store.log_position()
+            await until(lambda: follower.applied == head)
+            assert follower.role(anyio.current_time()) == "Follower"
+            await leader_store.put_many("vision", {f"live{i}": i for i in range(500)})
+            head = await leader_store.log_position()
+            await until(lambda: follower.applied == head and leader.downstream()[0].acked == head)
+            [down] = leader.downstream()
+            assert down.lag == 0 and down.node_id == B.hex()
+            assert leader.stats["entries_streamed"] == head.seq
+            assert leader.min_needed_seq() == head.seq + 1
+            tg.cancel_scope.cancel()
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_the_leader_sends_no_more_than_the_window_until_acknowledged(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _filled_leader(tmp_path / "l")  # 303 entries
+        async with serving(store, window_entries=100, window_bytes=1 << 20) as (leader, addr), \
+                await connect(addr.host, addr.port, 3 << 20) as conn:
+            await conn.send(encode(Hello(0, B, Position(0, 0, GENESIS))))
+            assert isinstance(decode(await conn.receive()), Stream)
+            got: list[bytes] = []
+            with anyio.move_on_after(1.0):  # several keepalive intervals
+                while True:
+                    f = decode(await conn.receive())
+                    assert isinstance(f, Entries)
+                    got += f.entries
+            assert len(got) == 100  # the window, and not one entry more
+            last = changelog.decode(got[-1])
+            await conn.send(encode(Ack(1, last.position)))
+            with anyio.fail_after(5):
+                while len(got) < 200:
+                    f = decode(await conn.receive())
+                    assert isinstance(f, Entries)
+                    got += f.entries
+            assert len(got) == 200
+            assert leader.downstream()[0].acked == last.position
+            # an ACK of what was never sent ends the stream
+            await conn.send(encode(Ack(1, Position(1, 10_000, H1))))
+            await until(lambda: not leader.followers, 5)
+            assert leader.stats["follower_streams_failed"] == 1
+        await store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_tampered_batch_on_the_wire_is_refused_and_counted(tmp_path: Path) -> None:
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        real = leader_store.read_log_raw
+        tampered = 0
+
+        async def tamper(after: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
+            nonlocal tampered
+            rows = await real(after, limit, max_bytes)
+            if tampered < 2 and len(rows) > 3:
+                tampered += 1
+                e = changelog.decode(rows[2][1])
+                forged = changelog.encode(e.epoch, e.seq, e.prev_hash, e.origin, e.hlc,
+                                          e.collection, e.key, e.op, msgpack.packb("forged"))
+                rows[2] = (rows[2][0], forged)
+            return rows
+
+        leader_store.read_log_raw = tamper  # type: ignore[method-assign]
+        async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            head = await leader_store.log_position()
+            await until(lambda: follower.applied == head)
+            tg.cancel_scope.cancel()
+        assert follower.stats["chain_refused"] == 2
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_behind_compaction_the_follower_catches_up_by_merkle_sync(tmp_path: Path) -> None:
+    """SNAPSHOT_NEEDED: Merkle sync with the leader (both ways: the
+    follower's own write survives), then streaming from the leader's head."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        await leader_store.compact_log(Retention(10, None))
+        assert (await leader_store.log_floor()).seq > 0
+        follower_store = await _open(tmp_path / "f", B)
+        await follower_store.put("vision", "mine", "kept")
+        async with serving(leader_store) as (leader, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            # (the sync brought the follower's write to the leader: its head moved)
+            await until(lambda: follower.applied == leader_store.log_head)
+            await leader_store.put("vision", "after", 1)
+            await until(lambda: follower.applied == leader_store.log_head)
+            tg.cancel_scope.cancel()
+        assert follower.stats["resyncs"] == 1 and leader.stats["answered_snapshot_needed"] == 1
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        assert (await leader_store.get("vision", "mine")) is not None
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_diverged_follower_merges_back_and_resumes(tmp_path: Path) -> None:
+    """A follower whose position the leader does not know (here: ahead of a
+    leader that lost its data) is answered DIVERGED; it loses nothing."""
+    async def main() -> None:
+        follower_store = await _open(tmp_path / "f", B)
+        await follower_store.adopt_stream_position(Position(1, 5000, H1))
+        await follower_store.put("vision", "mine", "kept")
+        leader_store = await _filled_leader(tmp_path / "l")
+        async with serving(leader_store) as (leader, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            await until(lambda: follower.applied == leader_store.log_head
+                        and leader_store.log_head.seq > 303)
+            tg.cancel_scope.cancel()
+        assert leader.stats["answered_diverged"] == 1
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        assert (await leader_store.get("vision", "mine")) is not None
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def test_role_and_coordinator_settings() -> None:
+    cfg, _ = load(environ={"HS_GOSSIP_ROLE": "Leader"})
+    assert cfg.role == "leader" and cfg.coordinator is None
+    cfg, _ = load(environ={"HS_GOSSIP_COORDINATOR": "10.0.0.2:7946"})
+    assert (cfg.coordinator.host, cfg.coordinator.port) == ("10.0.0.2", 7946)  # type: ignore[union-attr]
+    cfg, _ = load(environ={"HS_GOSSIP_ROLE": "", "HS_GOSSIP_COORDINATOR": ""})
+    assert cfg.role == "" and cfg.coordinator is None
+    with pytest.raises(ConfigError, match="HS_GOSSIP_ROLE"):
+        load(environ={"HS_GOSSIP_ROLE": "follower"})
+    with pytest.raises(ConfigError, match="HS_GOSSIP_COORDINATOR"):
+        load(environ={"HS_GOSSIP_COORDINATOR": "10.0.0.2"})
+    with pytest.raises(ConfigError, match="a leader follows nobody"):
+        load(environ={"HS_GOSSIP_ROLE": "leader", "HS_GOSSIP_COORDINATOR": "10.0.0.2:7946"})
