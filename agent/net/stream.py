@@ -192,10 +192,11 @@ async def _secure(stream: SocketStream, max_frame: int, initiator: bool,
 
 
 async def connect(host: str, port: int, max_frame: int,
-                  keys: StreamKeys | None = None) -> Framed:
-    """Open a framed connection to host:port (use it as ``async with``).
-    StreamHandshakeError if the peer fails the handshake."""
-    stream = await anyio.connect_tcp(host, port)
+                  keys: StreamKeys | None = None, local_host: str | None = None) -> Framed:
+    """Open a framed connection to host:port (use it as ``async with``),
+    from ``local_host`` when given (an agent bound to one address speaks
+    from it). StreamHandshakeError if the peer fails the handshake."""
+    stream = await anyio.connect_tcp(host, port, local_host=local_host)
     try:
         return await _secure(stream, max_frame, initiator=True, keys=keys)
     except BaseException:

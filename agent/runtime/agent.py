@@ -503,7 +503,8 @@ class Agent:
         port = next((m.sync_port for m in self.core.members.values()
                      if m.addr == pp.addr and m.sync_port), port)
         try:
-            reply = await push_pull.exchange(host, port, pp.data, self._stream_keys())
+            local = None if self.cfg.bind in ("0.0.0.0", "::") else self.cfg.bind
+            reply = await push_pull.exchange(host, port, pp.data, self._stream_keys(), local)
         except push_pull.FAILURES as e:
             log.debug("push-pull with %s:%d failed: %s", host, port, e or type(e).__name__)
             self.core.push_pull_failed(pp.addr, anyio.current_time())
@@ -515,11 +516,13 @@ class Agent:
 
     async def _serve_push_pull(self, conn: Framed, first: bytes) -> None:
         """A member's push-pull on the sync listener: merge theirs, answer ours."""
-        reply = self.core.handle_push_pull(first, push_pull.peer_addr(conn), anyio.current_time())
-        await self._flush()
-        if reply is not None:
-            with anyio.fail_after(push_pull.TIMEOUT):
-                await conn.send(reply)
+        async def answer(data: bytes, src: tuple[str, int]) -> bytes | None:
+            reply = self.core.handle_push_pull(data, src, anyio.current_time())
+            await self._flush()
+            return reply
+
+        if first == bytes([push_pull.FIRST_BYTE]):
+            await push_pull.serve(conn, answer)
 
     async def _receive_loop(self) -> None:
         assert self.sock is not None

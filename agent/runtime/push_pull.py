@@ -5,12 +5,15 @@ to the member, send our full state as one frame, read theirs back as one
 frame. Streams go through :mod:`agent.net.stream` like sync sessions (the
 handshake applies with cluster keys) and arrive on the sync listener, which
 routes them here by their first byte (:mod:`agent.runtime.sync_service`).
-Both directions are bounded: one frame each, at most :data:`MAX_FRAME`
-bytes, the whole exchange within :data:`TIMEOUT` seconds.
+The opener sends a one-byte frame (:data:`FIRST_BYTE`, so every first frame
+on that listener stays small) and then its state; the answer is one frame.
+Both directions are bounded: at most :data:`MAX_FRAME` bytes of state each
+way, the whole exchange within :data:`TIMEOUT` seconds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -37,12 +40,14 @@ TIMEOUT = 10.0
 
 
 async def exchange(host: str, port: int, data: bytes, keys: StreamKeys | None,
-                   timeout: float = TIMEOUT) -> bytes:
-    """Checkpoint. Send ``data``, return the answer. Raises OSError,
-    TimeoutError, anyio stream errors or StreamHandshakeError on failure;
-    a cancellation leaves nothing open."""
+                   local_host: str | None = None, timeout: float = TIMEOUT) -> bytes:
+    """Checkpoint. Send ``data`` from ``local_host`` (the member's peers
+    believe a push-pull about it only from its own address), return the
+    answer. Raises OSError, TimeoutError, anyio stream errors or
+    StreamHandshakeError on failure; a cancellation leaves nothing open."""
     with anyio.fail_after(timeout):
-        async with await connect(host, port, MAX_FRAME, keys) as conn:
+        async with await connect(host, port, MAX_FRAME, keys, local_host) as conn:
+            await conn.send(bytes([FIRST_BYTE]))
             await conn.send(data)
             return await conn.receive()
 
@@ -56,3 +61,20 @@ def peer_addr(conn: Framed) -> Addr:
         return (str(addr), 0)
     except (OSError, anyio.TypedAttributeLookupError, ValueError, TypeError):
         return ("", 0)
+
+
+async def serve(conn: Framed, answer: Callable[[bytes, Addr], Awaitable[bytes | None]],
+                timeout: float = TIMEOUT) -> None:
+    """Checkpoint. The listener's side, after the one-byte first frame: read
+    the opener's state (at most MAX_FRAME bytes), send what ``answer``
+    returns (nothing when it returns None)."""
+    with anyio.fail_after(timeout):
+        limit = conn.max_frame
+        conn.max_frame = MAX_FRAME
+        try:
+            data = await conn.receive()
+        finally:
+            conn.max_frame = limit
+        reply = await answer(data, peer_addr(conn))
+        if reply is not None:
+            await conn.send(reply)

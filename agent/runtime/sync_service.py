@@ -22,12 +22,12 @@
   what it is. A sync HELLO is a msgpack array (its first byte is an array
   header, 0x90-0x9f or 0xdc); any other first byte is looked up in
   :attr:`SyncService.routes` (membership push-pull registers there), and
-  an unknown one is refused (``stream_refused_kind``). A first frame may be
-  at most :data:`FIRST_MAX_FRAME` bytes, and one that turns out to be a
-  HELLO at most :data:`HELLO_MAX_FRAME`. Kinds in :attr:`SyncService.streams`
-  (the change-log stream, agent.runtime.replication) are long-lived: they
-  give back their sync slot, run without the session deadline, and cap and
-  time themselves.
+  an unknown one is refused (``stream_refused_kind``). Every first frame
+  is at most :data:`HELLO_MAX_FRAME` bytes, refused at its length prefix;
+  a route that needs more reads it in later frames under its own limit.
+  Kinds in :attr:`SyncService.streams` (the change-log stream,
+  agent.runtime.replication) are long-lived: they give back their sync
+  slot, run without the session deadline, and cap and time themselves.
 * Interrupting a session at any point is safe: received items are applied in
   whole batches by last-writer-wins, and applying an item twice is a no-op.
 * With cluster keys, both ends of every connection run the stream handshake
@@ -247,8 +247,6 @@ async def sync_once(store: Store, host: str, port: int, name: str,
 #: a handler for connections whose first frame starts with its byte: it gets
 #: the connection and that frame, and must bound its own time and memory
 Route = Callable[[Framed, bytes], Awaitable[None]]
-#: the largest first frame any route accepts (a membership push-pull)
-FIRST_MAX_FRAME = (1 << 20) + 1024
 
 
 async def handle_connection(store: Store, conn: Framed, stats: dict[str, int],
@@ -262,8 +260,7 @@ async def handle_connection(store: Store, conn: Framed, stats: dict[str, int],
     and time themselves. Errors are logged, not raised."""
     try:
         with anyio.fail_after(SESSION_TIMEOUT) as scope:
-            first = await _receive_first(conn, FIRST_MAX_FRAME if routes or streams
-                                         else HELLO_MAX_FRAME)
+            first = await _receive_first(conn, HELLO_MAX_FRAME)
             stream = (streams or {}).get(first[0]) if first else None
             if stream is not None:
                 scope.deadline = math.inf
@@ -278,8 +275,6 @@ async def handle_connection(store: Store, conn: Framed, stats: dict[str, int],
                     return
                 await route(conn, first)
                 return
-            if len(first) > HELLO_MAX_FRAME:
-                raise ProtocolError(f"HELLO of {len(first)} bytes")
             hello = frames.decode(first)
             if not isinstance(hello, Hello):
                 raise ProtocolError("expected HELLO")
