@@ -66,9 +66,9 @@ class Config:
     data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
     interval: float = 1.0
     ttl: float = 30.0
-    suspect_intervals: float = 5.0
+    suspect_intervals: int = 4
     fanout: int = 3
-    max_peers: int = 1024
+    max_peers: int = 4096
     node_name: str = field(default_factory=socket.gethostname)
     log_level: str = "INFO"
     log_format: str = "text"
@@ -105,11 +105,6 @@ class Config:
     etcd: tuple[str, ...] = ()
     #: seconds of the etcd lease a leader holds its term with
     etcd_ttl: int = 5
-
-    @property
-    def suspect_after(self) -> float:
-        """Seconds without heartbeat progress before a peer is reported unhealthy."""
-        return self.suspect_intervals * self.interval
 
     @property
     def effective_sync_port(self) -> int:
@@ -410,13 +405,16 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec("data_dir", _path, "$STATE_DIRECTORY or ~/.local/state/hs-gossip",
                   "state directory: identity, database, peer snapshot"),
         FieldSpec("interval", _positive_float(0.05, 60), "1.0",
-                  "heartbeat interval in seconds (fractions allowed)"),
+                  "probe period in seconds: each agent probes one member per period"),
         FieldSpec("ttl", _positive_float(0.5, 86400), "30",
-                  "seconds without news of a peer before it is dropped"),
-        FieldSpec("suspect_intervals", _positive_float(1, 1000), "5",
-                  "missed intervals before a peer is reported unhealthy"),
-        FieldSpec("fanout", _int_range(1, 16), "3", "peers each heartbeat is sent to"),
-        FieldSpec("max_peers", _int_range(2, 100000), "1024", "cap on the peer table"),
+                  "seconds a peer not confirmed alive (suspect or failed) stays listed"),
+        FieldSpec("suspect_intervals", _int_range(1, 100), "4",
+                  "suspicion multiplier: a suspect is failed after at least "
+                  "SUSPECT_INTERVALS x log10(N) intervals unless it refutes"),
+        FieldSpec("fanout", _int_range(1, 16), "3",
+                  "members each gossip round goes to (every 0.2 s, only while there is news)"),
+        FieldSpec("max_peers", _int_range(2, 100000), "4096",
+                  "cap on the member table (every status)"),
         FieldSpec("node_name", _name, "(hostname)", "human-readable name of this agent"),
         FieldSpec("log_level", _log_level, "info", "debug, info, warning, error"),
         FieldSpec("log_format", _choice("text", "json"), "text",
@@ -578,12 +576,11 @@ def load(
     cfg = Config(**values)
     check_api_exposure(cfg)
     check_replication(cfg)
-    if cfg.ttl <= cfg.suspect_after:
+    if cfg.ttl <= 2 * cfg.interval:
         warnings.append(
-            f"{PREFIX}TTL={cfg.ttl:g} is not above the unhealthy threshold "
-            f"({cfg.suspect_after:g}s = SUSPECT_INTERVALS x INTERVAL): "
-            "peers are dropped without first showing as unhealthy"
-        )
+            f"{PREFIX}TTL={cfg.ttl:g} is not above two probe intervals "
+            f"({2 * cfg.interval:g}s): suspects are dropped before most of the swarm "
+            "has probed them")
     return cfg, warnings
 
 

@@ -147,7 +147,7 @@ class Agent:
     def __post_init__(self) -> None:
         cfg = self.cfg
         params = Params(
-            probe_interval=cfg.interval, suspicion_mult=round(cfg.suspect_intervals), ttl=cfg.ttl,
+            probe_interval=cfg.interval, suspicion_mult=cfg.suspect_intervals, ttl=cfg.ttl,
             gossip_fanout=cfg.fanout, max_members=cfg.max_peers,
         )
         me = SelfInfo(
