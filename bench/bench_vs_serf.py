@@ -557,6 +557,8 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # even when started with SIGINT ignored (a background job of a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     reg = Registry()
     loop: list[dict[str, Any]] = []
     loss: list[dict[str, Any]] = []
