@@ -95,6 +95,10 @@ from agent.core.swim.params import Params
 from agent.core.swim.table import EPS, LC_STEP, NACK_FRACTION, Table
 from agent.core.wire import JS_SAFE, Digest
 
+#: direct pings re-sent after the probe timeout (at the timeout, and halfway
+#: from there to the end of the period)
+DIRECT_RETRIES = 2
+
 
 @dataclass
 class _Probe:
@@ -107,6 +111,9 @@ class _Probe:
     expected_nacks: int = 0
     nacks: int = 0
     done: bool = False
+    #: direct pings re-sent so far, and when the period ends
+    retries: int = 0
+    end: float = 0.0
 
 
 @dataclass
@@ -132,6 +139,7 @@ class Swim(Table):
         self._next_push_pull = math.inf
         self._next_join = math.inf
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._announced = False
         self._out: list[Send] = []
         self._push_pulls: list[PushPull] = []
 
@@ -405,7 +413,7 @@ class Swim(Table):
         if m is None:
             return
         seq = self._next_seq()
-        self._probe = _Probe(seq, m.node_id, m.addr, m.incarnation)
+        self._probe = _Probe(seq, m.node_id, m.addr, m.incarnation, end=now + interval)
         self._send(m.addr, codec.PING, m, seq=seq, target=m.node_id)
         self.stats["probes"] += 1
         self._timer(now + self._aware.scale(self.params.probe_timeout),
@@ -420,18 +428,27 @@ class Swim(Table):
             self._send(relay.requester, codec.NACK, None, seq=relay.seq)
             return
         pr = self._probe
-        if pr is None or pr.seq != seq or pr.acked or pr.done or pr.indirect:
+        if pr is None or pr.seq != seq or pr.acked or pr.done:
+            return
+        target = self.members.get(pr.node_id)
+        if pr.indirect:
+            # Halfway to the period's end: one last direct try.
+            if pr.retries < DIRECT_RETRIES:
+                pr.retries += 1
+                self._send(pr.addr, codec.PING, target, seq=seq, target=pr.node_id)
             return
         pr.indirect = True
-        target = self.members.get(pr.node_id)
         helpers = self._random_members(self.params.indirect_checks, exclude=pr.node_id,
                                        statuses=(ALIVE,))
         for h in helpers:
             self._send(h.addr, codec.PING_REQ, h, seq=seq, target=pr.node_id,
                        target_addr=pr.addr)
         pr.expected_nacks = len(helpers)
-        # One more direct try: cheap, and it saves the probe under plain loss.
+        # One more direct try now and one later: cheap, and under plain loss
+        # they save most probes that would otherwise end in a suspicion.
+        pr.retries = 1
         self._send(pr.addr, codec.PING, target, seq=seq, target=pr.node_id)
+        self._timer(now + (pr.end - now) / 2, TimerKind.PROBE_TIMEOUT, seq)
 
     def _finish_probe(self, now: float) -> None:
         pr = self._probe
@@ -481,6 +498,19 @@ class Swim(Table):
             return
         if self._merge_state(data, src, now) and src in self._seeds:
             self.seeds_reached = True
+            if not self._announced:
+                self._announce()
+
+    def _announce(self) -> None:
+        """Once, when the first seed answered with its table: our ALIVE straight
+        to every member (as leave tells every member), so members that gossip
+        passes by under loss still learn of us at once. O(N), once per start."""
+        self._announced = True
+        item = codec.encode_update(self._own_alive())
+        for m in self.members.values():
+            if m.status in (ALIVE, SUSPECT):
+                self._send(m.addr, codec.GOSSIP, m, first=[item], piggyback=False)
+        self.stats["announced"] += 1
 
     def push_pull_failed(self, addr: Addr, now: float) -> None:
         self._now = now
@@ -571,7 +601,8 @@ class Swim(Table):
 
     def _send(self, addr: Addr, ptype: int, to: Member | None, seq: int = 0,
               target: bytes = b"", target_addr: Addr | None = None,
-              first: Sequence[bytes] = (), ask: bool = False) -> None:
+              first: Sequence[bytes] = (), ask: bool = False,
+              piggyback: bool = True) -> None:
         """One datagram to ``addr`` (member ``to`` if known), carrying our card,
         ``first`` and as many queued updates as fit."""
         now = self._now
@@ -589,7 +620,8 @@ class Swim(Table):
         n = len(self.members) + 1
         card = Card(self.me.node_id, self.me.incarnation, self.lc, self.dhash)
         packet = Packet(ptype, card, want, (), seq, target, target_addr)
-        data = codec.assemble(packet, lambda room: self._bq.take(room, n), items)
+        take = (lambda room: self._bq.take(room, n)) if piggyback else None
+        data = codec.assemble(packet, take, items)
         self._out.append(Send(addr, data))
         self.stats["datagrams_out"] += 1
         self.stats["bytes_out"] += len(data)

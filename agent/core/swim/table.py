@@ -264,6 +264,11 @@ class Table:
 
     def _set_status(self, m: Member, status: int, now: float, incarnation: int) -> None:
         m.incarnation = incarnation
+        if m.status == ALIVE and status != ALIVE:
+            # ALIVE with nobody doubting it counts as confirmed alive: we hear
+            # directly from most members only every N periods or so, so the
+            # ttl runs from when it stopped being ALIVE here.
+            m.last_alive = max(m.last_alive, now)
         if status != m.status:
             m.status = status
             m.status_since = now
