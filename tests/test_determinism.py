@@ -3,13 +3,13 @@ and without it each start draws its own."""
 
 from __future__ import annotations
 
-import random
+import heapq
 import uuid
 from pathlib import Path
 
 from agent.config import Config, load
 from agent.core.addr import Addr
-from agent.core.membership import Membership, Params, SelfInfo
+from agent.core.swim import Timer, codec
 from agent.runtime.agent import Agent
 from agent.runtime.identity import Identity
 from agent.runtime.rng import Seed
@@ -29,33 +29,36 @@ def test_child_rngs_are_stable_independent_and_not_python_hash() -> None:
     assert Seed(42).rng_for("membership").getrandbits(32) == 1238920765
 
 
-def _peers(n: int) -> list[tuple[bytes, Addr]]:
-    """Heartbeats from n other agents that have us as their seed."""
-    out = []
-    for i in range(2, n + 2):
-        peer = Membership(SelfInfo(bytes([i]) * 16, 1, f"p{i}", 7946, 0), Params(),
-                          random.Random(i), now=0.0)
-        peer.set_seeds([ME])
-        peer.tick(0.0)
-        (data, dest), = peer.take_outgoing()
-        assert dest == ME
-        out.append((data, (f"10.0.0.{i}", 7946)))
-    return out
+def _hello(i: int) -> tuple[bytes, Addr]:
+    """Agent i introduces itself: a GOSSIP datagram carrying its own ALIVE."""
+    addr: Addr = (f"10.0.0.{i}", 7946)
+    nid = bytes([i]) * 16
+    card = codec.Card(nid, 1, 0, codec.digest_hash(()))
+    alive = codec.Alive(nid, 1, addr[0], addr[1], 0, name=f"p{i}")
+    return codec.encode_packet(codec.Packet(codec.GOSSIP, card, updates=(alive,))), addr
 
 
-def _choices(cfg: Config, rounds: int = 20) -> list[list[Addr]]:
-    """Where an agent's core sends its heartbeats, round after round."""
-    agent = Agent(cfg, IDENT)
-    core = agent.core
-    for data, src in _peers(20):
-        core.receive(data, src, 0.0)
-        core.take_outgoing()
+def _choices(cfg: Config, seconds: float = 10.0) -> list[tuple[float, int, Addr]]:
+    """What an agent's core sends where and when, with 20 members that never
+    answer: probe order, indirect-probe helpers and gossip targets are its
+    random choices."""
+    core = Agent(cfg, IDENT).core
+    core.start(0.0, [])
+    for i in range(2, 22):
+        core.receive(*_hello(i), now=0.0)
     assert len(core.members) == 20
-    out = []
-    for r in range(1, rounds + 1):
-        core.tick(r * 0.1)
-        out.append([dest for _, dest in core.take_outgoing()])
-    return out
+    heap: list[tuple[float, int, Timer]] = []
+    out: list[tuple[float, int, Addr]] = []
+    now, n = 0.0, 0
+    while True:
+        for t in core.take_timers():
+            n += 1
+            heapq.heappush(heap, (t.deadline, n, t.timer))
+        out += [(now, s.data[1], s.addr) for s in core.take_outgoing()]
+        if not heap or heap[0][0] > seconds:
+            return out
+        now, _, timer = heapq.heappop(heap)
+        core.handle_timer(timer, now)
 
 
 def test_agents_with_one_seed_make_identical_choices(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from agent.config import ConfigError, load
 from agent.core import wire
-from agent.core.membership import Membership, Params, SelfInfo
+from agent.core.swim import Params, SelfInfo, Swim, codec
 from agent.net import keyring
 from agent.net.replay import ReplayTable
 from agent.net.seal import HEADER, OVERHEAD, SEALED_VERSION, Cleartext, Kind, Sealed
@@ -264,36 +264,33 @@ def test_boot_epoch_grows_on_every_start_and_is_saved_first(tmp_path: Path) -> N
 # --- sender binding in the core ---------------------------------------------------
 
 
-def _core(node: bytes) -> Membership:
-    return Membership(SelfInfo(node_id=node, incarnation=1, name="n", port=7000, http_port=0),
-                      Params(interval=1.0, suspect_after=5.0, ttl=30.0, fanout=3,
-                             max_peers=64), random.Random(1), now=0.0)
+def _core(node: bytes) -> Swim:
+    return Swim(SelfInfo(node_id=node, incarnation=1, name="n", port=7000, http_port=0),
+                Params(max_members=64), random.Random(1), now=0.0)
 
 
-def _entry(node: bytes, status: int = wire.ALIVE) -> wire.Entry:
-    return wire.Entry(node, 1, 5, status, "127.0.0.9", 7000, 8000, 0)
+def _datagram(ptype: int, card: bytes, *news: bytes) -> bytes:
+    """A datagram whose card names ``card``, carrying ALIVE news of ``news``."""
+    return codec.encode_packet(codec.Packet(
+        ptype, codec.Card(card, 1, 1, codec.digest_hash(())),
+        updates=tuple(codec.Alive(n, 1, "127.0.0.9", 7000, 8000) for n in news)))
 
 
 def test_core_refuses_a_message_speaking_for_another_node() -> None:
     core = _core(B)
     other = uuid.uuid4().bytes
-    hb = wire.encode(wire.Heartbeat(_entry(other), "x", 1, (), (_entry(uuid.uuid4().bytes),)))
-    core.receive(hb, ("127.0.0.9", 7000), 1.0, sender=A)
-    assert core.stats["drop_sender_mismatch"] == 1 and not core.members
-    leave = wire.encode(wire.Leave(_entry(other, wire.LEFT)))
-    core.receive(leave, ("127.0.0.9", 7000), 1.0, sender=A)
-    state = wire.encode(wire.State(other, (_entry(uuid.uuid4().bytes),)))
-    core.receive(state, ("127.0.0.9", 7000), 1.0, sender=A)
-    assert core.stats["drop_sender_mismatch"] == 3 and not core.members
-    # Its own heartbeat, carrying news of others: accepted, others are gossip.
+    src = ("127.0.0.9", 7000)
+    core.receive(_datagram(codec.GOSSIP, other, other, uuid.uuid4().bytes), src, 1.0, sender=A)
+    assert core.stats["sender_mismatch"] == 1 and not core.members
+    core.receive(_datagram(codec.LEAVE2, other), src, 1.0, sender=A)
+    assert core.stats["sender_mismatch"] == 2 and not core.members
+    # Its own datagram, carrying news of others: accepted, others are gossip.
     third = uuid.uuid4().bytes
-    hb = wire.encode(wire.Heartbeat(_entry(A), "a", 1, (), (_entry(third),)))
-    core.receive(hb, ("127.0.0.9", 7000), 1.0, sender=A)
+    core.receive(_datagram(codec.GOSSIP, A, A, third), src, 1.0, sender=A)
     assert set(core.members) == {A, third}
     # Keyless: nothing is authenticated, nothing is bound.
     keyless = _core(B)
-    keyless.receive(wire.encode(wire.Heartbeat(_entry(other), "x", 1, (), ())),
-                    ("127.0.0.9", 7000), 1.0)
+    keyless.receive(_datagram(codec.GOSSIP, other, other), src, 1.0)
     assert set(keyless.members) == {other}
 
 

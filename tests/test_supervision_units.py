@@ -17,7 +17,7 @@ import pytest
 import trio.testing
 
 from agent.config import Config, ConfigError, load_reloadable
-from agent.core.membership import Member, Membership, Params, SelfInfo
+from agent.core.swim import ALIVE, DEAD, LEFT, SUSPECT, Member, Params, SelfInfo, Swim, codec
 from agent.face import api, metrics
 from agent.net import discovery
 from agent.runtime import snapshot
@@ -25,7 +25,7 @@ from agent.runtime.agent import Agent
 from agent.runtime.identity import Identity
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.supervision import systemd_loop, tick_is_recent
-from agent.runtime.view import AgentView, build_view
+from agent.runtime.view import AgentView, build_view, member_rows
 
 
 def test_notifier_abstract_socket_and_watchdog_settings() -> None:
@@ -137,17 +137,23 @@ def test_watchdog_pings_from_the_start_and_stop_when_ticks_stop() -> None:
 # --- the agent's view -------------------------------------------------------------
 
 
-def one_healthy_one_not(core: Membership) -> None:
-    for i, healthy in ((1, True), (2, False)):
-        nid = bytes([i]) * 16
-        core.members[nid] = Member(nid, incarnation=1, heartbeat=5, host=f"10.0.0.{i}",
-                                   port=7946, http_port=50050, role=0, last_progress=90.0,
-                                   name=f"n{i}", healthy=healthy)
+def member(i: int, status: int, since: float = 90.0) -> Member:
+    nid = bytes([i]) * 16
+    empty = codec.digest_hash(())
+    return Member(nid, incarnation=1, status=status, host=f"10.0.0.{i}", port=7946,
+                  http_port=50050, sync_port=7946, role=0, name=f"n{i}", lc=0, dhash=empty,
+                  digests=(), app_healthy=None, status_since=since, last_alive=since)
 
 
-def a_core() -> Membership:
+def one_healthy_one_not(core: Swim) -> None:
+    for i, status in ((1, ALIVE), (2, SUSPECT)):
+        m = member(i, status)
+        core.members[m.node_id] = m
+
+
+def a_core() -> Swim:
     me = SelfInfo(node_id=bytes(16), incarnation=3, name="me", port=7946, http_port=50050)
-    core = Membership(me, Params(), random.Random(1), now=100.0)
+    core = Swim(me, Params(), random.Random(1), now=100.0)
     one_healthy_one_not(core)
     return core
 
@@ -161,14 +167,47 @@ def test_view_is_a_frozen_snapshot() -> None:
         v.peers[1].healthy = True  # type: ignore[misc]
     assert isinstance(v.peers, tuple) and isinstance(v.counters, tuple)
     # What happens to the agent afterwards does not show in a view taken before.
-    core.members[bytes([2]) * 16].healthy = True
+    core.members[bytes([2]) * 16].status = ALIVE
     del core.members[bytes([1]) * 16]
-    core.stats["heartbeats_in"] += 1
+    core.stats["probes"] += 1
     assert (v.peer_count, v.healthy_peers) == (2, 1)
     assert [p.healthy for p in v.peers] == [True, False]
     assert v.counters == ()
     # Last seen: monotonic 90 is 10 s before monotonic 100, i.e. wall 1010.
     assert v.peers[0].last_seen_secs == 1000 and v.uptime == 10.0
+
+
+def test_peers_list_alive_suspect_and_dead_members_not_left_ones() -> None:
+    """/api/swarm/peers: healthy only while ALIVE; a member that left is gone
+    at once; suspect and dead ones stay listed, unhealthy, until dropped."""
+    core = a_core()
+    for m in (member(3, DEAD), member(4, LEFT)):
+        core.members[m.node_id] = m
+    v = build_view(core, started_wall=0.0, wall_now=0.0, mono_now=100.0)
+    assert [(p.name, p.healthy) for p in v.peers] == [
+        ("n1", True), ("n2", False), ("n3", False)]
+    assert (v.peer_count, v.healthy_peers) == (3, 1)
+
+
+def test_members_list_everyone_in_their_status_ourselves_first() -> None:
+    """/api/swarm/members and `hs-gossip members`, as `serf members` does:
+    every member including this agent and those that left, with status,
+    address, incarnation, role and how long it has been in that status."""
+    core = a_core()
+    for m in (member(3, DEAD, since=70.0), member(4, LEFT, since=95.0)):
+        core.members[m.node_id] = m
+    rows = member_rows(core, 100.0, self_host="10.0.0.9", http_port=50050, uptime=42.0)
+    assert [(r.name, r.status, r.addr, r.age_secs, r.is_self) for r in rows] == [
+        ("me", "alive", "10.0.0.9:7946", 42.0, True),
+        ("n1", "alive", "10.0.0.1:7946", 10.0, False),
+        ("n2", "suspect", "10.0.0.2:7946", 10.0, False),
+        ("n3", "dead", "10.0.0.3:7946", 30.0, False),
+        ("n4", "left", "10.0.0.4:7946", 5.0, False),
+    ]
+    assert (rows[0].incarnation, rows[1].incarnation, rows[1].role) == (3, 1, "Edge")
+    core.leave(100.0)
+    assert member_rows(core, 100.0, self_host="10.0.0.9", http_port=50050,
+                       uptime=42.0)[0].status == "left"
 
 
 def test_peers_json_keeps_its_shape() -> None:

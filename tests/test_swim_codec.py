@@ -115,7 +115,7 @@ GOOD = [A, 1, 2, b"h" * 8, 0, [], 7, B]
     (b"\x01\x0a", DropReason.DECODE_TRUNCATED),
     (b"\x09" + body(GOOD)[1:], DropReason.DECODE_VERSION),
     (body(GOOD, ptype=99), DropReason.DECODE_TYPE),
-    (body(GOOD, ptype=wire.HEARTBEAT), DropReason.DECODE_TYPE),
+    (body(GOOD, ptype=wire.RETIRED_TYPES[0]), DropReason.DECODE_TYPE),
     (body(GOOD) + b"\x00" * 2000, DropReason.DECODE_TOO_BIG),
     (body(GOOD) + b"\x00", DropReason.DECODE_FIELD),  # trailing bytes
     (b"\x01\x0a\xc1\xc1\xc1", DropReason.DECODE_FIELD),  # not msgpack

@@ -5,7 +5,7 @@ remote items are refused, so that a purged delete cannot be undone by an old
 copy arriving later. An agent raises a horizon in two cases only:
 
 * **Settle**: it knows at least one peer, every peer it knows is healthy, and
-  every one of them reported in its last heartbeat the same ``state_hash`` for
+  every one of them last advertised (in its digests) the same ``state_hash`` for
   the collection as its own: every replica in sight holds exactly the same
   items, tombstones included. The horizon becomes ``now -
   HS_GOSSIP_TOMBSTONE_GRACE``: only tombstones older than the grace go.

@@ -11,8 +11,8 @@ the agent touches datagram bytes between the codec and the socket.
   and drops it; the seal counts it by cause in ``refused``.
 * ``sender(plaintext)`` is the node_id that authenticated the plaintext the
   last ``open`` returned (None when keyless: nothing is authenticated). The
-  runtime hands it to the membership core, which refuses a message whose own
-  entry names another node.
+  runtime hands it to the membership core, which refuses a datagram whose
+  card names another node.
 * ``kind`` says which socket is asking; it is associated data, so a sealed
   discovery beacon can never be opened as gossip.
 
