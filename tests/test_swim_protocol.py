@@ -419,3 +419,16 @@ def test_a_member_we_rarely_hear_from_directly_is_not_dead_when_first_suspected(
     assert net.status(1, i) == SUSPECT
     net.run(net.params.suspicion_min)
     assert net.status(1, i) == SUSPECT
+
+
+def test_members_that_joined_together_catch_up_by_push_pull() -> None:
+    net = Net(seed=18)
+    net.add(1)
+    # Probes get through, news does not: only a push-pull can tell 2 of 3.
+    net.drop = lambda s, d, data: bool(codec.decode_packet(data).updates)
+    net.add(2, seeds=[1])
+    net.add(3, seeds=[1])  # 1's table already holds 2, so 3 knows 2; 2 misses 3
+    late = net.core(3).me.node_id
+    assert late not in net.core(2).members
+    took = net.run_until(lambda: late in net.core(2).members, timeout=20)
+    assert took <= net.params.join_catch_up + 0.1

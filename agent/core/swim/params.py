@@ -46,6 +46,10 @@ class Params:
     #: members (x ceil(log2(N/32)) + 1) so the swarm's total stays flat.
     #: Shorter repairs lost gossip sooner and costs a whole table per exchange.
     push_pull_interval: float = 30.0
+    #: one early push-pull this long after the first seed answered: members
+    #: that joined at the same time are missing from each other's seed tables
+    #: and would otherwise wait for gossip or the next full push-pull.
+    join_catch_up: float = 5.0
     #: a member not alive and not confirmed alive for ttl is removed; its
     #: tombstone stays another ttl (HS_GOSSIP_TTL)
     ttl: float = 30.0

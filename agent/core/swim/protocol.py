@@ -506,6 +506,13 @@ class Swim(Table):
         to every member (as leave tells every member), so members that gossip
         passes by under loss still learn of us at once. O(N), once per start."""
         self._announced = True
+        # Members that joined at about the same time missed each other in
+        # their seeds' tables and rely on gossip; one early push-pull with a
+        # random member catches up with whatever gossip lost meanwhile.
+        catch_up = self._now + self.params.join_catch_up
+        if catch_up < self._next_push_pull:
+            self._next_push_pull = catch_up
+            self._timer(catch_up, TimerKind.PUSH_PULL)
         item = codec.encode_update(self._own_alive())
         for m in self.members.values():
             if m.status in (ALIVE, SUSPECT):
