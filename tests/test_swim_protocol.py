@@ -202,19 +202,40 @@ def test_lifeguard_awareness_rises_when_we_are_the_sick_one() -> None:
 
 def test_digest_change_reaches_member_that_never_probes_the_owner() -> None:
     net = swarm(seed=10)
+    net.run(20)
     clear_events(net)
     a1, a5 = addr_of(1), addr_of(5)
-    net.drop = lambda s, d, _: {s, d} == {a1, a5}
+    # Member 5 and the owner exchange nothing; the owner's bare probes (its
+    # card alone) reach no one: only its broadcast can spread the change.
+    net.drop = lambda s, d, data: {s, d} == {a1, a5} or (
+        s == a1 and not codec.decode_packet(data).updates)
     digests = (Digest("items", b"x" * 32, 7, 0),)
     net.core(1).set_digests(digests)
     net._drain(a1)
     owner = net.core(1).me.node_id
     took = net.run_until(lambda: all(
         net.core(i).members[owner].digests == digests for i in ALL if i != 1), timeout=10)
-    # Gossiped within a few gossip rounds: sooner than the owner's next probe
-    # could carry its new card (and member 5 never hears the owner at all).
     assert took < 0.8 * net.params.probe_interval
     assert DigestsChanged(owner) in net.events[a5]
+
+
+def test_a_member_we_missed_is_learned_when_it_speaks_to_us() -> None:
+    net = swarm(n=3, seed=19)
+    net.run(20)
+    a1 = addr_of(1)
+    # Member 1 misses every piece of news about the newcomer (gossip, its
+    # announcement, push-pulls); later only datagrams pass.
+    net.drop = lambda s, d, data: d == a1 and bool(codec.decode_packet(data).updates)
+    net.block_push_pull = lambda s, d: a1 in (s, d)
+    net.add(4, seeds=[2])
+    new = net.core(4).me.node_id
+    net.run(3)
+    assert new not in net.core(1).members
+    net.drop = None
+    took = net.run_until(lambda: new in net.core(1).members, timeout=15)
+    # The newcomer's probe of 1 is answered with a request for its card.
+    assert took < 2 * 3 * net.params.probe_interval
+    assert net.core(1).members[new].addr == addr_of(4)
 
 
 def test_card_mismatch_fetches_the_full_digest_list() -> None:
