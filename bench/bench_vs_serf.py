@@ -31,9 +31,10 @@ drop that share of every packet arriving on each host's link (nftables
 agent twice a second. A false verdict is a transition, seen by one observer
 about one (live) member, into unhealthy (suspect/dead/healthy=false/absent)
 or failed (Serf ``failed``; hs-gossip ``dead``, or with only the peers API,
-absent or healthy=false). Serf's own log lines (memberlist "Suspect ... has
-failed", serf "EventMemberFailed") are counted too: they catch verdicts that
-flip back between two polls.
+absent or healthy=false). Serf's members list never says "suspect" (only
+alive/failed/left), so its ``false_unhealthy`` is always 0: compare
+suspicions through the log lines counted as ``log_suspect``/``log_failed``
+(see LOG_NEEDLES; they also catch verdicts that flip back between polls).
 
 Needs root (nftables, namespaces) and Serf (``apt-get install serf``).
 Everything it creates is removed on exit, Ctrl-C included.
@@ -287,6 +288,12 @@ def start(kind: str, reg: Registry, n: int, hosts: list[str], base: Path,
     return agents
 
 
+def drop_logs(base: Path) -> None:
+    """Remove a run's data and logs, unless it is failing (its error names them)."""
+    if sys.exc_info()[0] in (None, KeyboardInterrupt):
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def full(n: int) -> Callable[[Agent, dict[str, Verdict]], bool]:
     return lambda a, v: sum(1 for x in v.values() if x.alive) == n - 1
 
@@ -349,7 +356,7 @@ def run_loopback(kind: str, n: int, args: argparse.Namespace, reg: Registry,
         if counters is not None:
             run("nft", "delete", "table", "ip", counters.name)
             reg.tables.remove((None, f"ip {counters.name}"))
-    shutil.rmtree(base, ignore_errors=True)
+        drop_logs(base)
 
     def r(x: float | None, d: int = 2) -> float | None:
         return None if x is None else round(x, d)
@@ -364,6 +371,16 @@ def run_loopback(kind: str, n: int, args: argparse.Namespace, reg: Registry,
             "udp_Bps": round(udp_ip - IP_UDP_HEADERS * udp_pps),
             "udp_ip_Bps": round(udp_ip), "udp_pps": r(udp_pps), "tcp_ip_Bps": round(tcp_ip),
             "idle_s": round(window, 1)}
+
+
+#: log lines that mark a suspicion and a failed verdict, per system. Serf:
+#: memberlist logs only the suspicions its own probes start (not those heard
+#: through gossip), serf one EventMemberFailed per observer. hs-gossip: one
+#: line per observer for every suspicion and failure, heard or not.
+LOG_NEEDLES = {
+    SERF: (("has failed, no acks",), ("EventMemberFailed",)),
+    HSG: (("suspected (probes unanswered)",), ("failed (suspicion not refuted)",)),
+}
 
 
 def log_count(agents: list[Agent], offsets: dict[str, int], needles: tuple[str, ...]) -> int:
@@ -417,14 +434,13 @@ def run_loss(kind: str, pct: int, lan: Lan, args: argparse.Namespace,
                     state[(a.name, other)] = v
             time.sleep(args.loss_step)
         arrived, dropped = lan.loss_counts()
-        logs: dict[str, int | None] = {"log_suspect": None, "log_failed": None}
-        if kind == SERF:
-            logs = {"log_suspect": log_count(agents, offsets, ("has failed, no acks",)),
-                    "log_failed": log_count(agents, offsets, ("EventMemberFailed",))}
+        needles = LOG_NEEDLES[kind]
+        logs = {"log_suspect": log_count(agents, offsets, needles[0]),
+                "log_failed": log_count(agents, offsets, needles[1])}
     finally:
         stop(agents, reg)
         lan.set_loss(0)
-    shutil.rmtree(base, ignore_errors=True)
+        drop_logs(base)
     return {"system": kind, "agents": n, "loss_pct": pct, "source": agents[0].source,
             "window_s": args.loss_window,
             "measured_drop_pct": round(100 * dropped / arrived, 1) if arrived else None,
