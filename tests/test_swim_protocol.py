@@ -453,3 +453,95 @@ def test_members_that_joined_together_catch_up_by_push_pull() -> None:
     assert late not in net.core(2).members
     took = net.run_until(lambda: late in net.core(2).members, timeout=20)
     assert took <= net.params.join_catch_up + 0.1
+
+
+def test_partition_heals_through_a_seed_retry_and_gossip() -> None:
+    net = Net(seed=20, params=dataclasses.replace(Params.lan(), ttl=4.0, join_retry_max=5.0))
+    side_a, side_b = [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]
+    for i in side_a:
+        net.add(i, seeds=[] if i == 1 else [1])
+    net.add(6, seeds=[1])
+    for i in side_b[1:]:
+        net.add(i, seeds=[6])  # their seed is on their own side
+    everyone = side_a + side_b
+    net.run_until(lambda: net.converged(everyone), timeout=30)
+    a = {addr_of(i) for i in side_a}
+    net.drop = lambda s, d, _: (s in a) != (d in a)
+    net.block_push_pull = lambda s, d: (s in a) != (d in a)
+    net.run(20)  # each side declared the other dead, reaped it, forgot the tombstones
+    assert all(net.status(1, j) is None for j in side_b)
+    net.drop = net.block_push_pull = None
+    # Only 6 retries a seed across; the table it pulls is news to its side,
+    # which it gossips on (as the seed gossips 6's table to side A).
+    took = net.run_until(lambda: net.converged(everyone), timeout=60)
+    assert took < net.params.join_retry_max + 3
+
+
+def test_a_member_reaped_as_dead_learns_it_and_refutes_when_it_returns() -> None:
+    net = swarm(n=4, seed=21, ttl=4.0, join_retry_max=2.0)
+    cut = addr_of(4)
+    net.drop = lambda s, d, _: cut in (s, d)
+    net.block_push_pull = lambda s, d: cut in (s, d)
+    back = net.core(4).me.node_id
+    net.run_until(lambda: all(net.core(i).tombstone(back) for i in (1, 2, 3)), timeout=20)
+    net.drop = net.block_push_pull = None
+    # Its ALIVE at the incarnation it was declared dead at is refused; it is
+    # told it is dead, refutes, and comes back at a higher incarnation.
+    net.run_until(lambda: net.converged([1, 2, 3, 4]), timeout=10)
+    assert net.core(4).me.incarnation == 1
+    assert all(net.core(i).members[back].incarnation == 1 for i in (1, 2, 3))
+
+
+def test_a_reaped_member_returning_through_push_pull_is_told_it_is_dead() -> None:
+    net = swarm(n=4, seed=22, ttl=10.0, join_retry_max=2.0)
+    cut = addr_of(4)
+    net.drop = lambda s, d, _: cut in (s, d)  # datagrams stay cut off
+    net.block_push_pull = lambda s, d: cut in (s, d)
+    back = net.core(4).me.node_id
+    net.run_until(lambda: all(net.core(i).tombstone(back) for i in (1, 2, 3))
+                  and net.status(4, 1) is None, timeout=40)
+    net.block_push_pull = None  # its seed retry gets through
+    net.run_until(lambda: net.core(4).me.incarnation == 1, timeout=5)
+    assert IncarnationRaised(1) in net.events[cut]
+
+
+class Timers:
+    """The timers one lone core asked for; runs only the kinds a test names."""
+
+    def __init__(self, core: Swim) -> None:
+        self.core, self.due, self.now = core, [], 0.0  # type: ignore[var-annotated]
+
+    def run(self, kinds: set[TimerKind], until: float) -> float:
+        while True:
+            self.due = sorted(self.due + [(t.deadline, i, t.timer) for i, t in
+                                          enumerate(self.core.take_timers(), len(self.due))])
+            ready = [d for d in self.due if d[2].kind in kinds and d[0] <= until]
+            if not ready:
+                return self.now
+            self.due.remove(ready[0])
+            self.now = max(self.now, ready[0][0])
+            self.core.handle_timer(ready[0][2], self.now)
+
+
+def test_alive_news_at_the_incarnation_we_hold_dead_makes_us_gossip_the_death_again() -> None:
+    core = lone_core()
+    core.receive_push_pull_reply(table(4), addr_of(2), 0.0)
+    victim = node_id_of(5)
+    card = Card(node_id_of(2), 0, 0, codec.digest_hash(()))
+    core.receive(codec.encode_packet(Packet(codec.GOSSIP, card, updates=(
+        Suspect(victim, 0, node_id_of(2)),))), addr_of(2), 0.0)
+    timers = Timers(core)
+    now = timers.run({TimerKind.SUSPECT_TIMEOUT}, 60.0)
+    assert core.members[victim].status == DEAD
+    now = timers.run({TimerKind.GOSSIP}, now + 30)  # the death has been told: queue empty
+    assert not core._bq
+    core.take_outgoing()
+    stale = Alive(victim, 0, addr_of(5)[0], 7946, 80, 0, 0, "n5")
+    card3 = Card(node_id_of(3), 0, 0, codec.digest_hash(()))
+    core.receive(codec.encode_packet(Packet(codec.GOSSIP, card3, updates=(stale,))),
+                 addr_of(3), now)
+    assert core.members[victim].status == DEAD
+    timers.run({TimerKind.GOSSIP}, now + 1)
+    told = [u for s in core.take_outgoing() for u in codec.decode_packet(s.data).updates
+            if isinstance(u, codec.Dead) and u.node_id == victim]
+    assert told

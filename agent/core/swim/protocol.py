@@ -72,6 +72,7 @@ Theory of operation (Das, Gupta, Motivala 2002; Lifeguard, Dadgar et al. 2018):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -140,6 +141,9 @@ class Swim(Table):
         self._next_join = math.inf
         self._buckets: dict[str, tuple[float, float]] = {}
         self._announced = False
+        #: a DEAD about the sender of the datagram (or push-pull) being handled
+        self._tell_dead = b""
+        self._dead_sender: codec.Entry | None = None
         self._out: list[Send] = []
         self._push_pulls: list[PushPull] = []
 
@@ -273,6 +277,13 @@ class Swim(Table):
         m = self._on_card(card, src, now, own)
         # A sender we do not know (its ALIVE passed us by): ask for its card.
         ask = m is None and p.type != codec.LEAVE2 and self._may_ask(src, now)
+        if ask:
+            # One we reaped as dead still speaking: tell it, so it refutes
+            # (its ALIVE at the same incarnation stays refused).
+            tomb = self._tombs.get(card.node_id)
+            if tomb is not None and tomb.status == DEAD and card.incarnation <= tomb.incarnation:
+                self._tell_dead = codec.encode_update(
+                    Dead(card.node_id, tomb.incarnation, self.me.node_id))
         replied = False
         if p.type == codec.PING:
             self._reply(codec.ACK, src, m, p.seq, p.want_digests, now, ask)
@@ -315,6 +326,9 @@ class Swim(Table):
                now: float, ask: bool = False) -> None:
         """A datagram back to ``addr``; asked for our card, ours goes first."""
         first: list[bytes] = []
+        if self._tell_dead:
+            first.append(self._tell_dead)
+            self._tell_dead = b""
         if wants and (m is None or now - m.digests_sent >= self.params.digests_answer_every):
             if m is not None:
                 m.digests_sent = now
@@ -487,16 +501,16 @@ class Swim(Table):
         if not self._admit(src[0], now):
             self._drop(DropReason.RATE_LIMITED)
             return None
-        if not self._merge_state(data, src, now):
+        if not self._merge_state(data, src, now, spread=self.joined):
             return None
         self.stats["push_pull_served"] += 1
-        return self._state_payload(join=False)
+        return self._state_payload(join=False, dead=self._dead_sender)
 
     def receive_push_pull_reply(self, data: bytes, src: Addr, now: float) -> None:
         self._now = now
         if self._leaving:
             return
-        if self._merge_state(data, src, now) and src in self._seeds:
+        if self._merge_state(data, src, now, spread=self.joined) and src in self._seeds:
             self.seeds_reached = True
             if not self._announced:
                 self._announce()
@@ -523,7 +537,12 @@ class Swim(Table):
         self._now = now
         self.stats["push_pull_failed"] += 1
 
-    def _merge_state(self, data: bytes, src: Addr, now: float) -> bool:
+    def _merge_state(self, data: bytes, src: Addr, now: float, spread: bool) -> bool:
+        """Merge a peer's table with the gossip rules. ALIVE members new to us
+        are gossiped on (``spread``) only once we were joined: a joiner's
+        first table is news to nobody, and re-gossiping it would flood the
+        swarm; later (a partition healing, gossip that missed us) it is news
+        to our side too."""
         try:
             state = codec.decode_state(data, self.params.max_members)
         except codec.SwimDecodeError as err:
@@ -539,6 +558,13 @@ class Swim(Table):
             self._drop(DropReason.FROM_SELF)
             return False
         self.stats["push_pull_merged"] += 1
+        tomb = self._tombs.get(sender)
+        self._dead_sender = None
+        if tomb is not None and tomb.status == DEAD and first.alive.incarnation <= tomb.incarnation:
+            # Reaped as dead here: our answer says so, so that it refutes.
+            self._dead_sender = codec.Entry(
+                dataclasses.replace(first.alive, incarnation=tomb.incarnation), DEAD, 0,
+                Digests(sender, 0, 0, codec.digest_hash(()), (), None))
         # A TCP peer is not authenticated as the member it names: it speaks
         # for it only from the member's known address (or as a new member).
         self._apply(first.alive, now, src=(src[0], first.alive.port))
@@ -549,19 +575,21 @@ class Swim(Table):
         for e in state.entries[1:]:
             nid, inc = e.alive.node_id, e.alive.incarnation
             if e.status == ALIVE:
-                self._apply(e.alive, now, spread=False)
+                self._apply(e.alive, now, spread=spread)
             elif e.status == LEFT:
                 self._apply(Left(nid, inc), now)
             elif nid in self.members or nid == self.me.node_id:
                 # A peer's DEAD is our SUSPECT (memberlist): we check for ourselves.
                 self._apply(e.alive, now, spread=False)
                 self._apply(Suspect(nid, inc, sender), now)
-            if e.status != LEFT:
+            if e.status != LEFT and nid in self.members:
                 self._apply(e.digests, now, spread=False)
         return True
 
-    def _state_payload(self, join: bool) -> bytes:
+    def _state_payload(self, join: bool, dead: codec.Entry | None = None) -> bytes:
         entries = [codec.Entry(self._own_alive(), ALIVE, self.lc, self._own_digests())]
+        if dead is not None:
+            entries.append(dead)
         for m in self.members.values():
             entries.append(codec.Entry(
                 self._alive_of(m), m.status, m.lc,

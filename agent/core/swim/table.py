@@ -24,9 +24,10 @@ Rules:
 * **Dead stays dead.** A non-ALIVE member not confirmed alive for ``ttl``
   is removed (MemberExpired); its tombstone (incarnation, status) stays
   another ``ttl``, and ALIVE news at or below it is refused
-  (DEAD_STAYS_DEAD). Tombstones are capped at ``max_members``, soonest due
-  dropped first. A departure of an unknown member is recorded only from its
-  own word.
+  (DEAD_STAYS_DEAD); ALIVE news at the very incarnation we hold it dead at
+  makes us gossip the DEAD again, so that a living member refutes.
+  Tombstones are capped at ``max_members``, soonest due dropped first. A
+  departure of an unknown member is recorded only from its own word.
 * **Bounded.** At most ``max_members`` members (TABLE_FULL beyond).
 * **Digests** are ordered by (incarnation, version): an older list never
   replaces a newer one; a new list is reported (DigestsChanged).
@@ -193,6 +194,8 @@ class Table:
     def _add(self, u: Alive, now: float, src: Addr | None, spread: bool) -> None:
         tomb = self._tombs.get(u.node_id)
         if tomb is not None and u.incarnation <= tomb.incarnation:
+            if tomb.status == DEAD and u.incarnation == tomb.incarnation:
+                self._dead_again(u.node_id, tomb.incarnation)
             return self._drop(DropReason.DEAD_STAYS_DEAD)
         host = u.host or (src[0] if src is not None else "")
         if not host or not u.port:
@@ -211,9 +214,20 @@ class Table:
         if spread:
             self._broadcast(m.node_id, codec.encode_update(self._alive_of(m)))
 
+    def _dead_again(self, node_id: bytes, incarnation: int) -> None:
+        """Others still spread M alive at the incarnation we hold it dead at:
+        gossip our verdict again. If M lives, it hears it and refutes (then
+        everyone takes its higher incarnation); if not, the others suspect it
+        and find out. Without this, a member declared dead across a healed
+        partition would stay unknown here until it happened to probe us."""
+        self._broadcast(node_id, codec.encode_update(
+            Dead(node_id, incarnation, self.me.node_id)))
+
     def _alive(self, m: Member, u: Alive, now: float, src: Addr | None, spread: bool) -> None:
         if u.incarnation == m.incarnation:
             if m.status in (DEAD, LEFT):
+                if m.status == DEAD:
+                    self._dead_again(m.node_id, m.incarnation)
                 self._drop(DropReason.DEAD_STAYS_DEAD)
             return
         was = m.status
