@@ -241,11 +241,20 @@ def test_metrics_parse_and_counters_move(swarm: Swarm) -> None:
 
     def moved() -> dict[str, float] | None:
         m = _metrics(b)
-        return m if m["hs_gossip_heartbeats_sent_total"] > first[
-            "hs_gossip_heartbeats_sent_total"] else None
+        return m if m["hs_gossip_probes_total"] > first["hs_gossip_probes_total"] else None
 
-    later = wait_for(moved, what="heartbeat counter to grow")
+    later = wait_for(moved, what="probe counter to grow")
     assert later["hs_gossip_peers{state=healthy}"] == 1
+    assert later["hs_gossip_members{status=alive}"] == 2  # itself and the seed
+    assert later["hs_gossip_members{status=suspect}"] == 0
+    assert later["hs_gossip_udp_sent_datagrams_total"] > first["hs_gossip_udp_sent_datagrams_total"]
+    # A healthy pair on loopback: every probe answered, nothing refuted.
+    assert later["hs_gossip_probes_failed_total"] == 0
+    assert later["hs_gossip_refutations_total"] == 0
+    # Every cause of refusal is exported, at zero before its first drop.
+    assert later["hs_gossip_dropped_datagrams_total{cause=sender_mismatch}"] == 0
+    assert later["hs_gossip_push_pull_started_total"] >= 1  # b joined through its seed
+    assert later["hs_gossip_push_pull_merged_total"] >= 1
     assert later["hs_gossip_udp_sent_bytes_total"] > first["hs_gossip_udp_sent_bytes_total"]
     assert later["hs_gossip_udp_received_bytes_total"] > 0
     assert later["hs_gossip_store_write_seconds_count"] >= 1

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from agent.core import wire
+from agent.core.swim import codec
 from agent.net import keyring
+from agent.net.seal import Kind, Sealed
 from tests.agents import AgentProc, Swarm, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
@@ -58,9 +59,71 @@ def udp(host: str = "127.0.0.1") -> socket.socket:
     return s
 
 
-def entry(node: bytes, hb: int = 10**6, inc: int = 10**6, status: int = wire.ALIVE,
-          host: str = "127.0.0.1", port: int = 9) -> wire.Entry:
-    return wire.Entry(node, inc, hb, status, host, port, 9, 0)
+def handshakes_refused(a: AgentProc) -> dict[str, int]:
+    return dict(a.get("/api/cluster/status")["sync_handshake_failures"])
+
+
+EMPTY = codec.digest_hash(())
+
+
+def swim(ptype: int, sender: bytes, *updates: codec.Update, inc: int = 1, seq: int = 1,
+         target: bytes = b"") -> bytes:
+    """A well-formed membership datagram (cleartext) whose card says ``sender``."""
+    card = codec.Card(sender, inc, 1, EMPTY)
+    return codec.encode_packet(codec.Packet(ptype, card, updates=updates, seq=seq,
+                                            target=target))
+
+
+def alive(node: bytes, host: str = "127.0.0.1", port: int = 9, inc: int = 1) -> codec.Alive:
+    return codec.Alive(node, inc, host, port, port, port, 0, "forged")
+
+
+def sealer(node_id: bytes, key: str, cluster: str = "default") -> Sealed:
+    """A stranger's seal for ``node_id``, first boot."""
+    return Sealed(keyring.build([base64.b64decode(key)], "test"), node_id, 1, cluster)
+
+
+def node(a: AgentProc) -> bytes:
+    return uuid.UUID(a.node_id).bytes
+
+
+class Relay:
+    """An on-path observer between two agents: bound at the address one of
+    them advertises (HS_GOSSIP_ADVERTISE), it forwards every datagram between
+    them unchanged and keeps a copy of those ``near`` sent. What a stranger
+    on the network can capture and replay, without any key."""
+
+    def __init__(self, bind: tuple[str, int], near: tuple[str, int],
+                 far: tuple[str, int]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(bind)
+        self.sock.settimeout(0.1)
+        self.near, self.far = near, far
+        self.captured: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, src = self.sock.recvfrom(65535)
+                if src == self.near:
+                    self.captured.append(data)
+                    self.sock.sendto(data, self.far)
+                elif src == self.far:
+                    self.sock.sendto(data, self.near)
+            except (TimeoutError, OSError):  # OSError: ICMP from a dead agent
+                continue
+
+    def capture(self, n: int, timeout: float = 10) -> list[bytes]:
+        wait_for(lambda: len(self.captured) >= n, timeout=timeout, what=f"{n} datagrams")
+        return self.captured[:n]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
 
 
 def test_keyed_swarms_never_list_strangers(tmp_path: Path) -> None:
@@ -90,10 +153,48 @@ def test_keyed_swarms_never_list_strangers(tmp_path: Path) -> None:
         assert st["encrypted"] is True and keyless.get("/api/cluster/status")["encrypted"] is False
         assert [k["fingerprint"] for k in st["keys"]] == [fingerprint(K1)]
         assert st["keys"][0]["primary"] and st["keys"][0]["peers"] == [b.node_id]
-        # Each kind of stranger shows up under its own cause, counted.
-        assert refused(a)["unknown_key"] > 0 and refused(a)["cleartext_refused"] > 0
-        assert refused(a)["bad_tag"] > 0  # same key, other cluster name: fails authentication
-        assert refused(keyless)["sealed_refused"] > 0
+        # Strangers meet over TCP first (joining is a push-pull with each
+        # seed): a's stream handshake refuses each kind under its own cause.
+        # Another key: unknown_key; keyless (cleartext push-pull): malformed;
+        # same key, other cluster name: the stranger finds a's proof bad and
+        # hangs up (closed).
+        wait_for(lambda: all(handshakes_refused(a).get(cause, 0) > 0
+                             for cause in ("unknown_key", "malformed", "closed")),
+                 what="each kind of stranger refused by a's stream handshake")
+        # Datagrams a stranger would send, a ping carrying its own card and
+        # ALIVE, are refused by the seal under their own cause, counted, and
+        # never answered.
+        tx = udp(s.host(6))
+        tx.settimeout(1)
+        strangers = ((K2, "default", "unknown_key"), (K1, "elsewhere", "bad_tag"),
+                     (None, "", "cleartext_refused"))
+        before = refused(a)
+        for key, cluster, _ in strangers:
+            me = uuid.uuid4().bytes
+            ping = swim(codec.PING, me, alive(me, s.host(6), tx.getsockname()[1]),
+                        target=node(a))
+            if key is not None:
+                ping = sealer(me, key, cluster).seal(ping, Kind.GOSSIP)
+            tx.sendto(ping, (a.host, a.gossip_port))
+        wait_for(lambda: all(refused(a).get(cause, 0) > before.get(cause, 0)
+                             for *_, cause in strangers), what="each stranger counted")
+        with pytest.raises(TimeoutError):
+            tx.recvfrom(65535)  # no ack
+        # The same cleartext ping is answered by a keyless agent (the pings
+        # are well formed: a's silence is its seal's), which in turn refuses
+        # a ping sealed with the right key.
+        me = uuid.uuid4().bytes
+        tx.sendto(swim(codec.PING, me, seq=77, target=node(keyless)),
+                  (keyless.host, keyless.gossip_port))
+        ack = codec.decode_packet(tx.recvfrom(65535)[0])
+        assert (ack.type, ack.seq, ack.card.node_id) == (codec.ACK, 77, node(keyless))
+        sealed_before = refused(keyless).get("sealed_refused", 0)
+        tx.sendto(sealer(me, K1).seal(swim(codec.PING, me, target=node(keyless)), Kind.GOSSIP),
+                  (keyless.host, keyless.gossip_port))
+        wait_for(lambda: refused(keyless).get("sealed_refused", 0) > sealed_before,
+                 what="the keyless agent refusing a sealed datagram")
+        tx.close()
+        assert ids(a) == {b.node_id} and ids(keyless) == {keyless2.node_id}
         metrics = run_cli("keys", "--api", f"127.0.0.1:{a.api_port}")
         assert metrics.returncode == 0 and fingerprint(K1) in metrics.stdout
         assert "primary" in metrics.stdout and b.node_id[:8] in metrics.stdout
@@ -107,43 +208,56 @@ def test_keyed_swarms_never_list_strangers(tmp_path: Path) -> None:
         s.stop_all()
 
 
-def capture(sniffer: socket.socket, n: int, timeout: float = 10) -> list[bytes]:
-    sniffer.settimeout(timeout)
-    return [sniffer.recvfrom(65535)[0] for _ in range(n)]
-
-
 def test_captured_datagrams_replayed_change_nothing(tmp_path: Path) -> None:
-    """A real sealed heartbeat of X, captured by pointing X's seeds at a test
-    socket, replayed to Y at once, while X is dead (no revival) and after X
-    restarted (an old epoch); forged datagrams from a keyless sender too."""
+    """Real sealed datagrams of X (its pings and gossip to Y), captured on the
+    path between them, replayed to Y at once, while X is dead (no revival)
+    and after X restarted (an old epoch); forged datagrams from a keyless
+    sender too."""
     s = Swarm(tmp_path, HS_GOSSIP_KEY=K1, HS_GOSSIP_TTL="30")
-    sniffer = udp(s.host(7))
+    # Y advertises the relay's address: X reaches Y through it.
+    relay = Relay((s.host(7), s.port), near=(s.host(1), s.port), far=(s.host(0), s.port))
     try:
-        y = s.add()
-        x = s.add([y], HS_GOSSIP_PEERS=f"{s.host(7)}:{sniffer.getsockname()[1]},{y.gossip_addr}")
-        caps = capture(sniffer, 3)
+        y = s.add(HS_GOSSIP_ADVERTISE=s.host(7))
+        x = s.add([y])
+        caps = relay.capture(3)
         assert all(c[0] == 0xA1 for c in caps)  # sealed, never cleartext
         wait_for(lambda: healthy_mesh([x, y]), what="x and y joined")
         tx = udp(s.host(6))
+        before = refused(y)
+
+        def replays() -> int:
+            now = refused(y)
+            return sum(now.get(k, 0) - before.get(k, 0) for k in ("replay", "stale"))
+
         for c in caps * 3:
             tx.sendto(c, (y.host, y.gossip_port))
-        wait_for(lambda: sum(refused(y).get(k, 0) for k in ("replay", "stale")) >= 6,
-                 what="replays counted")
+        # Y already opened each of them once (the relay delivered them): all
+        # nine copies are refused.
+        wait_for(lambda: replays() >= 9, what="replays counted")
         assert healthy_mesh([x, y])
 
         x.kill()
         wait_for(lambda: y.peers()[x.node_id]["healthy"] is False, timeout=10,
                  what="killed x unhealthy")
-        # Replaying its datagrams (and forging in cleartext) for 2 s revives nothing.
+        # Replaying its datagrams, and forging in cleartext X's own word at a
+        # higher incarnation (what would refute a suspicion), for 2 s revives
+        # nothing.
+        nx = node(x)
+        cleartext = refused(y).get("cleartext_refused", 0)
+        forged = [swim(codec.GOSSIP, nx, alive(nx, x.host, x.gossip_port, inc=10**6),
+                       inc=10**6),
+                  swim(codec.PING, nx, inc=10**6, target=node(y)),
+                  swim(codec.ACK, nx, inc=10**6, seq=1)]
+        sent = 0
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
-            for c in caps:
+            for c in caps + forged:
                 tx.sendto(c, (y.host, y.gossip_port))
-            forged = wire.encode(wire.Heartbeat(entry(uuid.UUID(x.node_id).bytes), "x", 10**9,
-                                                (), ()))
-            tx.sendto(forged, (y.host, y.gossip_port))
+            sent += len(forged)
             time.sleep(0.05)
             assert y.peers()[x.node_id]["healthy"] is False
+        wait_for(lambda: refused(y).get("cleartext_refused", 0) >= cleartext + sent,
+                 what="every forgery refused")
 
         inc_before = y.peers()[x.node_id]["incarnation"]
         x.start()
@@ -154,10 +268,11 @@ def test_captured_datagrams_replayed_change_nothing(tmp_path: Path) -> None:
         wait_for(lambda: refused(y).get("old_epoch", 0) >= old_epoch + 3,
                  what="old-epoch replays counted")
         assert y.peers()[x.node_id]["incarnation"] > inc_before
+        assert inc_before < 10**6 and y.peers()[x.node_id]["incarnation"] < 10**6
         assert healthy_mesh([x, y])
         tx.close()
     finally:
-        sniffer.close()
+        relay.close()
         s.stop_all()
 
 
@@ -171,26 +286,32 @@ def test_forgeries_from_a_keyless_sender_change_nothing(tmp_path: Path) -> None:
         tx = udp(s.host(6))
         before = refused(a).get("cleartext_refused", 0)
         sent = 0
-        nb = uuid.UUID(b.node_id).bytes
-        # LEAVE for a live member, heartbeats for an existing and an invented one
-        for msg in (wire.encode(wire.Leave(entry(nb, status=wire.LEFT, host=b.host,
-                                                 port=b.gossip_port))),
-                    wire.encode(wire.Heartbeat(entry(nb, host=b.host), "b", 10**9, (), ())),
-                    wire.encode(wire.Heartbeat(entry(uuid.uuid4().bytes), "fake", 1, (), ()))):
+        na, nb = node(a), node(b)
+        inc_a = a.get("/api/cluster/status")["incarnation"]
+        inc_b = a.peers()[b.node_id]["incarnation"]
+        # b's own word: a departure, and its death at a higher incarnation;
+        # a's suspicion and death (it would refute); an invented member.
+        for msg in (swim(codec.LEAVE2, nb, inc=inc_b),
+                    swim(codec.PING, nb, codec.Dead(nb, inc_b + 1, nb), inc=inc_b + 1,
+                         target=na),
+                    swim(codec.GOSSIP, nb, codec.Suspect(na, inc_a, nb),
+                         codec.Dead(na, inc_a, nb), inc=inc_b),
+                    swim(codec.GOSSIP, (fake := uuid.uuid4().bytes), alive(fake))):
             tx.sendto(msg, (a.host, a.gossip_port))
             sent += 1
-        # A flood of invented members, 30 per datagram, past the table cap.
+        # A flood of invented members, as many per datagram as fit, past the table cap.
         for i in range(40):
-            peers = tuple(entry(uuid.uuid4().bytes) for _ in range(30))
-            data = wire.encode_heartbeat(wire.Heartbeat(entry(uuid.uuid4().bytes), "f", 1, (),
-                                                        peers))[0]
-            tx.sendto(data, (a.host, a.gossip_port))
+            n = uuid.uuid4().bytes
+            invented = [alive(uuid.uuid4().bytes, port=1 + j) for j in range(30)]
+            tx.sendto(swim(codec.GOSSIP, n, alive(n), *invented), (a.host, a.gossip_port))
             sent += 1
             if i % 10 == 9:
                 time.sleep(0.05)
         wait_for(lambda: refused(a).get("cleartext_refused", 0) >= before + sent,
                  what="every forgery refused")
         assert ids(a) == {b.node_id, c.node_id} and healthy_mesh([a, b, c])
+        assert a.get("/api/cluster/status")["incarnation"] == inc_a
+        assert a.peers()[b.node_id]["incarnation"] == inc_b
         tx.close()
     finally:
         s.stop_all()
@@ -334,14 +455,18 @@ def test_a_flood_of_random_and_mutated_datagrams(tmp_path: Path) -> None:
     the same state and items on both agents, and the refusal counters account
     for every datagram the kernel delivered and every connection."""
     s = Swarm(tmp_path, HS_GOSSIP_KEY=K1)
-    sniffer = udp(s.host(7))
+    # a advertises the relay's address: b's datagrams to a cross it.
+    relay = Relay((s.host(7), s.port), near=(s.host(1), s.port), far=(s.host(0), s.port))
     try:
-        a = s.add()
-        b = s.add([a], HS_GOSSIP_PEERS=f"{a.gossip_addr},{s.host(7)}:{sniffer.getsockname()[1]}")
-        genuine = capture(sniffer, 2)
+        a = s.add(HS_GOSSIP_ADVERTISE=s.host(7))
+        b = s.add([a])
+        genuine = relay.capture(2)
         wait_for(lambda: healthy_mesh([a, b]), what="pair")
+        inc_a = a.get("/api/cluster/status")["incarnation"]
         batch = {"items": {f"k{i}": {"v": i} for i in range(50)}}
-        assert a.request("POST", "/api/collections/flooded/items", batch)[0] == 200
+        # Written on b: a (the flooded one) pulls it (b's syncs to a would go
+        # to the relay's address, which carries datagrams only).
+        assert b.request("POST", "/api/collections/flooded/items", batch)[0] == 200
 
         def state(x: AgentProc) -> tuple[Any, Any]:
             coll = next((c for c in x.get("/api/collections") if c["name"] == "flooded"),
@@ -373,7 +498,17 @@ def test_a_flood_of_random_and_mutated_datagrams(tmp_path: Path) -> None:
                 return d + rng.randbytes(rng.randint(1, 64))
             return d[:1] + rng.randbytes(len(d) - 1)
 
-        flood = [rng.randbytes(rng.randint(0, 1400)) for _ in range(2000)]
+        # Well-formed membership datagrams in cleartext, each of which would
+        # change something if it got past the seal: a suspicion and a death
+        # of a (it would refute), b's death and departure, invented members.
+        na, nb = node(a), node(b)
+        forged = [swim(codec.GOSSIP, uuid.uuid4().bytes, codec.Suspect(na, inc_a, nb)),
+                  swim(codec.GOSSIP, uuid.uuid4().bytes, codec.Dead(na, inc_a, nb)),
+                  swim(codec.PING, nb, codec.Dead(nb, 10**6, na), inc=10**6, target=na),
+                  swim(codec.LEAVE2, nb, codec.Left(nb, 10**6), inc=10**6),
+                  *(swim(codec.GOSSIP, n, alive(n, s.host(6), 9000 + i))
+                    for i, n in enumerate(uuid.uuid4().bytes for _ in range(50)))]
+        flood = [rng.randbytes(rng.randint(0, 1400)) for _ in range(2000)] + forged * 20
         flood += [m for m in (mutate(rng.choice(genuine)) for _ in range(2000))
                   if m not in genuine]
         conn_before = handshakes_refused()
@@ -406,12 +541,18 @@ def test_a_flood_of_random_and_mutated_datagrams(tmp_path: Path) -> None:
         wait_for(lambda: handshakes_refused() >= conn_before + 200, what="connections counted")
         r: dict[str, Any] = refused(a)
         assert r.get("malformed", 0) > 0 and r.get("bad_tag", 0) > 0
+        assert r.get("cleartext_refused", 0) > 0
         assert a.is_up() and healthy_mesh([a, b])
+        # Nothing got through to the membership core: no refutation, no
+        # invented member, b alive at the incarnation it had.
+        assert a.get("/api/cluster/status")["incarnation"] == inc_a
+        assert ids(a) == {b.node_id}
+        assert a.peers()[b.node_id]["incarnation"] < 10**6
         assert state(a) == before and state(b) == before
         assert a.request("GET", "/api/collections/flooded/items/forged")[0] == 404
         print(f"flood: {sent} datagrams, {counted} refused, {dropped} dropped by the kernel, "
               f"200 connections, {elapsed:.1f} s")
         tx.close()
     finally:
-        sniffer.close()
+        relay.close()
         s.stop_all()

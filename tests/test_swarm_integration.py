@@ -43,14 +43,35 @@ def test_five_agents_find_each_other_lose_and_regain_members(swarm: Swarm) -> No
     assert {"node_id", "role", "upstream_peer", "downstream_peers", "logical_clock"} <= set(status)
     assert status["role"] == "Edge"
 
-    # SIGKILL: unhealthy first, then gone after the TTL.
+    # SIGKILL. The documented timing of the membership protocol (interval
+    # 0.2 s, HS_GOSSIP_TTL 4 s, 5 members):
+    # * suspected (healthy false) once a probe of it goes unanswered: each
+    #   member probes every other one within two rounds of 4 probes, one per
+    #   interval, and gossips the suspicion: every agent within ~2 s;
+    # * declared dead (failed) when the suspicion runs out: not before its
+    #   minimum (max(2 s, 5 x log10(5) x 0.2 s) = 2 s), and before TTL passes
+    #   without a sign of life (the suspicion is cut to TTL - interval);
+    # * listed, unhealthy, until dropped TTL after its last sign of life
+    #   (each member heard from it at most two probe rounds before the kill).
+    ttl, suspicion_min = 4.0, 2.0
     victim = agents[3]
-    victim.kill()
     rest = [a for a in agents if a is not victim]
+
+    def status(a: AgentProc) -> str | None:
+        return next((m["status"] for m in a.get("/api/swarm/members")["members"]
+                     if m["node_id"] == victim.node_id), None)
+
+    t0 = time.monotonic()
+    victim.kill()
     wait_for(lambda: all(a.peers()[victim.node_id]["healthy"] is False for a in rest),
-             timeout=10, what="killed agent marked unhealthy")
-    wait_for(lambda: all(victim.node_id not in a.peers() for a in rest), timeout=15,
+             timeout=3, what="killed agent marked unhealthy")
+    wait_for(lambda: any(status(a) == "dead" for a in rest), timeout=ttl + 1,
+             what="killed agent declared dead")
+    assert time.monotonic() - t0 >= suspicion_min
+    wait_for(lambda: all(victim.node_id not in a.peers() for a in rest),
+             timeout=t0 + ttl + 3 - time.monotonic(),
              what="killed agent dropped after TTL")
+    assert time.monotonic() - t0 >= ttl - 2 * 4 * 0.2
 
     # SIGTERM: it says goodbye; peers drop it at once, long before the TTL.
     leaver = agents[4]
@@ -89,7 +110,7 @@ def test_a_refuted_suspicion_is_saved_and_a_restart_starts_above_it(swarm: Swarm
     import socket
     import uuid
 
-    from agent.core import wire
+    from agent.core.swim import codec
     from agent.runtime import identity
 
     a = swarm.add()
@@ -98,11 +119,13 @@ def test_a_refuted_suspicion_is_saved_and_a_restart_starts_above_it(swarm: Swarm
     inc = a.get("/api/cluster/status")["incarnation"]
     assert identity.read(a.data_dir) == identity.Identity(uuid.UUID(a.node_id), inc)
 
-    # Someone reports a as suspect at its current incarnation (a STATE
-    # datagram carries the rumour without adding its sender as a member).
-    rumour = wire.Entry(uuid.UUID(a.node_id).bytes, inc, 0, wire.SUSPECT, a.host,
-                        a.gossip_port, 0, 0)
-    [datagram] = wire.encode_state(uuid.uuid4().bytes, [rumour])
+    # Someone reports a as suspect at its current incarnation: a gossip
+    # datagram from a stranger (not a member: its card adds nothing) carries
+    # the rumour.
+    na, stranger = uuid.UUID(a.node_id).bytes, uuid.uuid4().bytes
+    rumour = codec.Suspect(na, inc, stranger)
+    datagram = codec.encode_packet(codec.Packet(
+        codec.GOSSIP, codec.Card(stranger, 1, 0, codec.digest_hash(())), updates=(rumour,)))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.sendto(datagram, (a.host, a.gossip_port))
     wait_for(lambda: a.get("/api/cluster/status")["incarnation"] == inc + 1,
@@ -118,6 +141,9 @@ def test_a_refuted_suspicion_is_saved_and_a_restart_starts_above_it(swarm: Swarm
     assert restarted == inc + 2  # above what peers last saw, not back at inc + 1
     wait_for(lambda: b.peers().get(a.node_id, {}).get("incarnation") == restarted,
              timeout=10, what="b to take the restarted a")
+    assert a.peers()[b.node_id]["healthy"] and b.peers()[a.node_id]["healthy"]
+    assert b.node_id not in {m["node_id"] for m in a.get("/api/swarm/members")["members"]
+                             if m["status"] != "alive"}
 
 
 def test_cli_peers_and_status_read_the_local_api(swarm: Swarm) -> None:

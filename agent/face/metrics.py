@@ -11,6 +11,7 @@ scrape, so agents nobody scrapes do not pay for it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +19,41 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from agent.runtime.view import AgentView
+from agent.core.swim import DropReason
+from agent.runtime.view import STATUSES, AgentView
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: (metric name without _total, HELP, key in the membership core's stats or
+#: the socket's counters): what the SWIM core counts as it works
+MEMBERSHIP_COUNTERS = (
+    ("hs_gossip_probes", "Probe periods started: one ping to one member", "probes"),
+    ("hs_gossip_probes_failed",
+     "Probes with no ack, direct or indirect, by the end of their period (target suspected)",
+     "probes_failed"),
+    ("hs_gossip_suspicion_confirmations",
+     "Independent accusers that shortened a running suspicion", "suspicion_confirmations"),
+    ("hs_gossip_refutations", "Suspicions of this agent refuted (incarnation raised)",
+     "refutations"),
+    ("hs_gossip_udp_sent_datagrams", "Membership datagrams sent (pings, acks, gossip, ...)",
+     "datagrams_out"),
+    ("hs_gossip_udp_sent_bytes", "Membership datagram bytes sent", "bytes_out"),
+    ("hs_gossip_udp_received_bytes", "Membership datagram bytes received (opened)", "bytes_in"),
+    ("hs_gossip_push_pull_started", "Full-state TCP exchanges started (periodic and joins)",
+     "push_pulls_out"),
+    ("hs_gossip_push_pull_served", "Full-state TCP exchanges answered for members",
+     "push_pull_served"),
+    ("hs_gossip_push_pull_merged", "Full-state payloads merged (either side)",
+     "push_pull_merged"),
+    ("hs_gossip_push_pull_failed", "Full-state TCP exchanges started here that failed",
+     "push_pull_failed"),
+    ("hs_gossip_member_tombstones_evicted",
+     "Tombstones of removed members dropped early because the table of them was full",
+     "tombstones_evicted"),
+)
 
 
 class AgentCollector:
@@ -50,16 +80,26 @@ def collect(v: AgentView) -> Iterator[Metric]:
     peers.add_metric(["unhealthy"], v.peer_count - v.healthy_peers)
     yield peers
 
+    members = GaugeMetricFamily("hs_gossip_members",
+                                "Members by status, this agent included (as hs-gossip members)",
+                                labels=["status"])
+    by_status = Counter(m.status for m in v.members)
+    for status in STATUSES:
+        members.add_metric([status], by_status.get(status, 0))
+    yield members
+
     def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
         return CounterMetricFamily(name, doc, value=stats.get(key, 0))
 
-    yield counter("hs_gossip_heartbeats_received", "Heartbeats received", "heartbeats_in")
-    yield counter("hs_gossip_heartbeats_sent", "Heartbeats sent", "heartbeats_out")
-    yield counter("hs_gossip_udp_received_bytes", "Gossip bytes received", "bytes_in")
-    yield counter("hs_gossip_udp_sent_bytes", "Gossip bytes sent", "bytes_out")
-    yield counter("hs_gossip_refutations", "Suspicions of this agent refuted", "refutations")
-    drops = CounterMetricFamily("hs_gossip_dropped_datagrams", "Datagrams dropped, by cause",
+    for name, doc, key in MEMBERSHIP_COUNTERS:
+        yield counter(name, doc, key)
+    drops = CounterMetricFamily("hs_gossip_dropped_datagrams",
+                                "Datagrams and push-pull payloads refused, by cause",
                                 labels=["cause"])
+    # Every cause the membership core knows, zero included, so a rate()
+    # over a cause exists before its first drop.
+    for reason in DropReason:
+        drops.add_metric([reason.value], stats.get(reason.value, 0))
     for k, n in sorted(stats.items()):
         if k.startswith("drop_"):
             drops.add_metric([k[5:]], n)

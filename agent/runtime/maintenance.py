@@ -16,7 +16,7 @@ import anyio
 
 from agent.core import tombstones
 from agent.core.changelog import Retention
-from agent.core.swim import ALIVE, SUSPECT, Swim
+from agent.core.swim import ALIVE, LEFT, SUSPECT, Swim
 from agent.runtime import snapshot
 from agent.store import Store
 
@@ -71,7 +71,13 @@ async def tombstone_loop(interval: float, store: Store, core: Swim, grace: float
     """Purge tombstones when agent.core.tombstones says it is safe."""
     while True:
         await anyio.sleep(TOMBSTONE_EVERY_INTERVALS * interval)
-        peers = [tombstones.PeerView(m.healthy, m.digests) for m in core.members.values()]
+        # Replicas in sight: every member but those that left. A member that
+        # left said goodbye and is out of the peer listing at once, but the
+        # core keeps its entry (unhealthy) until it is reaped a TTL later;
+        # counting it would hold every purge back that long. Suspect and dead
+        # members do count (unhealthy): they may hold copies we cannot see.
+        peers = [tombstones.PeerView(m.healthy, m.digests) for m in core.members.values()
+                 if m.status != LEFT]
         ours = [(c.name, c.state_hash, c.horizon) for c in store.digests()]
         for name, p in tombstones.choose(ours, peers, wall_ms(), grace).items():
             purged = await store.purge_tombstones(name, p.horizon, p.expected)
