@@ -190,7 +190,8 @@ def test_dual_stack_socket_talks_to_ipv4_and_ipv6_peers(tmp_path) -> None:
         for a in agents:
             a.start()
         # v4 and v6 cannot reach each other directly; the dual-stack hub
-        # relays their heartbeats, so they still see each other healthy.
+        # spreads their news and answers their indirect probes of each other
+        # (PING_REQ), so they still see each other healthy.
         wait_for(lambda: all_see_each_other(agents), timeout=10, what="mixed-family swarm")
         by_id = v4.peers()
         assert by_id[hub.node_id]["gossip_addr"] == f"127.0.0.1:{port}"
