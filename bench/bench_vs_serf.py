@@ -36,7 +36,10 @@ alive/failed/left), so its ``false_unhealthy`` is always 0: compare
 suspicions through the log lines counted as ``log_suspect``/``log_failed``
 (see LOG_NEEDLES; they also catch verdicts that flip back between polls).
 
-Needs root (nftables, namespaces) and Serf (``apt-get install serf``).
+Helpers: serf_agents.py (the two kinds of agent), serf_netns.py (processes,
+Serf RPC, nftables counters, the namespace LAN), serf_report.py (table, plot).
+Needs root (nftables, namespaces) and Serf (``apt-get install serf``);
+``pip install -e .[bench]`` for the plot.
 Everything it creates is removed on exit, Ctrl-C included.
 
     python bench/bench_vs_serf.py                          # 10 20 50 100, loss 20 40
@@ -55,254 +58,38 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serf_agents import (
+    GONE,
+    HSG,
+    SERF,
+    Agent,
+    SerfAgent,
+    Verdict,
+    ask,
+    drop_logs,
+    full,
+    start,
+    stop,
+    wait_up,
+    watch,
+)
 from serf_netns import (
     CLK_TCK,
     IP_UDP_HEADERS,
     Lan,
     LoopbackCounters,
     Registry,
-    SerfRPC,
     cpu_ticks,
-    free_port,
     rss_mib,
     run,
 )
-
-T = TypeVar("T")
-HSG, SERF = "hs-gossip", "serf"
-Submit = Callable[[Callable[[], Any]], "Future[Any]"]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One observer's view of one other member."""
-
-    alive: bool
-    unhealthy: bool
-    failed: bool
-
-
-GONE = Verdict(alive=False, unhealthy=True, failed=True)  # absent from the list
-
-
-def hsg_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "hs-gossip"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("hs-gossip")
-    return [found] if found else [sys.executable, "-m", "agent"]
-
-
-class Agent:
-    kind = ""
-
-    def __init__(self, name: str, log: Path, submit: Submit) -> None:
-        self.name = name
-        self.log = log
-        self.submit = submit
-        self.pid = 0
-        self.key = name  # how the others' views name this agent
-        self.source = ""  # where verdicts come from (hs-gossip: members or peers)
-
-    def up(self) -> bool:
-        raise NotImplementedError
-
-    def view(self) -> dict[str, Verdict]:
-        raise NotImplementedError
-
-
-class HsgAgent(Agent):
-    kind = HSG
-
-    def __init__(self, reg: Registry, name: str, host: str, port: int, seed: str | None,
-                 base: Path, submit: Submit, ns: str | None, interval: float | None) -> None:
-        super().__init__(name, base / f"{name}.log", submit)
-        self.api = f"127.0.0.1:{50050 if ns else free_port()}"
-        self.members_api: bool | None = None  # unknown until first asked
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HS_GOSSIP_")}
-        env.update({"HS_GOSSIP_BIND": host, "HS_GOSSIP_PORT": str(port),
-                    "HS_GOSSIP_API": self.api, "HS_GOSSIP_DATA_DIR": str(base / name),
-                    "HS_GOSSIP_NODE_NAME": name, "HS_GOSSIP_LOG_LEVEL": "info"})
-        if seed:
-            env["HS_GOSSIP_PEERS"] = seed
-        if interval:
-            env["HS_GOSSIP_INTERVAL"] = str(interval)
-        pre = ["ip", "netns", "exec", ns] if ns else []
-        self.pid = reg.spawn([*pre, *hsg_cli(), "run"], env, self.log).pid
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://{self.api}{path}", timeout=3) as r:
-            return json.loads(r.read())
-
-    def up(self) -> bool:
-        # views are keyed by node_id: a member's name may be unknown ("")
-        self.key = str(self.get("/api/cluster/status")["node_id"])
-        return True
-
-    def view(self) -> dict[str, Verdict]:
-        if self.members_api is not False:
-            try:
-                body = self.get("/api/swarm/members")
-            except urllib.error.HTTPError as e:
-                if e.code != 404:
-                    raise
-                self.members_api = False
-            else:
-                self.members_api, self.source = True, "members"
-                rows = body.get("members", []) if isinstance(body, dict) else body
-                out = {}
-                for m in rows:
-                    if m.get("self") or m["node_id"] == self.key:
-                        continue
-                    st = m.get("status", "alive")
-                    bad = st != "alive" or m.get("healthy") is False
-                    out[m["node_id"]] = Verdict(alive=not bad, unhealthy=bad,
-                                        failed=st in ("dead", "left"))
-                return out
-        self.source = "peers"
-        return {p["node_id"]: Verdict(p["healthy"], not p["healthy"], not p["healthy"])
-                for p in self.get("/api/swarm/peers")["peers"]}
-
-
-class SerfAgent(Agent):
-    kind = SERF
-
-    def __init__(self, reg: Registry, name: str, host: str, port: int, seed: str | None,
-                 base: Path, submit: Submit, ns: str | None, rpc: str) -> None:
-        super().__init__(name, base / f"{name}.log", submit)
-        self.rpc_addr = rpc
-        self.rpc: SerfRPC | None = None
-        self.source = "members"
-        cmd = ["serf", "agent", "-node", name, "-bind", f"{host}:{port}", "-rpc-addr", rpc,
-               "-log-level", "info"]
-        if seed:
-            cmd += ["-join", seed]
-        pre = ["ip", "netns", "exec", ns] if ns else []
-        self.pid = reg.spawn([*pre, *cmd], dict(os.environ), self.log).pid
-
-    def members(self) -> list[dict[str, Any]]:
-        try:
-            if self.rpc is None:
-                self.rpc = SerfRPC(self.rpc_addr)
-            return self.rpc.members()
-        except (OSError, RuntimeError, ValueError):
-            if self.rpc is not None:
-                self.rpc.close()
-            self.rpc = None
-            raise
-
-    def up(self) -> bool:
-        self.members()
-        return True
-
-    def view(self) -> dict[str, Verdict]:
-        out = {}
-        for m in self.members():
-            if m["Name"] == self.name:
-                continue
-            st = m["Status"]
-            out[m["Name"]] = Verdict(st == "alive", st != "alive", st in ("failed", "left"))
-        return out
-
-    def close(self) -> None:
-        if self.rpc is not None:
-            self.rpc.close()
-            self.rpc = None
-
-
-def ask(agents: list[Agent], what: Callable[[Agent], T]) -> list[tuple[float, T | None]]:
-    """Ask every agent at once; (time answered, answer or None on error)."""
-    def one(a: Agent) -> tuple[float, T | None]:
-        try:
-            r: T | None = what(a)
-        except (OSError, RuntimeError, ValueError, KeyError):
-            r = None
-        return time.monotonic(), r
-    futs = [a.submit(lambda a=a: one(a)) for a in agents]  # type: ignore[misc]
-    return [f.result() for f in futs]
-
-
-def watch(agents: list[Agent], conds: dict[str, Callable[[Agent, dict[str, Verdict]], bool]],
-          timeout: float, step: float = 0.1,
-          seen_by: dict[str, int] | None = None) -> dict[str, float | None]:
-    """Seconds until each condition has held at least once on every agent
-    (None: not on all of them before ``timeout``; ``seen_by`` gets how many)."""
-    t0 = time.monotonic()
-    first: dict[str, dict[str, float]] = {c: {} for c in conds}
-    while time.monotonic() - t0 < timeout:
-        for a, (t, view) in zip(agents, ask(agents, lambda a: a.view()), strict=True):
-            if view is None:
-                continue
-            for c, pred in conds.items():
-                if a.name not in first[c] and pred(a, view):
-                    first[c][a.name] = t - t0
-        if all(len(f) == len(agents) for f in first.values()):
-            break
-        time.sleep(step)
-    if seen_by is not None:
-        seen_by.update({c: len(f) for c, f in first.items()})
-    return {c: (max(f.values()) if len(f) == len(agents) else None) for c, f in first.items()}
-
-
-def wait_up(agents: list[Agent], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(agents)
-    while pending:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{[a.name for a in pending]} never answered; logs: "
-                               + ", ".join(str(a.log) for a in pending[:3]))
-        ok = ask(pending, lambda a: a.up())
-        pending = [a for a, (_, r) in zip(pending, ok, strict=True) if not r]
-        if pending:
-            time.sleep(0.1)
-
-
-def start(kind: str, reg: Registry, n: int, hosts: list[str], base: Path,
-          submit: Callable[[int], Submit], ns: list[str | None], interval: float | None,
-          ) -> list[Agent]:
-    """Agent 0 first; once it answers, the rest, each joining through it."""
-    port = 7950 if ns[0] else free_port(hosts[0])
-    rpc_port = 7373 if ns[0] else free_port(hosts[0])
-    agents: list[Agent] = []
-    for i in range(n):
-        seed = f"{hosts[0]}:{port}" if i else None
-        name = f"{'h' if kind == HSG else 's'}{i}"
-        if kind == HSG:
-            agents.append(HsgAgent(reg, name, hosts[i], port, seed, base, submit(i), ns[i],
-                                   interval))
-        else:
-            rpc = f"{'127.0.0.1' if ns[i] else hosts[i]}:{rpc_port}"
-            agents.append(SerfAgent(reg, name, hosts[i], port, seed, base, submit(i), ns[i],
-                                    rpc))
-        if i == 0:
-            wait_up(agents, 30)
-    return agents
-
-
-def drop_logs(base: Path) -> None:
-    """Remove a run's data and logs, unless it is failing (its error names them)."""
-    if sys.exc_info()[0] in (None, KeyboardInterrupt):
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def full(n: int) -> Callable[[Agent, dict[str, Verdict]], bool]:
-    return lambda a, v: sum(1 for x in v.values() if x.alive) == n - 1
-
-
-def stop(agents: list[Agent], reg: Registry) -> None:
-    for a in agents:
-        if isinstance(a, SerfAgent):
-            a.close()
-    reg.kill_all()
+from serf_report import LOOP_COLS, LOSS_COLS, plot, table
 
 
 def run_loopback(kind: str, n: int, args: argparse.Namespace, reg: Registry,
@@ -447,83 +234,6 @@ def run_loss(kind: str, pct: int, lan: Lan, args: argparse.Namespace,
             "false_unhealthy": events["unhealthy"], "false_failed": events["failed"],
             "pairs_unhealthy": len(pairs["unhealthy"]), "pairs_failed": len(pairs["failed"]),
             **logs, "polls_unanswered": missed, "polls": polls}
-
-
-def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    w = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols}
-    lines = ["  ".join(f"{c:>{w[c]}}" for c in cols)]
-    lines += ["  ".join(f"{r.get(c)!s:>{w[c]}}" for c in cols) for r in rows]
-    return "\n".join(lines)
-
-
-LOOP_COLS = ["system", "agents", "converge_s", "converge_from_spawn_s", "unhealthy_s",
-             "failed_s", "failed_by", "cpu_pct", "rss_mib", "udp_Bps", "udp_ip_Bps", "udp_pps",
-             "tcp_ip_Bps", "source"]
-LOSS_COLS = ["system", "loss_pct", "measured_drop_pct", "false_unhealthy", "false_failed",
-             "pairs_unhealthy", "pairs_failed", "log_suspect", "log_failed", "source"]
-
-
-def plot(loop: list[dict[str, Any]], loss: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    panels = [("udp_Bps", "UDP payload bytes/s sent per agent"),
-              ("cpu_pct", "idle CPU per agent (% of a core)"),
-              ("rss_mib", "RSS per agent (MiB)"),
-              ("converge_s", "full membership (s after all answer)"),
-              ("failed_s", "SIGKILLed agent seen failed by all, s (hs-gossip: dead)")]
-    style = {HSG: ("tab:blue", "o"), SERF: ("tab:orange", "s")}
-    for ax, (key, title) in zip(axes.flat, panels, strict=False):
-        for kind in (HSG, SERF):
-            pts = [(r["agents"], r[key]) for r in loop if r["system"] == kind
-                   and r[key] is not None]
-            if pts:
-                color, marker = style[kind]
-                ax.plot(*zip(*pts, strict=True), marker=marker, color=color, label=kind)
-        if key == "failed_s":
-            pts = [(r["agents"], r["unhealthy_s"]) for r in loop if r["system"] == HSG
-                   and r["unhealthy_s"] is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--",
-                        color="tab:blue", label=f"{HSG} unhealthy")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("agents")
-        ax.set_xticks(sorted({r["agents"] for r in loop}))
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    ax = axes.flat[5]
-    if loss:
-        levels = sorted({r["loss_pct"] for r in loss})
-        # Serf's members list never says "suspect": its suspicions come from
-        # the memberlist log lines
-        bars = [(HSG, "false_unhealthy", "tab:cyan"), (HSG, "false_failed", "tab:blue"),
-                (SERF, "log_suspect", "navajowhite"), (SERF, "false_failed", "tab:orange")]
-        width = 0.8 / len(bars)
-        top = 0
-        for j, (kind, key, color) in enumerate(bars):
-            vals = [next((r[key] or 0 for r in loss if r["system"] == kind
-                          and r["loss_pct"] == p), 0) for p in levels]
-            xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(levels))]
-            got = ax.bar(xs, vals, width, color=color, label=f"{kind} {key.replace('_', ' ')}")
-            ax.bar_label(got, fontsize=7)
-            top = max(top, *vals)
-        ax.set_ylim(0, max(1, top) * 1.15)
-        ax.set_xticks(range(len(levels)), [f"{p} % loss" for p in levels])
-        n = loss[0]["agents"]
-        ax.set_title(f"false verdicts, {n} agents in netns, {loss[0]['window_s']:g} s",
-                     fontsize=10)
-        ax.legend(fontsize=8)
-    else:
-        ax.axis("off")
-    fig.suptitle("hs-gossip vs Serf, same machine, same run (loopback; one address per agent)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def order(i: int, systems: list[str]) -> list[str]:
