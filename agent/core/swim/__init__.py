@@ -4,7 +4,9 @@ One concept per module: ``codec`` (datagrams and push-pull payloads),
 ``broadcasts`` (transmit-limited queue), ``suspicion`` (timeout maths),
 ``awareness`` (local health), ``params`` (timings and bounds), ``members``
 (the table's records), ``events`` (timers, outputs, outcomes, drop reasons),
-``protocol`` (the :class:`Swim` state machine).
+``table`` (the rules that change the table), ``exchange`` (joining and
+push-pull) and ``protocol`` (the :class:`Swim` state machine: probes,
+datagrams, timers).
 """
 
 from agent.core.swim.events import (

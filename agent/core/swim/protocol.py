@@ -7,8 +7,11 @@ timers (:meth:`Swim.take_timers`) and outcome events
 (:meth:`Swim.take_events`). Time is a float from the shell's monotonic clock;
 randomness comes from the ``rng`` given to the constructor, so the same
 inputs give the same outputs. Work per call is proportional to what happened:
-only push-pull, leave, the seed retry and the reshuffle of the probe order
-(once per round of N probes) walk the table.
+only push-pull, leave, the seed retry, the one announcement after joining
+and the reshuffle of the probe order (once per round of N probes) walk the
+table. The class is built in three layers: :class:`~agent.core.swim.table.Table`
+(members and the rules that change them), :class:`~agent.core.swim.exchange.Exchange`
+(joining and push-pull) and :class:`Swim` here (probes, datagrams, timers).
 
 Theory of operation (Das, Gupta, Motivala 2002; Lifeguard, Dadgar et al. 2018):
 
@@ -17,54 +20,54 @@ Theory of operation (Das, Gupta, Motivala 2002; Lifeguard, Dadgar et al. 2018):
   members go in at a random position: every member is probed within two
   rounds). No ACK within ``probe_timeout`` x awareness: we ask
   ``indirect_checks`` random ALIVE members to PING_REQ it for us (they relay
-  its ACK, or send a NACK when their own ping went unanswered) and re-send
-  one direct ping. No ACK by the end of the period: the target is SUSPECT.
+  its ACK, or send a NACK when their own ping went unanswered) and re-send a
+  direct ping, then once more halfway to the period's end (under plain loss
+  the retries save most probes). No ACK by the end of the period: the target
+  is SUSPECT (or, already suspected, we confirm the suspicion).
 * **Local health (awareness).** A failed probe whose helpers did not even
   NACK raises our score by one per missing NACK; having to refute raises it;
   a successful probe lowers it. Probe interval, probe timeout and suspicion
   timeouts are multiplied by score + 1: an agent starved of CPU or bandwidth
   slows its own verdicts instead of accusing healthy members.
-* **Suspicion.** A SUSPECT lasts between min = ``suspicion_mult`` x log10(N)
-  x interval (at least ``suspicion_min``) and ``suspicion_max_mult`` x min;
-  each independent SUSPECT of the same member from another accuser shortens
-  it towards min (``suspicion.py``); it is also cut so a member is declared
-  DEAD before ``ttl`` passes without a sign of life. Then DEAD is gossiped.
-* **Refutation.** Only a member raises its own incarnation. Hearing SUSPECT,
-  DEAD or LEFT (when not leaving) about ourselves at an incarnation >= ours,
-  we take claim + 1 and gossip ALIVE; IncarnationRaised lets the shell save
-  it. A claim more than INCARNATION_STEP above what we know is forged or
-  corrupt and refused, unless the member itself says it.
-* **Precedence** (per member): a higher incarnation wins; at equal
-  incarnation LEFT > DEAD > SUSPECT > ALIVE. ALIVE news needs a *higher*
-  incarnation to clear a suspicion, a death or a departure; a higher
-  incarnation of a DEAD or LEFT member is a restart (MemberRestarted).
+* **Suspicion and death** (rules in ``table.py``): a SUSPECT lasts between
+  min and max (``suspicion.py``), shortened by independent accusers, cut so
+  a member is declared DEAD before ``ttl`` passes without a sign of life.
+  A DEAD heard from others starts or confirms our own suspicion unless ours
+  already ran its minimum: a forged DEAD kills no faster than a SUSPECT.
+  Suspects and the dead are told so first in every datagram we send them
+  (Lifeguard's buddy system), so a living one refutes at once.
+* **Refutation.** Only a member raises its own incarnation (claim + 1,
+  gossiped as ALIVE, IncarnationRaised for the shell to save). A member we
+  reaped as dead that speaks to us again is told it is dead (in our reply, or
+  in our push-pull answer) so that it refutes; ALIVE news at the incarnation
+  we hold a member dead at makes us gossip the DEAD again.
 * **Dissemination.** Every accepted change is queued (``broadcasts.py``:
   one item per member, each sent retransmit_mult x ceil(log10(N+1)) times,
   least-sent and newest first) and piggybacked on every datagram up to the
   budget. While the queue is not empty a GOSSIP round every
   ``gossip_interval`` sends it to ``gossip_fanout`` random members; an idle
-  swarm sends only pings and acks (~60 and ~40 bytes).
+  swarm sends only pings and acks (~55 and ~40 bytes).
 * **The card.** Every datagram starts with its sender's (node id,
   incarnation, logical clock, 8-byte digest hash). A receiver whose copy of
   the sender's digests does not match the hash sets ``want_digests`` on its
-  next datagram to it (or sends a GOSSIP asking, when it has nothing to reply),
-  and the member answers with its own DIGESTS update first in line. Own
-  digest and app-health changes are gossiped as DIGESTS updates, ordered by
-  (incarnation, version), so a change reaches members that never exchange a
-  datagram with the owner.
-* **Push-pull.** Every ``push_pull_interval`` (scaled up above 32 members)
-  and when joining, a full table goes over TCP to one member, which answers
-  with its own; both merge with the gossip rules. ALIVE entries learned this
-  way are not re-gossiped (the other side already spreads them; a joiner
-  re-gossiping a whole table would flood the swarm), changes of status are.
-* **Table.** Members stay in :attr:`Swim.members` in every status; a
-  non-ALIVE member not confirmed alive for ``ttl`` is removed (MemberExpired)
-  and leaves a tombstone for another ``ttl``: ALIVE news at or below its
-  incarnation is refused (DEAD_STAYS_DEAD). At most ``max_members`` members
-  and as many tombstones.
+  next datagram to it (or sends a GOSSIP asking, when it has nothing to
+  reply), and the member answers with its own ALIVE and DIGESTS updates
+  first in line. The same flag asks a sender we do not know at all (its
+  ALIVE passed us by) for its card. Own digest and app-health changes are
+  gossiped as DIGESTS updates, ordered by (incarnation, version), so a change
+  reaches members that never exchange a datagram with the owner.
+* **Join and push-pull** (``exchange.py``): seeds get our table over TCP
+  until one answers; then our ALIVE goes straight to every member once, and
+  one catch-up push-pull follows; every ``push_pull_interval`` (scaled up
+  with N) a full table is exchanged with one random member, merged with the
+  gossip rules.
+* **Table** (``table.py``): members stay in :attr:`Swim.members` in every
+  status; a non-ALIVE member not confirmed alive for ``ttl`` (counted from
+  when it stopped being ALIVE here, or its last sign of life if later) is
+  removed (MemberExpired) and leaves a tombstone for another ``ttl``. At
+  most ``max_members`` members and as many tombstones.
 * **Leave.** LEFT is gossiped and sent directly (LEAVE2) to every member;
-  receivers apply it at once. A departure of an unknown member is recorded
-  only from its own word.
+  receivers apply it at once. Once leaving we answer nothing.
 * **Binding.** ``sender`` (the node id that authenticated the datagram) must
   be the card's node id, else SENDER_MISMATCH; each source address gets a
   token bucket of datagrams.
@@ -72,7 +75,6 @@ Theory of operation (Das, Gupta, Motivala 2002; Lifeguard, Dadgar et al. 2018):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from collections.abc import Sequence
@@ -81,19 +83,19 @@ from dataclasses import dataclass
 from agent.core import wire
 from agent.core.addr import Addr
 from agent.core.swim import codec
-from agent.core.swim.codec import Alive, Card, Dead, Digests, Left, Packet, Suspect
+from agent.core.swim.codec import Alive, Card, Dead, Left, Suspect
 from agent.core.swim.events import (
     DropReason,
     Event,
-    PushPull,
     Send,
     SetTimer,
     Timer,
     TimerKind,
 )
-from agent.core.swim.members import ALIVE, DEAD, LEFT, SUSPECT, Member, SelfInfo, Tombstone
+from agent.core.swim.exchange import Exchange
+from agent.core.swim.members import ALIVE, DEAD, SUSPECT, Member, SelfInfo, Tombstone
 from agent.core.swim.params import Params
-from agent.core.swim.table import EPS, LC_STEP, NACK_FRACTION, Table
+from agent.core.swim.table import EPS, LC_STEP, NACK_FRACTION
 from agent.core.wire import JS_SAFE, Digest
 
 #: direct pings re-sent after the probe timeout (at the timeout, and halfway
@@ -123,29 +125,18 @@ class _Relay:
     seq: int
 
 
-class Swim(Table):
+class Swim(Exchange):
     """One agent's membership state machine (see the module docstring)."""
 
     def __init__(self, me: SelfInfo, params: Params, rng: random.Random, now: float) -> None:
         super().__init__(me, params, rng, now)
-        self.seeds_tried: tuple[Addr, ...] = ()
-        self.seeds_reached = False
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._asked: dict[Addr, float] = {}
         self._seq = 0
-        self._seeds: list[Addr] = []
-        self._join_backoff = params.join_retry
         self._next_probe = math.inf
-        self._next_push_pull = math.inf
-        self._next_join = math.inf
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._announced = False
         #: a DEAD about the sender of the datagram (or push-pull) being handled
         self._tell_dead = b""
-        self._dead_sender: codec.Entry | None = None
-        self._out: list[Send] = []
-        self._push_pulls: list[PushPull] = []
 
     # --- inputs: lifecycle ------------------------------------------------
 
@@ -160,20 +151,6 @@ class Swim(Table):
         self._timer(self._next_push_pull, TimerKind.PUSH_PULL)
         self._broadcast(self.me.node_id, codec.encode_update(self._own_alive()))
         self.join(seeds, now)
-
-    def join(self, addrs: list[Addr], now: float) -> None:
-        """Push-pull with each address; unreached ones are retried (JOIN timer)."""
-        self._now = now
-        if self._leaving:
-            return
-        new = [a for a in dict.fromkeys(addrs) if a not in self._seeds]
-        self._seeds.extend(new)
-        self.seeds_tried = tuple(dict.fromkeys(self.seeds_tried + tuple(addrs)))
-        for addr in dict.fromkeys(addrs):
-            self._push_pull_to(addr, join=True)
-        if self._seeds and self._next_join == math.inf:
-            self._next_join = now + self._join_backoff
-            self._timer(self._next_join, TimerKind.JOIN)
 
     def leave(self, now: float) -> None:
         """Gossip LEFT and tell every member directly. Idempotent."""
@@ -220,10 +197,6 @@ class Swim(Table):
         out, self._out = self._out, []
         return out
 
-    def take_push_pulls(self) -> list[PushPull]:
-        out, self._push_pulls = self._push_pulls, []
-        return out
-
     def take_timers(self) -> list[SetTimer]:
         out, self._timers = self._timers, []
         return out
@@ -231,11 +204,6 @@ class Swim(Table):
     def take_events(self) -> list[Event]:
         out, self._events = self._events, []
         return out
-
-    @property
-    def joined(self) -> bool:
-        """At least one ALIVE member."""
-        return any(m.status == ALIVE for m in self.members.values())
 
     def health_score(self) -> int:
         """Lifeguard awareness score (0 = healthy)."""
@@ -490,198 +458,9 @@ class Swim(Table):
         if self._bq:
             self._arm_gossip(now)
 
-    # --- push-pull -------------------------------------------------------------------
-
-    def handle_push_pull(self, data: bytes, src: Addr, now: float) -> bytes | None:
-        """Server side: merge the caller's table, answer with ours (None: refused)."""
-        self._now = now
-        if self._leaving:
-            self._drop(DropReason.LEAVING)
-            return None
-        if not self._admit(src[0], now):
-            self._drop(DropReason.RATE_LIMITED)
-            return None
-        if not self._merge_state(data, src, now, spread=self.joined):
-            return None
-        self.stats["push_pull_served"] += 1
-        return self._state_payload(join=False, dead=self._dead_sender)
-
-    def receive_push_pull_reply(self, data: bytes, src: Addr, now: float) -> None:
-        self._now = now
-        if self._leaving:
-            return
-        if self._merge_state(data, src, now, spread=self.joined) and src in self._seeds:
-            self.seeds_reached = True
-            if not self._announced:
-                self._announce()
-
-    def _announce(self) -> None:
-        """Once, when the first seed answered with its table: our ALIVE straight
-        to every member (as leave tells every member), so members that gossip
-        passes by under loss still learn of us at once. O(N), once per start."""
-        self._announced = True
-        # Members that joined at about the same time missed each other in
-        # their seeds' tables and rely on gossip; one early push-pull with a
-        # random member catches up with whatever gossip lost meanwhile.
-        catch_up = self._now + self.params.join_catch_up
-        if catch_up < self._next_push_pull:
-            self._next_push_pull = catch_up
-            self._timer(catch_up, TimerKind.PUSH_PULL)
-        item = codec.encode_update(self._own_alive())
-        for m in self.members.values():
-            if m.status in (ALIVE, SUSPECT):
-                self._send(m.addr, codec.GOSSIP, m, first=[item], piggyback=False)
-        self.stats["announced"] += 1
-
-    def push_pull_failed(self, addr: Addr, now: float) -> None:
-        self._now = now
-        self.stats["push_pull_failed"] += 1
-
-    def _merge_state(self, data: bytes, src: Addr, now: float, spread: bool) -> bool:
-        """Merge a peer's table with the gossip rules. ALIVE members new to us
-        are gossiped on (``spread``) only once we were joined: a joiner's
-        first table is news to nobody, and re-gossiping it would flood the
-        swarm; later (a partition healing, gossip that missed us) it is news
-        to our side too."""
-        try:
-            state = codec.decode_state(data, self.params.max_members)
-        except codec.SwimDecodeError as err:
-            self._drop(err.reason)
-            return False
-        if state.truncated:
-            self.stats[DropReason.TABLE_FULL.value] += state.truncated
-        first = state.entries[0]
-        sender = first.alive.node_id
-        if sender == self.me.node_id:
-            # We are in our own seed list.
-            self._seeds = [s for s in self._seeds if s != src]
-            self._drop(DropReason.FROM_SELF)
-            return False
-        self.stats["push_pull_merged"] += 1
-        tomb = self._tombs.get(sender)
-        self._dead_sender = None
-        if tomb is not None and tomb.status == DEAD and first.alive.incarnation <= tomb.incarnation:
-            # Reaped as dead here: our answer says so, so that it refutes.
-            self._dead_sender = codec.Entry(
-                dataclasses.replace(first.alive, incarnation=tomb.incarnation), DEAD, 0,
-                Digests(sender, 0, 0, codec.digest_hash(()), (), None))
-        # A TCP peer is not authenticated as the member it names: it speaks
-        # for it only from the member's known address (or as a new member).
-        self._apply(first.alive, now, src=(src[0], first.alive.port))
-        self._apply(first.digests, now, spread=False)
-        m = self.members.get(sender)
-        if m is not None and first.alive.incarnation >= m.incarnation:
-            m.lc = max(m.lc, first.lc)
-        for e in state.entries[1:]:
-            nid, inc = e.alive.node_id, e.alive.incarnation
-            if e.status == ALIVE:
-                self._apply(e.alive, now, spread=spread)
-            elif e.status == LEFT:
-                self._apply(Left(nid, inc), now)
-            elif nid in self.members or nid == self.me.node_id:
-                # A peer's DEAD is our SUSPECT (memberlist): we check for ourselves.
-                self._apply(e.alive, now, spread=False)
-                self._apply(Suspect(nid, inc, sender), now)
-            if e.status != LEFT and nid in self.members:
-                self._apply(e.digests, now, spread=False)
-        return True
-
-    def _state_payload(self, join: bool, dead: codec.Entry | None = None) -> bytes:
-        entries = [codec.Entry(self._own_alive(), ALIVE, self.lc, self._own_digests())]
-        if dead is not None:
-            entries.append(dead)
-        for m in self.members.values():
-            entries.append(codec.Entry(
-                self._alive_of(m), m.status, m.lc,
-                Digests(m.node_id, max(m.digests_version[0], 0),
-                        max(m.digests_version[1], 0), m.held_dhash, m.digests,
-                        m.app_healthy)))
-        return codec.encode_state(codec.State(join, tuple(entries)), self.params.max_members)
-
-    def _push_pull_to(self, addr: Addr, join: bool) -> None:
-        self._push_pulls.append(PushPull(addr, self._state_payload(join)))
-        self.stats["push_pulls_out"] += 1
-
-    def _push_pull_every(self) -> float:
-        n = len(self.members) + 1
-        scale = 1 if n <= 32 else math.ceil(math.log2(n) - math.log2(32)) + 1
-        return self.params.push_pull_interval * scale
-
-    def _periodic_push_pull(self, now: float) -> None:
-        self._next_push_pull = now + self._push_pull_every()
-        self._timer(self._next_push_pull, TimerKind.PUSH_PULL)
-        alive = [m for m in self.members.values() if m.status == ALIVE]
-        if alive:
-            self._push_pull_to(self.rng.choice(alive).addr, join=False)
-
-    def _retry_join(self, now: float) -> None:
-        if not self.seeds_reached:
-            for addr in self._seeds:
-                self._push_pull_to(addr, join=True)
-            self._join_backoff = min(self._join_backoff * 2, self.params.join_retry_max)
-            self._next_join = now + self._join_backoff
-        else:
-            # Seeds that are not members: groups that formed apart merge.
-            known = {m.addr for m in self.members.values() if m.status in (ALIVE, SUSPECT)}
-            for addr in self._seeds:
-                if addr not in known:
-                    self._push_pull_to(addr, join=True)
-            self._next_join = now + self.params.join_retry_max
-        if self._seeds:
-            self._timer(self._next_join, TimerKind.JOIN)
-        else:
-            self._next_join = math.inf
-
     # --- helpers ------------------------------------------------------------------
-
-    def _send(self, addr: Addr, ptype: int, to: Member | None, seq: int = 0,
-              target: bytes = b"", target_addr: Addr | None = None,
-              first: Sequence[bytes] = (), ask: bool = False,
-              piggyback: bool = True) -> None:
-        """One datagram to ``addr`` (member ``to`` if known), carrying our card,
-        ``first`` and as many queued updates as fit."""
-        now = self._now
-        every = self.params.digests_answer_every
-        want = ask or (to is not None and to.dhash != to.held_dhash
-                       and now - to.digests_asked >= every)
-        if want and to is not None:
-            to.digests_asked = now
-        items = list(first)
-        if to is not None and to.status in (SUSPECT, DEAD):
-            # Lifeguard's buddy system: tell a suspect first, so it can refute.
-            cls = Suspect if to.status == SUSPECT else Dead
-            items.insert(0, codec.encode_update(cls(to.node_id, to.incarnation,
-                                                    self.me.node_id)))
-        n = len(self.members) + 1
-        card = Card(self.me.node_id, self.me.incarnation, self.lc, self.dhash)
-        packet = Packet(ptype, card, want, (), seq, target, target_addr)
-        take = (lambda room: self._bq.take(room, n)) if piggyback else None
-        data = codec.assemble(packet, take, items)
-        self._out.append(Send(addr, data))
-        self.stats["datagrams_out"] += 1
-        self.stats["bytes_out"] += len(data)
 
     def _next_seq(self) -> int:
         self._seq = self._seq + 1 if self._seq < wire.MAX_AGE_MS else 1
         return self._seq
 
-    def _admit(self, host: str, now: float) -> bool:
-        """Token bucket per source address: a flood from one address must not
-        starve the others or burn the CPU of a small device."""
-        rate = float(self.params.max_datagrams_per_source)
-        burst = 2.0 * rate
-        bucket = self._buckets.get(host)
-        if bucket is None:
-            if len(self._buckets) >= 4 * self.params.max_members:
-                # Forget the idlest half rather than grow without bound.
-                by_age = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
-                for k, _ in by_age[: len(by_age) // 2]:
-                    del self._buckets[k]
-            bucket = (burst, now)
-        tokens, last = bucket
-        tokens = min(burst, tokens + (now - last) * rate)
-        if tokens < 1.0:
-            self._buckets[host] = (tokens, now)
-            return False
-        self._buckets[host] = (tokens - 1.0, now)
-        return True

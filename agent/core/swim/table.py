@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 from agent.core.addr import Addr
 from agent.core.swim import codec
 from agent.core.swim.awareness import Awareness
 from agent.core.swim.broadcasts import BroadcastQueue
-from agent.core.swim.codec import Alive, Dead, Digests, Left, Suspect
+from agent.core.swim.codec import Alive, Card, Dead, Digests, Left, Packet, Suspect
 from agent.core.swim.events import (
     DigestsChanged,
     DropReason,
@@ -55,6 +56,7 @@ from agent.core.swim.events import (
     MemberRecovered,
     MemberRestarted,
     MemberSuspected,
+    Send,
     SetTimer,
     Timer,
     TimerKind,
@@ -108,6 +110,8 @@ class Table:
         self._leaving = False
         self._timers: list[SetTimer] = []
         self._events: list[Event] = []
+        self._out: list[Send] = []
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     # --- timers of the table --------------------------------------------------
 
@@ -423,3 +427,51 @@ class Table:
 
     def _drop(self, reason: DropReason) -> None:
         self.stats[reason.value] += 1
+
+    def _send(self, addr: Addr, ptype: int, to: Member | None, seq: int = 0,
+              target: bytes = b"", target_addr: Addr | None = None,
+              first: Sequence[bytes] = (), ask: bool = False,
+              piggyback: bool = True) -> None:
+        """One datagram to ``addr`` (member ``to`` if known), carrying our card,
+        ``first`` and as many queued updates as fit."""
+        now = self._now
+        every = self.params.digests_answer_every
+        want = ask or (to is not None and to.dhash != to.held_dhash
+                       and now - to.digests_asked >= every)
+        if want and to is not None:
+            to.digests_asked = now
+        items = list(first)
+        if to is not None and to.status in (SUSPECT, DEAD):
+            # Lifeguard's buddy system: tell a suspect first, so it can refute.
+            cls = Suspect if to.status == SUSPECT else Dead
+            items.insert(0, codec.encode_update(cls(to.node_id, to.incarnation,
+                                                    self.me.node_id)))
+        n = len(self.members) + 1
+        card = Card(self.me.node_id, self.me.incarnation, self.lc, self.dhash)
+        packet = Packet(ptype, card, want, (), seq, target, target_addr)
+        take = (lambda room: self._bq.take(room, n)) if piggyback else None
+        data = codec.assemble(packet, take, items)
+        self._out.append(Send(addr, data))
+        self.stats["datagrams_out"] += 1
+        self.stats["bytes_out"] += len(data)
+
+    def _admit(self, host: str, now: float) -> bool:
+        """Token bucket per source address: a flood from one address must not
+        starve the others or burn the CPU of a small device."""
+        rate = float(self.params.max_datagrams_per_source)
+        burst = 2.0 * rate
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) >= 4 * self.params.max_members:
+                # Forget the idlest half rather than grow without bound.
+                by_age = sorted(self._buckets.items(), key=lambda kv: kv[1][1])
+                for k, _ in by_age[: len(by_age) // 2]:
+                    del self._buckets[k]
+            bucket = (burst, now)
+        tokens, last = bucket
+        tokens = min(burst, tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._buckets[host] = (tokens, now)
+            return False
+        self._buckets[host] = (tokens - 1.0, now)
+        return True

@@ -1,0 +1,227 @@
+"""Joining and push-pull: the full-state exchanges of the SWIM core over TCP.
+
+:class:`Exchange` is the part of :class:`agent.core.swim.protocol.Swim` that
+talks to seeds and exchanges whole tables; the shell runs the TCP side
+(``take_push_pulls`` -> connect, send, hand the reply to
+:meth:`Exchange.receive_push_pull_reply` or report
+:meth:`Exchange.push_pull_failed`; the server side calls
+:meth:`Exchange.handle_push_pull`).
+
+Rules:
+
+* **Join.** Seeds get our table by push-pull, retried every ``join_retry``
+  doubling to ``join_retry_max`` until one answers; once joined, seeds that
+  are not members are retried every ``join_retry_max`` (groups that formed
+  apart merge). When the first seed answers we send our ALIVE straight to
+  every member, once (members that gossip passes by under loss learn of us
+  at once), and schedule one catch-up push-pull ``join_catch_up`` later:
+  members that joined at the same time are missing from each other's seed
+  tables.
+* **Periodic.** Every ``push_pull_interval``, scaled like memberlist
+  (x ceil(log2(N/32)) + 1 above 32 members) so the swarm's total stays flat,
+  with one random ALIVE member.
+* **Merge** with the gossip rules of ``table.py``: a peer's DEAD counts as a
+  SUSPECT (we check for ourselves), LEFT is taken, digests by version. ALIVE
+  members new to us are gossiped on only once we were joined: a joiner's
+  first table is news to nobody and re-gossiping it would flood the swarm;
+  after a healed partition it is news to our whole side. A TCP peer speaks
+  for the member it names only from that member's address; a peer we reaped
+  as dead is told so in our answer, so that it refutes.
+* **Bounded.** A payload is at most ``codec.MAX_PUSH_PULL`` bytes and
+  ``max_members + 1`` entries (the rest counted as TABLE_FULL); answers are
+  rate limited per source address like datagrams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+from agent.core.addr import Addr
+from agent.core.swim import codec
+from agent.core.swim.codec import Digests, Left, Suspect
+from agent.core.swim.events import DropReason, PushPull, TimerKind
+from agent.core.swim.members import ALIVE, DEAD, LEFT, SUSPECT, SelfInfo
+from agent.core.swim.params import Params
+from agent.core.swim.table import Table
+
+
+class Exchange(Table):
+    """Seeds, joining and push-pull (see the module docstring)."""
+
+    def __init__(self, me: SelfInfo, params: Params, rng: random.Random, now: float) -> None:
+        super().__init__(me, params, rng, now)
+        self.seeds_tried: tuple[Addr, ...] = ()
+        self.seeds_reached = False
+        self._seeds: list[Addr] = []
+        self._join_backoff = params.join_retry
+        self._next_push_pull = math.inf
+        self._next_join = math.inf
+        self._announced = False
+        #: a DEAD entry about the push-pull peer being answered (reaped here)
+        self._dead_sender: codec.Entry | None = None
+        self._push_pulls: list[PushPull] = []
+
+    def join(self, addrs: list[Addr], now: float) -> None:
+        """Push-pull with each address; unreached ones are retried (JOIN timer)."""
+        self._now = now
+        if self._leaving:
+            return
+        new = [a for a in dict.fromkeys(addrs) if a not in self._seeds]
+        self._seeds.extend(new)
+        self.seeds_tried = tuple(dict.fromkeys(self.seeds_tried + tuple(addrs)))
+        for addr in dict.fromkeys(addrs):
+            self._push_pull_to(addr, join=True)
+        if self._seeds and self._next_join == math.inf:
+            self._next_join = now + self._join_backoff
+            self._timer(self._next_join, TimerKind.JOIN)
+
+    def take_push_pulls(self) -> list[PushPull]:
+        out, self._push_pulls = self._push_pulls, []
+        return out
+
+    @property
+    def joined(self) -> bool:
+        """At least one ALIVE member."""
+        return any(m.status == ALIVE for m in self.members.values())
+
+    def handle_push_pull(self, data: bytes, src: Addr, now: float) -> bytes | None:
+        """Server side: merge the caller's table, answer with ours (None: refused)."""
+        self._now = now
+        if self._leaving:
+            self._drop(DropReason.LEAVING)
+            return None
+        if not self._admit(src[0], now):
+            self._drop(DropReason.RATE_LIMITED)
+            return None
+        if not self._merge_state(data, src, now, spread=self.joined):
+            return None
+        self.stats["push_pull_served"] += 1
+        return self._state_payload(join=False, dead=self._dead_sender)
+
+    def receive_push_pull_reply(self, data: bytes, src: Addr, now: float) -> None:
+        self._now = now
+        if self._leaving:
+            return
+        if self._merge_state(data, src, now, spread=self.joined) and src in self._seeds:
+            self.seeds_reached = True
+            if not self._announced:
+                self._announce()
+
+    def _announce(self) -> None:
+        """Once, when the first seed answered with its table: our ALIVE straight
+        to every member (as leave tells every member), so members that gossip
+        passes by under loss still learn of us at once. O(N), once per start."""
+        self._announced = True
+        # Members that joined at about the same time missed each other in
+        # their seeds' tables and rely on gossip; one early push-pull with a
+        # random member catches up with whatever gossip lost meanwhile.
+        catch_up = self._now + self.params.join_catch_up
+        if catch_up < self._next_push_pull:
+            self._next_push_pull = catch_up
+            self._timer(catch_up, TimerKind.PUSH_PULL)
+        item = codec.encode_update(self._own_alive())
+        for m in self.members.values():
+            if m.status in (ALIVE, SUSPECT):
+                self._send(m.addr, codec.GOSSIP, m, first=[item], piggyback=False)
+        self.stats["announced"] += 1
+
+    def push_pull_failed(self, addr: Addr, now: float) -> None:
+        self._now = now
+        self.stats["push_pull_failed"] += 1
+
+    def _merge_state(self, data: bytes, src: Addr, now: float, spread: bool) -> bool:
+        """Merge a peer's table with the gossip rules. ALIVE members new to us
+        are gossiped on (``spread``) only once we were joined: a joiner's
+        first table is news to nobody, and re-gossiping it would flood the
+        swarm; later (a partition healing, gossip that missed us) it is news
+        to our side too."""
+        try:
+            state = codec.decode_state(data, self.params.max_members)
+        except codec.SwimDecodeError as err:
+            self._drop(err.reason)
+            return False
+        if state.truncated:
+            self.stats[DropReason.TABLE_FULL.value] += state.truncated
+        first = state.entries[0]
+        sender = first.alive.node_id
+        if sender == self.me.node_id:
+            # We are in our own seed list.
+            self._seeds = [s for s in self._seeds if s != src]
+            self._drop(DropReason.FROM_SELF)
+            return False
+        self.stats["push_pull_merged"] += 1
+        tomb = self._tombs.get(sender)
+        self._dead_sender = None
+        if tomb is not None and tomb.status == DEAD and first.alive.incarnation <= tomb.incarnation:
+            # Reaped as dead here: our answer says so, so that it refutes.
+            self._dead_sender = codec.Entry(
+                dataclasses.replace(first.alive, incarnation=tomb.incarnation), DEAD, 0,
+                Digests(sender, 0, 0, codec.digest_hash(()), (), None))
+        # A TCP peer is not authenticated as the member it names: it speaks
+        # for it only from the member's known address (or as a new member).
+        self._apply(first.alive, now, src=(src[0], first.alive.port))
+        self._apply(first.digests, now, spread=False)
+        m = self.members.get(sender)
+        if m is not None and first.alive.incarnation >= m.incarnation:
+            m.lc = max(m.lc, first.lc)
+        for e in state.entries[1:]:
+            nid, inc = e.alive.node_id, e.alive.incarnation
+            if e.status == ALIVE:
+                self._apply(e.alive, now, spread=spread)
+            elif e.status == LEFT:
+                self._apply(Left(nid, inc), now)
+            elif nid in self.members or nid == self.me.node_id:
+                # A peer's DEAD is our SUSPECT (memberlist): we check for ourselves.
+                self._apply(e.alive, now, spread=False)
+                self._apply(Suspect(nid, inc, sender), now)
+            if e.status != LEFT and nid in self.members:
+                self._apply(e.digests, now, spread=False)
+        return True
+
+    def _state_payload(self, join: bool, dead: codec.Entry | None = None) -> bytes:
+        entries = [codec.Entry(self._own_alive(), ALIVE, self.lc, self._own_digests())]
+        if dead is not None:
+            entries.append(dead)
+        for m in self.members.values():
+            entries.append(codec.Entry(
+                self._alive_of(m), m.status, m.lc,
+                Digests(m.node_id, max(m.digests_version[0], 0),
+                        max(m.digests_version[1], 0), m.held_dhash, m.digests,
+                        m.app_healthy)))
+        return codec.encode_state(codec.State(join, tuple(entries)), self.params.max_members)
+
+    def _push_pull_to(self, addr: Addr, join: bool) -> None:
+        self._push_pulls.append(PushPull(addr, self._state_payload(join)))
+        self.stats["push_pulls_out"] += 1
+
+    def _push_pull_every(self) -> float:
+        n = len(self.members) + 1
+        scale = 1 if n <= 32 else math.ceil(math.log2(n) - math.log2(32)) + 1
+        return self.params.push_pull_interval * scale
+
+    def _periodic_push_pull(self, now: float) -> None:
+        self._next_push_pull = now + self._push_pull_every()
+        self._timer(self._next_push_pull, TimerKind.PUSH_PULL)
+        alive = [m for m in self.members.values() if m.status == ALIVE]
+        if alive:
+            self._push_pull_to(self.rng.choice(alive).addr, join=False)
+
+    def _retry_join(self, now: float) -> None:
+        if not self.seeds_reached:
+            for addr in self._seeds:
+                self._push_pull_to(addr, join=True)
+            self._join_backoff = min(self._join_backoff * 2, self.params.join_retry_max)
+            self._next_join = now + self._join_backoff
+        else:
+            # Seeds that are not members: groups that formed apart merge.
+            known = {m.addr for m in self.members.values() if m.status in (ALIVE, SUSPECT)}
+            for addr in self._seeds:
+                if addr not in known:
+                    self._push_pull_to(addr, join=True)
+            self._next_join = now + self.params.join_retry_max
+        if self._seeds:
+            self._timer(self._next_join, TimerKind.JOIN)
+        else:
+            self._next_join = math.inf
