@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import urllib.error
@@ -58,6 +59,7 @@ class Agent:
         self.name = name
         self.log = log
         self.submit = submit
+        self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
         self.key = name  # how the others' views name this agent
         self.source = ""  # where verdicts come from (hs-gossip: members or peers)
@@ -86,7 +88,8 @@ class HsgAgent(Agent):
         if interval:
             env["HS_GOSSIP_INTERVAL"] = str(interval)
         pre = ["ip", "netns", "exec", ns] if ns else []
-        self.pid = reg.spawn([*pre, *hsg_cli(), "run"], env, self.log).pid
+        self.proc = reg.spawn([*pre, *hsg_cli(), "run"], env, self.log)
+        self.pid = self.proc.pid
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://{self.api}{path}", timeout=3) as r:
@@ -136,7 +139,8 @@ class SerfAgent(Agent):
         if seed:
             cmd += ["-join", seed]
         pre = ["ip", "netns", "exec", ns] if ns else []
-        self.pid = reg.spawn([*pre, *cmd], dict(os.environ), self.log).pid
+        self.proc = reg.spawn([*pre, *cmd], dict(os.environ), self.log)
+        self.pid = self.proc.pid
 
     def members(self) -> list[dict[str, Any]]:
         try:
@@ -206,6 +210,11 @@ def wait_up(agents: list[Agent], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = list(agents)
     while pending:
+        for a in pending:
+            if a.proc is not None and a.proc.poll() is not None:
+                tail = a.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{a.kind} {a.name} exited with {a.proc.returncode}; "
+                                   f"{a.log}:\n{tail}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{[a.name for a in pending]} never answered; logs: "
                                + ", ".join(str(a.log) for a in pending[:3]))
