@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import msgpack
@@ -189,3 +190,28 @@ def test_push_pull_payload_stays_under_its_limit() -> None:
     with pytest.raises(SwimDecodeError) as e:
         codec.decode_state(codec.encode_packet(Packet(ACK, CARD, seq=1)), 4096)
     assert e.value.reason == DropReason.DECODE_TYPE
+
+
+def test_a_digest_list_larger_than_a_datagram_goes_in_parts() -> None:
+    many = tuple(Digest(f"collection-{i:03d}" * 4, bytes([i]) * 32, 10**9, 0) for i in range(50))
+    u = Digests(B, 1, 3, codec.digest_hash(many), many, True)
+    parts = codec.digests_parts(u)
+    assert 1 < len(parts) <= codec.MAX_PARTS
+    got = []
+    for p in parts:
+        data = codec.assemble(Packet(PING, CARD, seq=1, target=B), first=[codec.encode_update(p)])
+        assert len(data) <= wire.PAYLOAD_BUDGET
+        (d,) = codec.decode_packet(data).updates
+        assert isinstance(d, Digests) and (d.part, d.parts) == (p.part, len(parts))
+        got.extend(d.digests)
+    assert tuple(got) == many
+    # A small list stays one update, encoded as before (no part fields).
+    (one,) = codec.digests_parts(dataclasses.replace(u, digests=DIG))
+    assert one.parts == 1 and len(msgpack.unpackb(codec.encode_update(one))) == 7
+
+
+@pytest.mark.parametrize(("part", "parts"), [(3, 3), (0, 17), (-1, 2)])
+def test_digest_parts_out_of_range_are_refused(part: int, parts: int) -> None:
+    bad = [codec.U_DIGESTS, B, 1, 1, b"h" * 8, [], None, part, parts]
+    with pytest.raises(SwimDecodeError):
+        codec.decode_packet(body([A, 1, 2, b"h" * 8, 0, [bad], 7, B]))

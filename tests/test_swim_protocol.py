@@ -545,3 +545,32 @@ def test_alive_news_at_the_incarnation_we_hold_dead_makes_us_gossip_the_death_ag
     told = [u for s in core.take_outgoing() for u in codec.decode_packet(s.data).updates
             if isinstance(u, codec.Dead) and u.node_id == victim]
     assert told
+
+
+MANY = tuple(Digest(f"collection-{i:03d}" * 4, bytes([i]) * 32, 10**9, 0) for i in range(50))
+
+
+def test_a_digest_list_larger_than_a_datagram_reaches_every_member() -> None:
+    net = swarm(seed=23)
+    net.run(20)
+    a1 = addr_of(1)
+    # Only its broadcast can carry the list: the owner's bare probes are lost.
+    net.drop = lambda s, d, data: s == a1 and not codec.decode_packet(data).updates
+    net.core(1).set_digests(MANY)
+    net._drain(a1)
+    owner = net.core(1).me.node_id
+    took = net.run_until(lambda: all(net.core(i).members[owner].digests == MANY
+                                     for i in ALL if i != 1), timeout=5)
+    assert took < net.params.probe_interval
+    assert all(DigestsChanged(owner) in net.events[addr_of(i)] for i in ALL if i != 1)
+
+
+def test_a_large_digest_list_missed_by_gossip_is_fetched_in_parts() -> None:
+    net = swarm(seed=24)
+    net.run(20)
+    net.core(1).set_digests(MANY)
+    net.core(1)._bq = type(net.core(1)._bq)(4, 16)  # its broadcast is lost
+    net._drain(addr_of(1))
+    owner = net.core(1).me.node_id
+    net.run_until(lambda: all(net.core(i).members[owner].digests == MANY
+                              for i in ALL if i != 1), timeout=30)

@@ -25,6 +25,7 @@ Rules (those of :mod:`agent.core.wire`, which this module reuses):
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,12 @@ ID_LEN = wire.NODE_ID_LEN
 MAX_PUSH_PULL = 1 << 20
 #: the smallest encoded push-pull entry is larger than this
 MIN_ENTRY = 40
+#: a digest list goes in at most this many DIGESTS updates
+MAX_PARTS = 16
+#: room for one DIGESTS part: a datagram less its envelope, card and probe fields
+PART_BUDGET = wire.PAYLOAD_BUDGET - 128
+#: room for a member's digest list in a push-pull entry (MAX_LIST digests fit)
+ENTRY_DIGESTS_BUDGET = 64 * 1024
 #: flags bit: the sender asks for our card: our ALIVE and DIGESTS updates
 WANT_DIGESTS = 1
 
@@ -122,6 +129,9 @@ class Digests:
     dhash: bytes
     digests: tuple[Digest, ...]
     app_healthy: bool | None = None
+    #: a list larger than a datagram goes in ``parts`` updates (0-based ``part``)
+    part: int = 0
+    parts: int = 1
 
 
 Update = Alive | Suspect | Dead | Left | Digests
@@ -219,13 +229,41 @@ def _array_header(n: int) -> bytes:
 
 
 def encode_digests_body(u: Digests, budget: int) -> bytes:
-    """A DIGESTS update as an array, its digest list cut to fit ``budget``."""
+    """A DIGESTS update as an array, its digest list cut to fit ``budget``.
+    A part of a larger list carries (part, parts) as two trailing fields."""
     head = _pack([U_DIGESTS, u.node_id, _n(u.incarnation), _n(u.version), u.dhash])
     tail = _pack(u.app_healthy)
+    n_fields = 7
+    if u.parts > 1:
+        tail += _pack(_n(u.part, MAX_PARTS - 1)) + _pack(_n(u.parts, MAX_PARTS))
+        n_fields = 9
     room = budget - len(head) - len(tail) - 3 - 1
     items = _digest_list(u.digests, room)
-    # head is a packed 5-array: replace its header with a 7-array header
-    return _array_header(7) + head[1:] + _array_header(len(items)) + b"".join(items) + tail
+    # head is a packed 5-array: replace its header with the full array's
+    return (_array_header(n_fields) + head[1:] + _array_header(len(items)) + b"".join(items)
+            + tail)
+
+
+def digests_parts(u: Digests, budget: int = PART_BUDGET) -> list[Digests]:
+    """``u`` split into DIGESTS updates that each encode within ``budget``
+    (at most MAX_PARTS of them: digests beyond are left out)."""
+    fixed = len(encode_digests_body(dataclasses.replace(u, digests=(), part=0,
+                                                        parts=MAX_PARTS), budget))
+    chunks: list[list[Digest]] = [[]]
+    room = budget - fixed - 2  # the list header may grow to 3 bytes
+    for d in u.digests[:MAX_LIST]:
+        size = len(_pack(_digest_fields(d)))
+        if size > room and chunks[-1]:
+            if len(chunks) == MAX_PARTS:
+                break
+            chunks.append([])
+            room = budget - fixed - 2
+        chunks[-1].append(d)
+        room -= size
+    if len(chunks) == 1:
+        return [dataclasses.replace(u, digests=tuple(chunks[0]), part=0, parts=1)]
+    return [dataclasses.replace(u, digests=tuple(c), part=i, parts=len(chunks))
+            for i, c in enumerate(chunks)]
 
 
 def encode_update(u: Update, budget: int = wire.PAYLOAD_BUDGET - 64) -> bytes:
@@ -293,7 +331,7 @@ def encode_packet(p: Packet, budget: int = wire.PAYLOAD_BUDGET) -> bytes:
 def _entry_bytes(e: Entry) -> bytes:
     fields = [*_alive_fields(e.alive), _n(e.status, 3), _n(e.lc)]
     return (_array_header(len(fields) + 1) + b"".join(_pack(x) for x in fields)
-            + encode_digests_body(e.digests, wire.PAYLOAD_BUDGET))
+            + encode_digests_body(e.digests, ENTRY_DIGESTS_BUDGET))
 
 
 def encode_state(s: State, max_members: int, limit: int = MAX_PUSH_PULL) -> bytes:
@@ -381,9 +419,15 @@ def _alive(f: list[Any]) -> Alive:
 
 
 def _digests_update(f: list[Any]) -> Digests:
-    """DIGESTS fields from f[0:6] (node_id .. app_healthy)."""
+    """DIGESTS fields from f[0:6] (node_id .. app_healthy), then (part, parts)."""
+    part, parts = 0, 1
+    if len(f) >= 8:
+        parts = _int(f[7], MAX_PARTS)
+        part = _int(f[6], MAX_PARTS - 1)
+        if not part < parts:
+            raise SwimDecodeError(_FIELD)
     return Digests(_id(f[0]), _int(f[1]), _int(f[2]), _bytes(f[3], DHASH_LEN, DHASH_LEN),
-                   _digests(f[4]), _opt_bool(f[5]))
+                   _digests(f[4]), _opt_bool(f[5]), part, parts)
 
 
 def _update(v: Any) -> Update:
@@ -397,7 +441,7 @@ def _update(v: Any) -> Update:
     if kind == U_LEFT and len(f) >= 3:
         return Left(_id(f[1]), _int(f[2]))
     if kind == U_DIGESTS and len(f) >= 7:
-        return _digests_update(f[1:7])
+        return _digests_update(f[1:9])
     raise SwimDecodeError(_FIELD)
 
 
@@ -471,7 +515,7 @@ def decode_state(data: bytes, max_members: int) -> State:
         for v in raw[: max_members + 1]:
             e = _list(v, 11)
             entries.append(Entry(_alive(e[0:8]), _int(e[8], 3), _int(e[9]),
-                                 _digests_update(_list(e[10], 7)[1:7])))
+                                 _digests_update(_list(e[10], 7)[1:9])))
         return State(f[0], tuple(entries), max(len(raw) - max_members - 1, 0))
     except SwimDecodeError:
         raise

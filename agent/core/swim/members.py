@@ -12,7 +12,7 @@ Rules (the listing rules the shell applies, kept true by the protocol):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.core.addr import Addr
 from agent.core.wire import Digest
@@ -63,6 +63,9 @@ class Member:
     digests_version: tuple[int, int] = (-1, -1)
     #: hash of ``digests`` as held (differs from dhash while they lag)
     held_dhash: bytes = b""
+    #: parts of a digest list larger than a datagram, gathered for one version
+    parts_version: tuple[int, int] = (-1, -1)
+    parts: dict[int, tuple[Digest, ...]] = field(default_factory=dict)
     #: when we last asked it for, or sent it, a full digest list
     digests_asked: float = -1e18
     digests_sent: float = -1e18

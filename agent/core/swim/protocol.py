@@ -98,6 +98,9 @@ from agent.core.swim.params import Params
 from agent.core.swim.table import EPS, LC_STEP, NACK_FRACTION
 from agent.core.wire import JS_SAFE, Digest
 
+#: a digest list this small rides in the reply itself; a larger one gets its
+#: own datagrams
+SMALL_DIGESTS = 600
 #: direct pings re-sent after the probe timeout (at the timeout, and halfway
 #: from there to the end of the period)
 DIRECT_RETRIES = 2
@@ -297,12 +300,17 @@ class Swim(Exchange):
         if self._tell_dead:
             first.append(self._tell_dead)
             self._tell_dead = b""
+        parts: list[bytes] = []
         if wants and (m is None or now - m.digests_sent >= self.params.digests_answer_every):
             if m is not None:
                 m.digests_sent = now
             first.append(codec.encode_update(self._own_alive()))
-            first.append(codec.encode_update(self._own_digests()))
+            parts = [codec.encode_update(p) for p in codec.digests_parts(self._own_digests())]
+            if len(parts) == 1 and len(parts[0]) <= SMALL_DIGESTS:
+                first.append(parts.pop())
         self._send(addr, ptype, m, seq=seq, first=first, ask=ask)
+        for part in parts:  # a larger list: one datagram per part
+            self._send(addr, codec.GOSSIP, m, first=[part], piggyback=False)
 
     def _on_card(self, card: Card, src: Addr, now: float, own: bool) -> Member | None:
         """The sender's card: its clock, its digest hash, a sign of life."""

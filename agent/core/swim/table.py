@@ -307,17 +307,38 @@ class Table:
             return
         if u.incarnation > m.incarnation + INCARNATION_STEP:
             return self._drop(DropReason.INCARNATION_JUMP)
+        digests = u.digests
+        if u.parts > 1:
+            # A list larger than a datagram comes in parts: gossip each new
+            # part on, take the list once every part of this version is here.
+            if m.parts_version != version:
+                m.parts_version, m.parts = version, {}
+            if u.part in m.parts:
+                return
+            m.parts[u.part] = u.digests
+            if spread:
+                self._broadcast(self._digests_key(m.node_id, u), codec.encode_update(u))
+            if not all(i in m.parts for i in range(u.parts)):
+                return
+            digests = tuple(d for i in range(u.parts) for d in m.parts[i])
+            m.parts_version, m.parts = (-1, -1), {}
         m.digests_version = version
         m.app_healthy = u.app_healthy
         if u.incarnation >= m.incarnation:
             m.dhash = u.dhash
-        held = codec.digest_hash(u.digests)
+        held = codec.digest_hash(digests)
         changed = held != m.held_dhash
-        m.digests, m.held_dhash = u.digests, held
+        m.digests, m.held_dhash = digests, held
         if changed:
             self._events.append(DigestsChanged(m.node_id))
-            if spread:
-                self._broadcast(m.node_id + _DIGESTS_KEY, codec.encode_update(u))
+            if spread and u.parts == 1:
+                self._broadcast(self._digests_key(m.node_id, u), codec.encode_update(u))
+
+    @staticmethod
+    def _digests_key(node_id: bytes, u: Digests) -> bytes:
+        """Queue key of a DIGESTS update: apart from the member's ALIVE/SUSPECT/
+        DEAD item (keyed by the bare node id), one per part."""
+        return node_id + _DIGESTS_KEY + (bytes([u.part]) if u.parts > 1 else b"")
 
     def _about_me(self, u: codec.Update) -> None:
         """News about ourselves: refute what would make others drop us."""
@@ -409,8 +430,8 @@ class Table:
 
     def _meta_changed(self) -> None:
         self._meta_version = min(self._meta_version + 1, JS_SAFE)
-        self._broadcast(self.me.node_id + _DIGESTS_KEY,
-                        codec.encode_update(self._own_digests()))
+        for part in codec.digests_parts(self._own_digests()):
+            self._broadcast(self._digests_key(self.me.node_id, part), codec.encode_update(part))
 
     def _broadcast(self, key: bytes, item: bytes) -> None:
         self._bq.put(key, item)
