@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from agent.core import wire
 from agent.core.swim import (
     ALIVE,
@@ -143,9 +141,6 @@ def test_a_restart_after_leaving_comes_back_once() -> None:
 # --- what a member advertises -------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="codec.encode_digests_body cuts a DIGESTS update "
-                   "to one datagram (and push-pull entries the same way): the collections "
-                   "beyond the first ~15-40 never reach peers, so they are never synced")
 def test_every_collection_of_a_member_reaches_its_peers() -> None:
     """An agent with many collections (long names): peers learn every one of
     them, so Merkle sync covers them all (the list is larger than a datagram)."""

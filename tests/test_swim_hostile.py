@@ -415,8 +415,6 @@ def test_floods_of_strangers_fill_the_table_no_further() -> None:
     bounded(s.core)
 
 
-@pytest.mark.xfail(strict=True, reason="Swim._order grows by one entry per forged "
-                   "DEAD/ALIVE cycle (protocol.py _alive: restart inserts into _order)")
 def test_probe_order_stays_bounded_when_a_member_is_cycled_dead_and_alive() -> None:
     p = Params(max_members=8)
     s = Solo(p)
@@ -489,8 +487,6 @@ def test_a_suspicion_raised_by_a_forged_message_is_refuted_by_the_live_member() 
         assert MemberFailed(net.core(2).me.node_id) not in net.events[addr_of(i)]
 
 
-@pytest.mark.xfail(strict=True, reason="protocol.py _apply: a gossiped DEAD at the "
-                   "member's incarnation is applied at once, from anyone")
 @pytest.mark.parametrize("sender", [None, X], ids=["unauthenticated", "insider"])
 def test_a_forged_dead_kills_no_faster_than_the_suspicion_timeout(
         sender: bytes | None) -> None:
@@ -539,9 +535,6 @@ def test_forged_news_about_ourselves_cannot_push_our_incarnation_far() -> None:
     assert s.core.me.incarnation == 1  # an ordinary suspicion is refuted
 
 
-@pytest.mark.xfail(strict=True, reason="protocol.py _merge_state: the first push-pull "
-                   "entry is applied with own=True whoever sent it (handle_push_pull has "
-                   "no authenticated sender): incarnation and address are taken over")
 @pytest.mark.parametrize("jump", [17, 10**9])
 def test_a_push_pull_in_a_members_name_cannot_jump_its_incarnation(jump: int) -> None:
     s = Solo()
@@ -588,9 +581,6 @@ def test_a_card_naming_another_node_than_the_sender_is_refused(ptype: int) -> No
 # --- digests ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="protocol.py _apply_digests: hearsay DIGESTS with a "
-                   "far-ahead version (same incarnation) outranks the member's own later "
-                   "list until its incarnation rises")
 def test_hearsay_digests_cannot_outrank_the_members_own_word() -> None:
     s = Solo()
     s.hello(2)
