@@ -171,10 +171,7 @@ def test_a_stale_word_from_elsewhere_does_not_move_a_member() -> None:
     assert a.members[nb].addr == new
 
 
-@pytest.mark.parametrize("kind", ["older_incarnation", pytest.param("implausible", marks=(
-    pytest.mark.xfail(strict=True, reason="protocol.py Swim._on_card: a card far ahead is "
-                      "refused (INCARNATION_JUMP) but then passes `card.incarnation >= "
-                      "m.incarnation`, so its lc and dhash are taken")))])
+@pytest.mark.parametrize("kind", ["older_incarnation", "implausible"])
 def test_refused_news_changes_nothing_of_the_member(kind: str) -> None:
     """An old process's datagram (a lower incarnation) or a forged one far
     ahead moves none of the member's card: address, ports, name, clock,

@@ -101,9 +101,6 @@ def test_seeds_from_many_beacons_stay_bounded() -> None:
     assert seeds.extra == newest
 
 
-@pytest.mark.xfail(strict=True, reason="agent/core/swim/protocol.py Swim.join: every "
-                   "address it is given stays in _seeds and seeds_tried for good, and "
-                   "_retry_join push-pulls all of them")
 def test_a_core_fed_by_many_beacons_keeps_its_seeds_bounded() -> None:
     """Seeds forgets all but MAX_EXTRA discovered agents; the core it feeds
     must not remember (and retry) every one of them instead."""

@@ -64,18 +64,32 @@ class Exchange(Table):
         self._push_pulls: list[PushPull] = []
 
     def join(self, addrs: list[Addr], now: float) -> None:
-        """Push-pull with each address; unreached ones are retried (JOIN timer)."""
+        """Push-pull with each address; unreached ones are retried (JOIN timer).
+        At most ``max_seeds`` are kept (see :meth:`_bounded`)."""
         self._now = now
         if self._leaving:
             return
-        new = [a for a in dict.fromkeys(addrs) if a not in self._seeds]
-        self._seeds.extend(new)
-        self.seeds_tried = tuple(dict.fromkeys(self.seeds_tried + tuple(addrs)))
-        for addr in dict.fromkeys(addrs):
-            self._push_pull_to(addr, join=True)
+        given = list(dict.fromkeys(addrs))
+        self._seeds = self._bounded(self._seeds + [a for a in given if a not in self._seeds])
+        tried = list(self.seeds_tried)
+        self.seeds_tried = tuple(self._bounded(tried + [a for a in given if a not in tried]))
+        kept = set(self._seeds)
+        for addr in given:
+            if addr in kept:
+                self._push_pull_to(addr, join=True)
         if self._seeds and self._next_join == math.inf:
             self._next_join = now + self._join_backoff
             self._timer(self._next_join, TimerKind.JOIN)
+
+    def _bounded(self, addrs: list[Addr]) -> list[Addr]:
+        """The first quarter of ``max_seeds`` addresses ever given (configured
+        seeds come first) and the most recent others: discovery cannot make
+        us remember and retry an unbounded list."""
+        limit = self.params.max_seeds
+        if len(addrs) <= limit:
+            return addrs
+        keep = limit // 4
+        return addrs[:keep] + addrs[len(addrs) - (limit - keep):]
 
     def take_push_pulls(self) -> list[PushPull]:
         out, self._push_pulls = self._push_pulls, []

@@ -57,6 +57,9 @@ class Params:
     #: joined, seeds that are not members are retried every join_retry_max.
     join_retry: float = 1.0
     join_retry_max: float = 30.0
+    #: seed addresses kept and retried (configured ones first, then the most
+    #: recent discovered ones)
+    max_seeds: int = 64
     #: Lifeguard local health: the multiplier goes up to max_awareness + 1
     max_awareness: int = 8
     #: members held (all statuses); unknown members beyond are refused

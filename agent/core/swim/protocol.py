@@ -332,7 +332,8 @@ class Swim(Exchange):
         elif m.status in (ALIVE, SUSPECT):
             m.last_alive = now
             m.src = src
-        if card.incarnation >= m.incarnation:
+        if card.incarnation == m.incarnation:
+            # Only a card we took (not one refused as far ahead) moves these.
             m.lc = max(m.lc, card.lc)
             m.dhash = card.dhash
         return m
