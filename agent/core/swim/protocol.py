@@ -208,6 +208,11 @@ class Swim(Exchange):
         out, self._events = self._events, []
         return out
 
+    @property
+    def leaving(self) -> bool:
+        """We called :meth:`leave`: nothing more is answered."""
+        return self._leaving
+
     def health_score(self) -> int:
         """Lifeguard awareness score (0 = healthy)."""
         return self._aware.score
