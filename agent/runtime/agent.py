@@ -72,7 +72,14 @@ from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.seeds import Seeds, resolve
 from agent.runtime.timers import TimerHeap
-from agent.runtime.view import AgentView, ApiServer, Controls, build_view, role_name
+from agent.runtime.view import (
+    AgentView,
+    ApiServer,
+    Controls,
+    build_view,
+    role_name,
+    seed_state,
+)
 from agent.store.store import wall_ms
 
 if TYPE_CHECKING:
@@ -130,6 +137,8 @@ class Agent:
     faults: Faults = NO_FAULTS
     #: says when no seed has answered (agent.runtime.joining)
     seed_watch: SeedWatch = field(default_factory=SeedWatch)
+    #: how late the membership loop wakes (agent.runtime.supervision)
+    lag: supervision.LagMeter = field(init=False)
     replication: Replication | None = None
     #: every datagram of both UDP sockets (gossip, discovery) crosses this;
     #: None: built from the key settings at start
@@ -158,6 +167,7 @@ class Agent:
         log.debug("random seed %d (HS_GOSSIP_SEED replays this run's choices)", self.seed.value)
         self.core = Swim(me, params, self.seed.rng_for("membership"), now=0.0)
         self.seeds = Seeds(self._join, cfg.peers)
+        self.lag = supervision.LagMeter(self._record_loop_lag)
 
     # --- the view the face reads -------------------------------------------
 
@@ -252,9 +262,7 @@ class Agent:
             tg.start_soon(self.replication.run)
             tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain,
                           self.replication.min_needed_seq)
-            tg.start_soon(supervision.loop_lag_monitor, self._record_loop_lag)
             tg.start_soon(supervision.trim_memory)
-            tg.start_soon(self.seed_watch.run, self.core)
             self._start_optional_services(tg)
             for svc in self.services:
                 tg.start_soon(svc, self)
@@ -351,9 +359,12 @@ class Agent:
 
     def _publish_digests(self) -> None:
         if self.store is not None:
+            before = self.core.digests
             self.core.set_digests([
                 wire.Digest(c.name, c.state_hash, c.count, c.horizon >> clock.COUNTER_BITS)
                 for c in self.store.digests()])
+            if self.core.digests != before and hasattr(self, "sync"):
+                self.sync.poke()
 
     def sync_targets(self) -> list[tuple[str, str, int, dict[str, bytes], dict[str, int]]]:
         """Healthy peers with the digests they last sent us directly."""
@@ -536,8 +547,11 @@ class Agent:
 
     async def _timer_loop(self) -> None:
         """Fire the core's timers as they fall due, and once per interval do
-        the agent's own rounds: publish digests, advance the logical clock,
-        save a raised incarnation, look seeds up again while alone."""
+        the agent's own round: publish digests, advance the logical clock,
+        save a raised incarnation, see whether a seed answered, look seeds up
+        again while alone. The round rides on the probe timer's wakeup (up
+        to half an interval late) rather than waking the process on its own:
+        an idle agent's CPU is mostly the cost of waking up."""
         interval = self.cfg.interval
         next_round = anyio.current_time()
         while True:
@@ -552,11 +566,13 @@ class Agent:
                 self._publish_digests()
                 self.core.bump_lc()
                 self._save_identity()
+                self.seed_watch.update(*seed_state(self.core), now)
                 if not self.core.joined and self.cfg.peers:
                     await self.seeds.refresh()
             await self._flush()
             self.last_tick = now
-            await self.timers.wait(max(0.0, next_round - anyio.current_time()))
+            deadline = await self.timers.wait(next_round + interval / 2)
+            self.lag.woke(deadline, anyio.current_time())
 
     def _on_event(self, ev: Event) -> None:
         nid = _short(getattr(ev, "node_id", b""))
@@ -578,8 +594,8 @@ class Agent:
             log.warning("refuting a suspicion: incarnation now %d", ev.incarnation)
             self._ident_pending = ev.incarnation
             self._save_identity()
-        elif isinstance(ev, DigestsChanged):
-            pass  # the sync service reads members' digests each interval
+        elif isinstance(ev, DigestsChanged) and hasattr(self, "sync"):
+            self.sync.poke()
 
     def _save_identity(self, force: bool = False) -> None:
         """Write the pending incarnation, unless one was written less than

@@ -34,8 +34,6 @@ log = logging.getLogger("hs_gossip")
 #: seconds an agent tries its seeds without reaching any member before it
 #: says so (memberlist's join gives up on a seed after 10 s too)
 SEED_WARN_AFTER = 10.0
-#: how often the watch looks (seconds)
-SEED_WATCH_EVERY = 1.0
 #: longest a join waits for one name to resolve (seconds)
 RESOLVE_TIMEOUT = 5.0
 #: seeds named in the warning; the rest are counted
@@ -67,9 +65,9 @@ async def join(core: Swim, seeds: Seeds, addrs: Sequence[HostPort],
 
 class SeedWatch:
     """Whether the seeds tried have reached the swarm, and since when.
-    :meth:`view` brings it up to date (so a view is never stale) and
-    :meth:`run` does every second, so the warning is logged even when
-    nothing reads the view."""
+    :meth:`view` brings it up to date (so a view is never stale) and the
+    agent's once-an-interval round calls :meth:`update`, so the warning is
+    logged even when nothing reads the view."""
 
     def __init__(self, warn_after: float = SEED_WARN_AFTER) -> None:
         self.warn_after = warn_after
@@ -96,11 +94,6 @@ class SeedWatch:
         return SeedsView(tried=tuple(str(HostPort(*a)) for a in self._tried),
                          reached=self._state == "reached",
                          since_secs=round(now - self._since, 1), warning=self._warning)
-
-    async def run(self, core: Swim) -> None:
-        while True:
-            self.update(*seed_state(core), anyio.current_time())
-            await anyio.sleep(SEED_WATCH_EVERY)
 
 
 def _warning(tried: tuple[Addr, ...], secs: float) -> str:

@@ -5,8 +5,10 @@
   stuck await) therefore stops the pings and systemd restarts the unit after
   ``WatchdogSec``; a blocked event loop stops them too, since this task cannot
   run either.
-* ``loop_lag_monitor``: how late a short timer fires, the best cheap measure of
-  an event loop that is overloaded or blocked by synchronous work.
+* ``LagMeter``: how late the membership loop's timers fire, the best cheap
+  measure of an event loop that is overloaded or blocked by synchronous
+  work. It rides on wakeups the agent has anyway (a timer of its own would
+  cost an idle agent two more wakeups a second).
 
 Both take what they read and report as plain functions, so this module knows
 nothing of the agent that runs them.
@@ -24,7 +26,6 @@ from agent.runtime.sdnotify import Notifier
 
 log = logging.getLogger("hs_gossip.supervision")
 
-LAG_PERIOD = 0.5
 #: the tick loop counts as alive when its last tick is at most this many
 #: intervals old (ticks are jittered by +-10% and a tick may wait on a flush)
 TICK_GRACE_INTERVALS = 3.0
@@ -91,14 +92,18 @@ async def trim_memory() -> None:
         await anyio.sleep(TRIM_EVERY)
 
 
-async def loop_lag_monitor(report: Callable[[float], None]) -> None:
-    """Calls ``report(seconds late)`` every LAG_PERIOD."""
-    worst_logged = 0.0
-    while True:
-        start = anyio.current_time()
-        await anyio.sleep(LAG_PERIOD)
-        lag = max(0.0, anyio.current_time() - start - LAG_PERIOD)
-        report(lag)
-        if lag > 1.0 and lag > 2 * worst_logged:
+class LagMeter:
+    """Calls ``report(seconds late)`` each time a task that slept until a
+    deadline wakes (:meth:`woke`), and logs a lag above a second when it is
+    twice the worst logged so far."""
+
+    def __init__(self, report: Callable[[float], None]) -> None:
+        self.report = report
+        self.worst_logged = 0.0
+
+    def woke(self, deadline: float, now: float) -> None:
+        lag = max(0.0, now - deadline)
+        self.report(lag)
+        if lag > 1.0 and lag > 2 * self.worst_logged:
             log.warning("event loop ran %.2fs late", lag)
-            worst_logged = lag
+            self.worst_logged = lag

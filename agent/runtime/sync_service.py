@@ -244,6 +244,10 @@ async def sync_once(store: Store, host: str, port: int, name: str,
     return result
 
 
+#: intervals between two plans while every peer's digests match ours and
+#: nothing pokes the service (a safety net: changes poke it at once)
+IDLE_PLAN_INTERVALS = 5
+
 #: a handler for connections whose first frame starts with its byte: it gets
 #: the connection and that frame, and must bound its own time and memory
 Route = Callable[[Framed, bytes], Awaitable[None]]
@@ -331,6 +335,7 @@ class SyncService:
         self.serving: dict[str, int] = {}  # source host -> sessions served now
         self.stats: dict[str, int] = {}
         self.refused = RefusalLog(self.stats)
+        self._poked = anyio.Event()
         #: other kinds of connection on this listener, by first byte
         self.routes: dict[int, Route] = {}
         #: long-lived kinds (the change-log stream): no session deadline, no
@@ -378,8 +383,14 @@ class SyncService:
         finally:
             release()
 
+    def poke(self) -> None:
+        """A digest changed (ours or a peer's): plan now."""
+        self._poked.set()
+
     async def run(self, peers: Any) -> None:
-        """``peers()`` returns [(peer_key, host, sync_port, {collection: state_hash},
+        """Plan sessions each interval while some peer differs from us, else
+        when poked (at least every IDLE_PLAN_INTERVALS). ``peers()`` returns
+        [(peer_key, host, sync_port, {collection: state_hash},
         {collection: tombstone horizon ms})]."""
         async with anyio.create_task_group() as tg:
             while True:
@@ -391,7 +402,14 @@ class SyncService:
                 for key, name in plan:
                     _, host, port, _, horizons = targets[key]
                     tg.start_soon(self._one, key, host, port, name, horizons.get(name, 0))
-                await anyio.sleep(self.interval)
+                # In step with every peer: nothing to plan until a digest
+                # changes (poke) or a while has passed; otherwise look again
+                # next interval (sessions in flight, pairs cooling down).
+                in_step = not plan and all(p[3] == ours for p in current)
+                self._poked = anyio.Event()
+                with anyio.move_on_after(self.interval * (IDLE_PLAN_INTERVALS if in_step
+                                                          else 1)):
+                    await self._poked.wait()
 
     async def _one(self, key: str, host: str, port: int, name: str, horizon_ms: int) -> None:
         ok = False

@@ -5,13 +5,14 @@ cancels; a timer that no longer applies is ignored by the core when it fires.
 So the heap only grows by what the core asked for and shrinks as deadlines
 pass, and :meth:`TimerHeap.due` costs O(log n) per fired timer. The task
 that waits on it sleeps until the earliest deadline, or until an earlier one
-is added (:meth:`wait` returns then, so the caller recomputes).
+is added (:meth:`wait` returns then, so the caller recomputes). A timer the
+core says it no longer wants is dropped before the wait instead of waking it.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 import anyio
@@ -55,11 +56,17 @@ class TimerHeap(Generic[T]):
             out.append(heapq.heappop(self._heap)[2])
         return out
 
-    async def wait(self, at_most: float) -> None:
-        """Checkpoint. Sleep until the earliest deadline but at most
-        ``at_most`` seconds, or until an earlier timer is added."""
+    async def wait(self, until: float, live: Callable[[T], bool] | None = None) -> float:
+        """Checkpoint. Sleep until the earliest deadline but not past
+        ``until``, or until an earlier timer is added. Timers at the top
+        that ``live`` says no longer matter are dropped first, so a
+        cancelled timer costs no wakeup. Returns the deadline it slept
+        towards (to tell how late the loop woke)."""
         self._wake = anyio.Event()
-        now = anyio.current_time()
-        deadline = min(self._heap[0][0], now + at_most) if self._heap else now + at_most
-        with anyio.move_on_after(max(0.0, deadline - now)):
+        if live is not None:
+            while self._heap and not live(self._heap[0][2]):
+                heapq.heappop(self._heap)
+        deadline = min(self._heap[0][0], until) if self._heap else until
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             await self._wake.wait()
+        return deadline
