@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -26,11 +27,13 @@ from agent.core.addr import Addr
 from agent.core.swim import (
     ALIVE,
     DEAD,
+    LEFT,
     SUSPECT,
     DropReason,
     MemberFailed,
     Params,
     SelfInfo,
+    Send,
     Swim,
     TimerKind,
     codec,
@@ -88,6 +91,7 @@ class Solo:
         self.timers: list[tuple[float, int, Any]] = []
         self.n = 0
         self.events: list[Any] = []
+        self.sent: list[Send] = []
         self.core.start(self.now, [])
         self.drain()
 
@@ -98,6 +102,7 @@ class Solo:
         for s in self.core.take_outgoing():
             assert len(s.data) <= wire.PAYLOAD_BUDGET
             codec.decode_packet(s.data)  # a peer must accept what we send
+            self.sent.append(s)
         for pp in self.core.take_push_pulls():
             codec.decode_state(pp.data, self.params.max_members)
         self.events.extend(self.core.take_events())
@@ -591,3 +596,184 @@ def test_hearsay_digests_cannot_outrank_the_members_own_word() -> None:
     s.feed(pkt(codec.GOSSIP, M, [Digests(M, 0, 1, codec.digest_hash(real), real)]),
            addr_of(2), M)
     assert s.core.members[M].digests == real
+
+
+# --- forged acks --------------------------------------------------------------------
+
+
+PROBING = (TimerKind.PROBE, TimerKind.PROBE_TIMEOUT, TimerKind.PROBE_END)
+
+
+def pings_to(s: Solo, node_id: bytes, since: int = 0) -> list[Packet]:
+    out = []
+    for sent in s.sent[since:]:
+        p = codec.decode_packet(sent.data)
+        if p.type == codec.PING and p.target == node_id:
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("acker", ["stranger", "member not asked"])
+def test_an_ack_from_anyone_but_the_target_or_a_helper_keeps_no_dead_member_alive(
+        acker: str) -> None:
+    """An on-path forger sees our pings to a dead member and answers them."""
+    s = Solo(kinds=PROBING)
+    s.hello(2)
+    s.hello(3)
+    forger, src = (X, ATTACKER) if acker == "stranger" else (node_id_of(3), addr_of(3))
+    seen = 0
+    while s.now < 5.0 and s.status() == ALIVE:
+        s.run_to(s.now + 0.05)
+        asked = {codec.decode_packet(x.data).seq for x in s.sent
+                 if codec.decode_packet(x.data).type == codec.PING_REQ}
+        for p in pings_to(s, M, seen):
+            if p.seq not in asked:  # once 3 is asked to help, it may relay an ack
+                s.feed(pkt(codec.ACK, forger, seq=p.seq), src)
+        seen = len(s.sent)
+    assert s.status() == SUSPECT
+    assert s.core.stats[DropReason.WRONG_ACKER.value] > 0
+
+
+def test_probe_numbers_cannot_be_guessed_from_the_last_one() -> None:
+    s = Solo(kinds=PROBING)
+    for i in range(2, 6):
+        s.hello(i)
+    s.run_to(60.0)
+    seqs = list(dict.fromkeys(codec.decode_packet(x.data).seq for x in s.sent
+                              if codec.decode_packet(x.data).type == codec.PING))
+    assert len(seqs) >= 4
+    assert not any(b - a in range(1, 100) for a, b in itertools.pairwise(seqs))
+
+
+def test_an_ack_from_the_target_and_a_relayed_one_from_a_helper_still_count() -> None:
+    s = Solo(kinds=PROBING)
+    s.hello(2)
+    s.hello(3)
+    s.run_to(s.now + 0.01, stop=lambda: bool(pings_to(s, M)))
+    s.run_to(3.0, stop=lambda: bool(pings_to(s, M)))
+    p = pings_to(s, M)[0]
+    s.feed(pkt(codec.ACK, M, seq=p.seq), addr_of(2))
+    s.run_to(s.now + 1.5)
+    assert s.status() == ALIVE and s.core.stats["probes_failed"] == 0
+    # later, a probe of 2 goes indirect: the helper (3) relays 2's ack
+    def ping_req() -> Packet | None:
+        for x in s.sent:
+            p = codec.decode_packet(x.data)
+            if p.type == codec.PING_REQ and p.target == M:
+                return p
+        return None
+
+    s.sent.clear()
+    seen = 0
+    while ping_req() is None and s.now < 60.0:
+        s.run_to(s.now + 0.05)
+        for p in pings_to(s, node_id_of(3), seen):  # 3 answers, 2 stays silent
+            s.feed(pkt(codec.ACK, node_id_of(3), seq=p.seq), addr_of(3))
+        seen = len(s.sent)
+    req = ping_req()
+    assert req is not None
+    failed = s.core.stats["probes_failed"]
+    s.feed(pkt(codec.ACK, node_id_of(3), seq=req.seq), addr_of(3))
+    s.run_to(s.now + 1.0)
+    assert s.core.stats["probes_failed"] == failed
+    assert s.status() == ALIVE
+    assert s.core.stats[DropReason.WRONG_ACKER.value] == 0
+
+
+# --- indirect probes cannot be used to reflect or amplify traffic ----------------------
+
+
+VICTIM: Addr = ("10.99.9.9", 7946)
+
+
+def _full_queue(s: Solo) -> None:
+    """Plenty of news queued: every datagram could carry a full piggyback."""
+    s.feed(pkt(codec.GOSSIP, node_id_of(2), [alive(i) for i in range(10, 30)]), addr_of(2),
+           node_id_of(2))
+
+
+@pytest.mark.parametrize("sender", [None, X], ids=["unauthenticated", "insider"])
+def test_a_ping_req_from_a_stranger_sends_nothing_to_the_address_it_names(
+        sender: bytes | None) -> None:
+    s = Solo()
+    s.hello(2)
+    _full_queue(s)
+    s.sent.clear()
+    for target in (M, b"\x42" * 16):
+        s.feed(pkt(codec.PING_REQ, X, seq=5, target=target, target_addr=VICTIM), ATTACKER,
+               sender)
+    assert [x for x in s.sent if x.addr != ATTACKER] == []
+    assert s.core.stats[DropReason.UNKNOWN_REQUESTER.value] == 2
+    # whatever goes back to the stranger is no larger than a small reply
+    assert all(len(x.data) <= 120 for x in s.sent)
+
+
+def test_a_ping_req_in_a_members_name_from_elsewhere_is_refused() -> None:
+    s = Solo()
+    s.hello(2)
+    s.hello(3)
+    s.sent.clear()
+    s.feed(pkt(codec.PING_REQ, node_id_of(3), seq=5, target=M, target_addr=VICTIM), ATTACKER)
+    assert not any(x.addr in (VICTIM, addr_of(2)) for x in s.sent)
+    assert s.core.stats[DropReason.UNKNOWN_REQUESTER.value] == 1
+
+
+def test_a_members_ping_req_goes_to_the_known_address_without_piggyback() -> None:
+    s = Solo()
+    s.hello(2)
+    s.hello(3)
+    _full_queue(s)
+    s.sent.clear()
+    s.feed(pkt(codec.PING_REQ, node_id_of(3), seq=5, target=M, target_addr=VICTIM),
+           addr_of(3), node_id_of(3))
+    assert [x.addr for x in s.sent] == [addr_of(2)]
+    assert len(s.sent[0].data) < 100
+    # an unknown target: pinged at the given address, still without piggyback
+    s.sent.clear()
+    s.feed(pkt(codec.PING_REQ, node_id_of(3), seq=6, target=b"\x42" * 16,
+               target_addr=VICTIM), addr_of(3), node_id_of(3))
+    assert [x.addr for x in s.sent] == [VICTIM] and len(s.sent[0].data) < 100
+
+
+def test_a_ping_req_without_an_address_decodes_and_uses_the_known_one() -> None:
+    data = pkt(codec.PING_REQ, node_id_of(3), seq=5, target=M)
+    assert codec.decode_packet(data).target_addr is None
+    s = Solo()
+    s.hello(2)
+    s.hello(3)
+    s.sent.clear()
+    s.feed(data, addr_of(3), node_id_of(3))
+    assert [x.addr for x in s.sent] == [addr_of(2)]
+    s.sent.clear()
+    s.feed(pkt(codec.PING_REQ, node_id_of(3), seq=6, target=b"\x42" * 16), addr_of(3),
+           node_id_of(3))
+    assert s.sent == [] and s.core.stats[DropReason.NO_ADDRESS.value] == 1
+
+
+# --- ignored input is counted --------------------------------------------------------
+
+
+def test_ignored_news_is_counted() -> None:
+    s = Solo(kinds=[TimerKind.SUSPECT_TIMEOUT])
+    s.hello(2)
+    s.hello(3)
+    c = s.core.stats
+
+    def counted(reason: DropReason, data: bytes) -> None:
+        before = c[reason.value]
+        s.feed(data, ATTACKER, X)
+        assert c[reason.value] == before + 1, reason
+
+    d5 = (Digest("c", b"\x05" * 16, 5),)
+    s.feed(pkt(codec.GOSSIP, X, [Digests(M, 0, 5, codec.digest_hash(d5), d5)]), ATTACKER, X)
+    counted(DropReason.STALE_DIGESTS,
+            pkt(codec.GOSSIP, X, [Digests(M, 0, 3, codec.digest_hash(()), ())]))
+    counted(DropReason.UNKNOWN_MEMBER, pkt(codec.GOSSIP, X, [Left(node_id_of(40), 0)]))
+    s.feed(pkt(codec.GOSSIP, X, [Left(node_id_of(3), 0)]), ATTACKER, X)
+    assert s.status(node_id_of(3)) == LEFT
+    counted(DropReason.DEAD_STAYS_DEAD, pkt(codec.GOSSIP, X, [Suspect(node_id_of(3), 0, X)]))
+    counted(DropReason.DUPLICATE, pkt(codec.GOSSIP, X, [Left(node_id_of(3), 0)]))
+    s.feed(pkt(codec.GOSSIP, X, [Suspect(M, 0, X)]), ATTACKER, X)
+    s.run_to(s.now + 120.0)
+    assert s.status() == DEAD
+    counted(DropReason.DUPLICATE, pkt(codec.GOSSIP, X, [Dead(M, 0, X)]))

@@ -487,9 +487,10 @@ def decode_packet(data: bytes) -> Packet:
                 raise SwimDecodeError(_FIELD)
             host = _host(f[8])
             port = _int(f[9], 65535)
-            if not host or not port:
+            if bool(host) != bool(port):
                 raise SwimDecodeError(_FIELD)
-            taddr = (host, port)
+            # No address: the helper probes the target at the address it knows.
+            taddr = (host, port) if host else None
         return Packet(mtype, card, bool(flags & WANT_DIGESTS), updates, seq, target, taddr)
     except SwimDecodeError:
         raise

@@ -101,6 +101,14 @@ class DropReason(enum.Enum):
     LC_JUMP = "lc_jump"
     #: we are leaving: nothing more is answered
     LEAVING = "leaving"
+    #: DIGESTS older than the version we hold (hearsay behind the member's word)
+    STALE_DIGESTS = "stale_digests"
+    #: news we already hold (a repeated DEAD or LEFT at the same incarnation)
+    DUPLICATE = "duplicate"
+    #: an ACK from neither the probed member nor a helper we asked (forged or late)
+    WRONG_ACKER = "wrong_acker"
+    #: a PING_REQ from an address that is not a known ALIVE member's
+    UNKNOWN_REQUESTER = "unknown_requester"
 
 
 # --- outcome events (nouns) ---------------------------------------------------

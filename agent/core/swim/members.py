@@ -23,7 +23,7 @@ STATUS_NAMES = ("alive", "suspect", "dead", "left")
 
 @dataclass
 class SelfInfo:
-    """Who we are; the same fields as ``agent.core.membership.SelfInfo``."""
+    """Who we are: our card's fixed fields (the incarnation rises on refutation)."""
 
     node_id: bytes
     incarnation: int

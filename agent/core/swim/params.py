@@ -60,7 +60,8 @@ class Params:
     #: seed addresses kept and retried (configured ones first, then the most
     #: recent discovered ones)
     max_seeds: int = 64
-    #: Lifeguard local health: the multiplier goes up to max_awareness + 1
+    #: Lifeguard local health: the score runs 0 .. max_awareness - 1, so timeouts
+    #: are multiplied by at most max_awareness
     max_awareness: int = 8
     #: members held (all statuses); unknown members beyond are refused
     max_members: int = 4096

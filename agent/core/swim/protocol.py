@@ -120,12 +120,16 @@ class _Probe:
     #: direct pings re-sent so far, and when the period ends
     retries: int = 0
     end: float = 0.0
+    #: the helpers asked for an indirect probe: only they may relay its ACK
+    helpers: frozenset[bytes] = frozenset()
 
 
 @dataclass
 class _Relay:
     requester: Addr
     seq: int
+    #: the member probed for the requester: only its ACK is relayed
+    target: bytes
 
 
 class Swim(Exchange):
@@ -136,7 +140,6 @@ class Swim(Exchange):
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._asked: dict[Addr, float] = {}
-        self._seq = 0
         self._next_probe = math.inf
         #: a DEAD about the sender of the datagram (or push-pull) being handled
         self._tell_dead = b""
@@ -245,6 +248,12 @@ class Swim(Exchange):
             # ourselves: do not answer for someone else.
             return self._drop(DropReason.NOT_FOR_US)
         own = sender is not None
+        requester_ok = False
+        if p.type == codec.PING_REQ:
+            # Judged before this datagram's card moves the member's address.
+            known = self.members.get(card.node_id)
+            requester_ok = (known is not None and known.status == ALIVE
+                            and (own or src in (known.addr, known.src)))
         for u in p.updates:
             if u.node_id == card.node_id:
                 self._apply(u, now, src=src, own=own)
@@ -265,15 +274,17 @@ class Swim(Exchange):
             self._reply(codec.ACK, src, m, p.seq, p.want_digests, now, ask)
             replied = True
         elif p.type == codec.ACK:
-            self._on_ack(p.seq, m, now)
+            self._on_ack(p.seq, card.node_id, now)
         elif p.type == codec.NACK:
-            if self._probe is not None and self._probe.seq == p.seq and not self._probe.done:
-                self._probe.nacks += 1
-            else:
+            pr = self._probe
+            if pr is None or pr.seq != p.seq or pr.done:
                 self._drop(DropReason.UNKNOWN_PROBE)
+            elif card.node_id not in pr.helpers:
+                self._drop(DropReason.WRONG_ACKER)
+            else:
+                pr.nacks += 1
         elif p.type == codec.PING_REQ:
-            assert p.target_addr is not None
-            self._relay(p.seq, p.target, p.target_addr, src, now)
+            self._relay(p.seq, p.target, p.target_addr, src, requester_ok)
         elif p.type == codec.LEAVE2:
             self._apply(Left(card.node_id, card.incarnation), now, src=src, own=own)
         if replied:
@@ -313,7 +324,9 @@ class Swim(Exchange):
             parts = [codec.encode_update(p) for p in codec.digests_parts(self._own_digests())]
             if len(parts) == 1 and len(parts[0]) <= SMALL_DIGESTS:
                 first.append(parts.pop())
-        self._send(addr, ptype, m, seq=seq, first=first, ask=ask)
+        # No gossip for an address that is not a member's: a stranger's
+        # datagram must not make us send it a full one (amplification).
+        self._send(addr, ptype, m, seq=seq, first=first, ask=ask, piggyback=m is not None)
         for part in parts:  # a larger list: one datagram per part
             self._send(addr, codec.GOSSIP, m, first=[part], piggyback=False)
 
@@ -343,9 +356,13 @@ class Swim(Exchange):
             m.dhash = card.dhash
         return m
 
-    def _on_ack(self, seq: int, m: Member | None, now: float) -> None:
+    def _on_ack(self, seq: int, acker: bytes, now: float) -> None:
+        """An ACK counts only from the member probed, or relayed by a helper
+        we asked; seqs are random, so a forger must also guess the number."""
         pr = self._probe
         if pr is not None and pr.seq == seq and not pr.done:
+            if acker != pr.node_id and acker not in pr.helpers:
+                return self._drop(DropReason.WRONG_ACKER)
             if not pr.acked:
                 pr.acked = True
                 self._aware.apply(-1)
@@ -353,23 +370,38 @@ class Swim(Exchange):
                 if target is not None and target.status in (ALIVE, SUSPECT):
                     target.last_alive = now
             return
-        relay = self._relays.pop(seq, None)
+        relay = self._relays.get(seq)
         if relay is not None:
+            if acker != relay.target:
+                return self._drop(DropReason.WRONG_ACKER)
+            del self._relays[seq]
             self._send(relay.requester, codec.ACK, None, seq=relay.seq)
             return
         if pr is None or pr.seq != seq:
             self._drop(DropReason.UNKNOWN_PROBE)
 
-    def _relay(self, seq: int, target: bytes, addr: Addr, src: Addr, now: float) -> None:
-        """Probe ``target`` for the member at ``src`` (indirect probe)."""
+    def _relay(self, seq: int, target: bytes, addr: Addr | None, src: Addr,
+               requester_ok: bool) -> None:
+        """Probe ``target`` for the member at ``src`` (indirect probe).
+
+        Served only for a known ALIVE member speaking from its own address,
+        and sent to the target's known address when we know it: otherwise
+        anyone could make us send datagrams to any address (reflection).
+        The ping carries no piggyback, so it is no larger than the request."""
+        if not requester_ok:
+            return self._drop(DropReason.UNKNOWN_REQUESTER)
         if len(self._relays) >= self.params.max_relays:
             return self._drop(DropReason.RELAY_BUSY)
-        mine = self._next_seq()
-        self._relays[mine] = _Relay(src, seq)
         m = self.members.get(target)
-        self._send(addr, codec.PING, m, seq=mine, target=target)
+        if m is not None:
+            addr = m.addr
+        if addr is None:
+            return self._drop(DropReason.NO_ADDRESS)
+        mine = self._next_seq()
+        self._relays[mine] = _Relay(src, seq, target)
+        self._send(addr, codec.PING, m, seq=mine, target=target, piggyback=False)
         wait = self._aware.scale(self.params.probe_timeout) * NACK_FRACTION
-        self._timer(now + wait, TimerKind.PROBE_TIMEOUT, mine)
+        self._timer(self._now + wait, TimerKind.PROBE_TIMEOUT, mine)
 
     # --- timers ---------------------------------------------------------------------
 
@@ -436,6 +468,7 @@ class Swim(Exchange):
         pr.indirect = True
         helpers = self._random_members(self.params.indirect_checks, exclude=pr.node_id,
                                        statuses=(ALIVE,))
+        pr.helpers = frozenset(h.node_id for h in helpers)
         for h in helpers:
             self._send(h.addr, codec.PING_REQ, h, seq=seq, target=pr.node_id,
                        target_addr=pr.addr)
@@ -475,6 +508,10 @@ class Swim(Exchange):
     # --- helpers ------------------------------------------------------------------
 
     def _next_seq(self) -> int:
-        self._seq = self._seq + 1 if self._seq < wire.MAX_AGE_MS else 1
-        return self._seq
+        """A random probe number (a forged ACK must guess it), unused by
+        any probe of ours in flight."""
+        while True:
+            seq = self.rng.randint(1, wire.MAX_AGE_MS)
+            if seq not in self._relays and (self._probe is None or self._probe.seq != seq):
+                return seq
 

@@ -157,6 +157,8 @@ class Table:
                 # Only M's own word records a departure of a member we never knew.
                 self._put_tomb(u.node_id, Tombstone(u.incarnation, LEFT, now + self.params.ttl))
                 self._timer(now + self.params.ttl, TimerKind.REAP, u.node_id)
+            else:
+                self._drop(DropReason.UNKNOWN_MEMBER)
             return
         if u.incarnation < m.incarnation:
             return self._drop(DropReason.STALE_INCARNATION)
@@ -188,7 +190,7 @@ class Table:
         """M is DEAD or LEFT: report, gossip, and reap it after ttl without life."""
         same = u.incarnation == m.incarnation
         if (m.status == LEFT and same) or (m.status == DEAD and status == DEAD and same):
-            return
+            return self._drop(DropReason.DUPLICATE)
         self._set_status(m, status, now, u.incarnation)
         self._events.append(MemberFailed(m.node_id) if status == DEAD
                             else MemberLeft(m.node_id))
@@ -252,7 +254,7 @@ class Table:
 
     def _suspect(self, m: Member, u: Suspect, now: float) -> None:
         if m.status in (DEAD, LEFT):
-            return
+            return self._drop(DropReason.DEAD_STAYS_DEAD)
         if m.status == SUSPECT and u.incarnation == m.incarnation:
             s = self._suspicions.get(m.node_id)
             if s is not None and s.confirm(u.accuser):
@@ -303,8 +305,10 @@ class Table:
         # freeze its digests until it restarts).
         from_m = src is not None and (own or src == (m.src or m.addr)) \
             and u.incarnation >= m.incarnation
-        if version == m.digests_version or (version < m.digests_version and not from_m):
+        if version == m.digests_version:
             return
+        if version < m.digests_version and not from_m:
+            return self._drop(DropReason.STALE_DIGESTS)
         if u.incarnation > m.incarnation + INCARNATION_STEP:
             return self._drop(DropReason.INCARNATION_JUMP)
         digests = u.digests
