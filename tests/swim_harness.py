@@ -50,6 +50,11 @@ class Net:
     drop: Callable[[Addr, Addr, bytes], bool] | None = None
     #: (src, dst) -> True to fail the push-pull exchange
     block_push_pull: Callable[[Addr, Addr], bool] | None = None
+    #: drop timers the core says no longer matter (Swim.timer_pending), as
+    #: the agent's timer heap does; counted in ``moot``
+    drop_moot: bool = False
+    moot: int = 0
+    fired: int = 0
     _heap: list[tuple[float, int, Addr, object]] = field(default_factory=list)
     _n: int = 0
 
@@ -122,6 +127,10 @@ class Net:
             if owner is not core:
                 return True  # a timer of a core that was replaced (restart)
             assert isinstance(timer, Timer)
+            if self.drop_moot and not core.timer_pending(timer):
+                self.moot += 1
+                return True
+            self.fired += 1
             core.handle_timer(timer, self.now)
         else:
             src, data = what  # type: ignore[misc]

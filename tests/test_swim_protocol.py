@@ -574,3 +574,59 @@ def test_a_large_digest_list_missed_by_gossip_is_fetched_in_parts() -> None:
     owner = net.core(1).me.node_id
     net.run_until(lambda: all(net.core(i).members[owner].digests == MANY
                               for i in ALL if i != 1), timeout=30)
+
+
+# --- timers that no longer matter ----------------------------------------------------
+
+
+def test_timers_that_no_longer_matter_say_so() -> None:
+    net = swarm(seed=12)
+    net.run(5)
+    core = net.core(1)
+    # An idle swarm: nothing queued, so a GOSSIP round would send nothing.
+    assert not core.timer_pending(Timer(TimerKind.GOSSIP))
+    assert core.timer_pending(Timer(TimerKind.PROBE))
+    # A probe whose ACK came: its timeout and end do nothing.
+    seen = len(net.sent)
+    net.run_until(lambda: any(
+        s.src == addr_of(1) and s.data[1] == codec.PING for s in net.sent[seen:]), timeout=5)
+    seq = next(codec.decode_packet(s.data).seq for s in net.sent[seen:]
+               if s.src == addr_of(1) and s.data[1] == codec.PING)
+    assert core.timer_pending(Timer(TimerKind.PROBE_TIMEOUT, seq))
+    net.run(0.05)
+    assert not core.timer_pending(Timer(TimerKind.PROBE_TIMEOUT, seq))
+    assert not core.timer_pending(Timer(TimerKind.PROBE_END, seq))
+    # A suspicion that was refuted: its timeout does nothing.
+    m = core.members[net.core(2).me.node_id]
+    deliver(net, 1, gossip_from(net, 3, Suspect(m.node_id, m.incarnation, b"\x03" * 16)), 3)
+    assert core.timer_pending(Timer(TimerKind.SUSPECT_TIMEOUT, m.node_id))
+    assert core.timer_pending(Timer(TimerKind.GOSSIP))  # the suspicion is queued
+    net.run_until(lambda: m.status == ALIVE, timeout=5)
+    assert not core.timer_pending(Timer(TimerKind.SUSPECT_TIMEOUT, m.node_id))
+    assert not core.timer_pending(Timer(TimerKind.REAP, m.node_id))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_swarm_whose_shell_drops_moot_timers_behaves_the_same(seed: int) -> None:
+    """Dropping every timer timer_pending calls moot loses nothing: joins,
+    gossip after an idle spell, failure detection, and far fewer wakeups."""
+    net = Net(seed=seed, drop_moot=True)
+    net.add(1)
+    for i in range(2, N + 1):
+        net.add(i, seeds=[1])
+    net.run_until(lambda: net.converged(ALL), timeout=30)
+    net.run(30)  # idle: the broadcast queues drain
+    fired, moot = net.fired, net.moot
+    net.run(30)
+    assert net.moot - moot > net.fired - fired  # most idle timers were moot
+    digests = (Digest("items", b"y" * 32, 3, 0),)
+    net.core(2).set_digests(digests)
+    net._drain(addr_of(2))
+    owner = net.core(2).me.node_id
+    net.run_until(lambda: all(net.core(i).members[owner].digests == digests
+                              for i in ALL if i != 2), timeout=5)
+    net.kill(3)
+    others = [i for i in ALL if i != 3]
+    took = net.run_until(lambda: all(net.status(i, 3) == DEAD for i in others), timeout=30)
+    assert took < 15
+    assert net.converged(others)

@@ -571,7 +571,8 @@ class Agent:
                     await self.seeds.refresh()
             await self._flush()
             self.last_tick = now
-            deadline = await self.timers.wait(next_round + interval / 2)
+            deadline = await self.timers.wait(next_round + interval / 2,
+                                              self.core.timer_pending)
             self.lag.woke(deadline, anyio.current_time())
 
     def _on_event(self, ev: Event) -> None:

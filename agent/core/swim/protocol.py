@@ -409,7 +409,8 @@ class Swim(Exchange):
         self._now = now
         kind, key = timer.kind, timer.key
         if kind == TimerKind.GOSSIP:
-            self._gossip(now)
+            if now + EPS >= self._gossip_due:
+                self._gossip(now)
         elif self._leaving:
             return
         elif kind == TimerKind.PROBE:
@@ -430,6 +431,38 @@ class Swim(Exchange):
                 self._periodic_push_pull(now)
         elif kind == TimerKind.JOIN and now + EPS >= self._next_join:
             self._retry_join(now)
+
+    def timer_pending(self, timer: Timer) -> bool:
+        """Whether ``timer`` (one we handed out) would still do anything if it
+        fired: False for a probe's timeouts once its ACK came, a suspicion
+        that ended, a reaped member, a GOSSIP round with nothing queued, and
+        all but GOSSIP once leaving. The shell may drop a timer for which
+        this is False instead of waking up for it; a timer dropped so is
+        never needed again (the core arms a fresh one if it is). True may
+        still be a timer the core ignores when it fires (re-armed earlier
+        or later). O(1)."""
+        kind, key = timer.kind, timer.key
+        if kind == TimerKind.GOSSIP:
+            return bool(self._bq)
+        if self._leaving:
+            return False
+        pr = self._probe
+        if kind == TimerKind.PROBE_TIMEOUT:
+            if key in self._relays:
+                return True
+            return pr is not None and pr.seq == key and not pr.acked and not pr.done
+        if kind == TimerKind.PROBE_END:
+            # Once acked, the next probe closes this one (same outcome).
+            return pr is not None and pr.seq == key and not pr.acked and not pr.done
+        if kind == TimerKind.SUSPECT_TIMEOUT and isinstance(key, bytes):
+            m = self.members.get(key)
+            return m is not None and m.status == SUSPECT and key in self._suspicions
+        if kind == TimerKind.REAP and isinstance(key, bytes):
+            m = self.members.get(key)
+            return (m is not None and m.status not in (ALIVE, SUSPECT)) or key in self._tombs
+        if kind == TimerKind.JOIN:
+            return self._next_join != math.inf
+        return True  # PROBE and PUSH_PULL: the periodic ones
 
     def _start_probe(self, now: float) -> None:
         if self._probe is not None and not self._probe.done:
@@ -496,7 +529,7 @@ class Swim(Exchange):
             self._apply(Suspect(m.node_id, m.incarnation, self.me.node_id), now)
 
     def _gossip(self, now: float) -> None:
-        self._gossip_armed = False
+        self._gossip_due = math.inf
         if not self._bq:
             return
         for m in self._random_members(self.params.gossip_fanout, exclude=b"",

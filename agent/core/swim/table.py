@@ -35,6 +35,7 @@ Rules:
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -105,7 +106,9 @@ class Table:
         self._order: list[bytes] = []
         self._order_i = 0
         self._in_order: set[bytes] = set()
-        self._gossip_armed = False
+        #: deadline of the GOSSIP timer that counts (inf: none armed); an
+        #: earlier one that fires is stale and ignored
+        self._gossip_due = math.inf
         self._started = False
         self._leaving = False
         self._timers: list[SetTimer] = []
@@ -438,14 +441,17 @@ class Table:
             self._broadcast(self._digests_key(self.me.node_id, part), codec.encode_update(part))
 
     def _broadcast(self, key: bytes, item: bytes) -> None:
+        was_empty = not self._bq
         self._bq.put(key, item)
         if self._started:
-            self._arm_gossip(self._now)
+            # An empty queue made the armed GOSSIP timer moot (the shell may
+            # have dropped it, see Swim.timer_pending): arm a fresh one.
+            self._arm_gossip(self._now, fresh=was_empty)
 
-    def _arm_gossip(self, now: float) -> None:
-        if not self._gossip_armed:
-            self._gossip_armed = True
-            self._timer(now + self.params.gossip_interval, TimerKind.GOSSIP)
+    def _arm_gossip(self, now: float, fresh: bool = False) -> None:
+        if fresh or self._gossip_due == math.inf:
+            self._gossip_due = now + self.params.gossip_interval
+            self._timer(self._gossip_due, TimerKind.GOSSIP)
 
     def _timer(self, deadline: float, kind: TimerKind, key: bytes | int = 0) -> None:
         self._timers.append(SetTimer(deadline, Timer(kind, key)))
