@@ -630,3 +630,83 @@ def test_a_swarm_whose_shell_drops_moot_timers_behaves_the_same(seed: int) -> No
     took = net.run_until(lambda: all(net.status(i, 3) == DEAD for i in others), timeout=30)
     assert took < 15
     assert net.converged(others)
+
+
+# --- periodic push-pull by summary ----------------------------------------------------
+
+
+def _solo(i: int, knows: list[int], seed: int = 1) -> Swim:
+    a = addr_of(i)
+    core = Swim(SelfInfo(node_id_of(i), 0, f"n{i}", a[1], 8000 + i, host=a[0]), Params.lan(),
+                random.Random(seed), 0.0)
+    core.start(0.0, [])
+    for j in knows:
+        card = Card(node_id_of(j), 0, 0, codec.digest_hash(()))
+        hello = Alive(node_id_of(j), 0, addr_of(j)[0], addr_of(j)[1], 8000 + j)
+        core.receive(codec.encode_packet(Packet(codec.GOSSIP, card, updates=(hello,))),
+                     addr_of(j), 0.0, node_id_of(j))
+    core.take_outgoing()
+    return core
+
+
+def _periodic_exchange(a: Swim, b: Swim, now: float = 1000.0) -> list[tuple[int, int]]:
+    """a's periodic push-pull with b (and any follow-up); sizes of (request, reply)."""
+    a.handle_timer(Timer(TimerKind.PUSH_PULL), now)
+    sizes = []
+    while pps := a.take_push_pulls():
+        for pp in pps:
+            assert pp.addr == (b.me.host, b.me.port)
+            reply = b.handle_push_pull(pp.data, (a.me.host, a.me.port), now)
+            assert reply is not None
+            sizes.append((len(pp.data), len(reply)))
+            a.receive_push_pull_reply(reply, pp.addr, now)
+    return sizes
+
+
+def _ids(core: Swim) -> set[bytes]:
+    return set(core.members)
+
+
+def _opener_picking_b(knows: list[int]) -> int:
+    """A seed with which core 1's periodic push-pull goes to core 2."""
+    for seed in range(1, 1000):
+        a = _solo(1, knows, seed)
+        a.handle_timer(Timer(TimerKind.PUSH_PULL), 1000.0)
+        pps = a.take_push_pulls()
+        if pps and pps[0].addr == addr_of(2):
+            return seed
+    raise AssertionError("no seed")
+
+
+def test_periodic_push_pull_between_agreeing_members_sends_no_table() -> None:
+    others = list(range(3, 43))
+    a = _solo(1, [2, *others], _opener_picking_b([2, *others]))
+    b = _solo(2, [1, *others])
+    sizes = _periodic_exchange(a, b)
+    assert len(sizes) == 1
+    req, reply = sizes[0]
+    full = len(codec.encode_state(codec.State(False, tuple(
+        codec.Entry(Alive(node_id_of(j), 0, addr_of(j)[0], 7946, 1), ALIVE, 0,
+                    codec.Digests(node_id_of(j), 0, 0, codec.digest_hash(()), ()))
+        for j in range(42))), 4096))
+    assert req + reply < full / 8
+    assert b.stats["push_pull_same"] == 1
+
+
+@pytest.mark.parametrize("who_lacks", ["opener", "answerer"])
+def test_periodic_push_pull_repairs_either_side_when_tables_differ(who_lacks: str) -> None:
+    a_knows, b_knows = ([2], [1, 3]) if who_lacks == "opener" else ([2, 3], [1])
+    a, b = _solo(1, a_knows, _opener_picking_b(a_knows)), _solo(2, b_knows)
+    sizes = _periodic_exchange(a, b)
+    assert _ids(a) == {node_id_of(2), node_id_of(3)}
+    assert _ids(b) == {node_id_of(1), node_id_of(3)}
+    # the opener's table follows only when the answerer lacked something
+    assert len(sizes) == (2 if who_lacks == "answerer" else 1)
+
+
+def test_join_push_pulls_stay_whole_tables() -> None:
+    a = _solo(1, [3, 4, 5])
+    a.join([addr_of(2)], 1.0)
+    (pp,) = a.take_push_pulls()
+    state = codec.decode_state(pp.data, 4096)
+    assert state.table_hash is None and len(state.entries) == 4

@@ -143,3 +143,23 @@ def test_a_retired_protocols_datagram_is_refused_as_an_unknown_type(recorded: st
     core.receive(data, ("192.0.2.7", 7946), 1.0)
     assert core.stats[DropReason.DECODE_TYPE.value] == 1
     assert not core.members and not core.take_outgoing()
+
+
+#: a periodic push-pull opened by summary: the sender's own entry and the hash
+#: of its table as a third field (a decoder that does not know it reads a
+#: one-entry table and answers with its whole table)
+SUMMARY = State(False, STATE.entries[:1], table_hash=bytes(range(100, 116)))
+SUMMARY_HEX = (
+    "011493c2919bc410000102030405060708090a0b0c0d0e0f03c400cd1f0acd1f900000a26d6500ce075b"
+    "cd159704c410000102030405060708090a0b0c0d0e0f0309c408f0c5fdc30492b2399294a6766973696f"
+    "6ec41000112233445566778899aabbccddeeff36cf0000019b76daa80094a56f74686572c410abababab"
+    "abababababababababababab0000c3c4106465666768696a6b6c6d6e6f70717273"
+)
+
+
+def test_recorded_push_pull_summary_decodes_and_encodes_byte_for_byte() -> None:
+    data = bytes.fromhex(SUMMARY_HEX)
+    assert codec.decode_state(data, max_members=4096) == SUMMARY
+    assert codec.encode_state(SUMMARY, max_members=4096) == data
+    # the full payload is the summary's prefix with two fields: no third
+    assert codec.decode_state(bytes.fromhex(STATE_HEX), max_members=4096).table_hash is None

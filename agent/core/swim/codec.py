@@ -4,7 +4,10 @@ Rules (those of :mod:`agent.core.wire`, which this module reuses):
 
 * A datagram is ``VERSION | TYPE | msgpack array``; TYPEs 10.. are this
   protocol's (:data:`PING` .. :data:`GOSSIP`); a push-pull payload is
-  ``VERSION | PUSH_PULL_MSG | msgpack array``.
+  ``VERSION | PUSH_PULL_MSG | msgpack array``: [join, entries] and, in a
+  *summary*, a third field: the 16-byte :func:`table_hash` of the sender's
+  whole table, its entries then being only its own (a decoder that does not
+  know the field takes a summary for a one-entry table and answers in full).
 * Fields are positional; decoders ignore trailing fields they do not know.
 * Every datagram starts with the sender's *card*: node id, incarnation,
   logical clock and an 8-byte hash of its collection digests, then a flags
@@ -53,6 +56,8 @@ ID_LEN = wire.NODE_ID_LEN
 MAX_PUSH_PULL = 1 << 20
 #: the smallest encoded push-pull entry is larger than this
 MIN_ENTRY = 40
+#: bytes of a push-pull summary's table hash
+TABLE_HASH_LEN = 16
 #: a digest list goes in at most this many DIGESTS updates
 MAX_PARTS = 16
 #: room for one DIGESTS part: a datagram less its envelope, card and probe fields
@@ -169,6 +174,8 @@ class State:
     entries: tuple[Entry, ...]
     #: entries left undecoded beyond ``max_members + 1`` (counted as TABLE_FULL)
     truncated: int = 0
+    #: a summary: the hash of the sender's whole table (its entries: its own)
+    table_hash: bytes | None = None
 
 
 # --- encoding -------------------------------------------------------------------
@@ -337,8 +344,11 @@ def _entry_bytes(e: Entry) -> bytes:
 def encode_state(s: State, max_members: int, limit: int = MAX_PUSH_PULL) -> bytes:
     """A push-pull payload: entries in order, as many as fit ``limit`` bytes
     and ``max_members + 1`` entries (the sender's own entry first)."""
-    prefix = bytes([VERSION, PUSH_PULL_MSG]) + _array_header(2) + _pack(s.join)
-    room = limit - len(prefix) - 5
+    summary = s.table_hash is not None
+    prefix = (bytes([VERSION, PUSH_PULL_MSG]) + _array_header(3 if summary else 2)
+              + _pack(s.join))
+    suffix = _pack(s.table_hash[:TABLE_HASH_LEN]) if s.table_hash is not None else b""
+    room = limit - len(prefix) - len(suffix) - 5
     parts: list[bytes] = []
     for e in s.entries[: max_members + 1]:
         b = _entry_bytes(e)
@@ -346,9 +356,18 @@ def encode_state(s: State, max_members: int, limit: int = MAX_PUSH_PULL) -> byte
             break
         parts.append(b)
         room -= len(b)
-    data = prefix + _array_header(len(parts)) + b"".join(parts)
+    data = prefix + _array_header(len(parts)) + b"".join(parts) + suffix
     assert len(data) <= limit
     return data
+
+
+def table_hash(rows: Sequence[tuple[bytes, int, int]]) -> bytes:
+    """Order-independent hash of a table's (node id, incarnation, status)
+    rows: two members whose hashes match agree on who is in which state."""
+    h = blake3.blake3()
+    for nid, inc, status in sorted(rows):
+        h.update(nid + inc.to_bytes(8, "big") + bytes([status & 255]))
+    return h.digest(TABLE_HASH_LEN)
 
 
 # --- decoding -------------------------------------------------------------------
@@ -517,7 +536,10 @@ def decode_state(data: bytes, max_members: int) -> State:
             e = _list(v, 11)
             entries.append(Entry(_alive(e[0:8]), _int(e[8], 3), _int(e[9]),
                                  _digests_update(_list(e[10], 7)[1:9])))
-        return State(f[0], tuple(entries), max(len(raw) - max_members - 1, 0))
+        thash = None
+        if len(f) > 2 and f[2] is not None:
+            thash = _bytes(f[2], TABLE_HASH_LEN, TABLE_HASH_LEN)
+        return State(f[0], tuple(entries), max(len(raw) - max_members - 1, 0), thash)
     except SwimDecodeError:
         raise
     except (ValueError, TypeError, IndexError):

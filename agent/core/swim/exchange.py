@@ -19,7 +19,12 @@ Rules:
   tables.
 * **Periodic.** Every ``push_pull_interval``, scaled like memberlist
   (x ceil(log2(N/32)) + 1 above 32 members) so the swarm's total stays flat,
-  with one random ALIVE member.
+  with one random ALIVE member. It opens with a *summary* (our own entry and
+  the hash of our table's (node id, incarnation, status) rows): a peer that
+  agrees answers with its own summary; one that does not answers with its
+  whole table, and if we still differ after merging it, ours follows. Joins
+  are always whole tables. Answering a summary costs the peer a hash of its
+  table (rate limited per address like every answer).
 * **Merge** with the gossip rules of ``table.py``: a peer's DEAD counts as a
   SUSPECT (we check for ourselves), LEFT is taken, digests by version. ALIVE
   members new to us are gossiped on only once we were joined: a joiner's
@@ -62,6 +67,8 @@ class Exchange(Table):
         #: a DEAD entry about the push-pull peer being answered (reaped here)
         self._dead_sender: codec.Entry | None = None
         self._push_pulls: list[PushPull] = []
+        #: peers we opened a periodic exchange with by summary, reply pending
+        self._summaries: dict[Addr, bool] = {}
 
     def join(self, addrs: list[Addr], now: float) -> None:
         """Push-pull with each address; unreached ones are retried (JOIN timer).
@@ -109,19 +116,42 @@ class Exchange(Table):
         if not self._admit(src[0], now):
             self._drop(DropReason.RATE_LIMITED)
             return None
-        if not self._merge_state(data, src, now, spread=self.joined):
+        state = self._merge_state(data, src, now, spread=self.joined)
+        if state is None:
             return None
         self.stats["push_pull_served"] += 1
+        if (state.table_hash is not None and self._dead_sender is None
+                and state.table_hash == self._table_hash()):
+            # We agree: say so in a summary of our own, not the whole table.
+            self.stats["push_pull_same"] += 1
+            return self._summary_payload()
         return self._state_payload(join=False, dead=self._dead_sender)
 
     def receive_push_pull_reply(self, data: bytes, src: Addr, now: float) -> None:
         self._now = now
+        summary = self._summaries.pop(src, False)
         if self._leaving:
             return
-        if self._merge_state(data, src, now, spread=self.joined) and src in self._seeds:
+        state = self._merge_state(data, src, now, spread=self.joined)
+        if state is None:
+            return
+        if src in self._seeds:
             self.seeds_reached = True
             if not self._announced:
                 self._announce()
+        if not summary:
+            return
+        # We opened with a summary. A summary back: we agreed (or the tables
+        # moved meanwhile). A full table back: the peer disagreed and we
+        # merged its table; if it still lacks something of ours, it gets our
+        # whole table too (the ordinary exchange, one more round trip).
+        theirs = state.table_hash
+        if theirs is None:
+            theirs = codec.table_hash([(e.alive.node_id, e.alive.incarnation, e.status)
+                                       for e in state.entries])
+        if theirs != self._table_hash():
+            self.stats["push_pull_mismatch"] += 1
+            self._push_pull_to(src, join=False)
 
     def _announce(self) -> None:
         """Once, when the first seed answered with its table: our ALIVE straight
@@ -143,9 +173,11 @@ class Exchange(Table):
 
     def push_pull_failed(self, addr: Addr, now: float) -> None:
         self._now = now
+        self._summaries.pop(addr, None)
         self.stats["push_pull_failed"] += 1
 
-    def _merge_state(self, data: bytes, src: Addr, now: float, spread: bool) -> bool:
+    def _merge_state(self, data: bytes, src: Addr, now: float,
+                     spread: bool) -> codec.State | None:
         """Merge a peer's table with the gossip rules. ALIVE members new to us
         are gossiped on (``spread``) only once we were joined: a joiner's
         first table is news to nobody, and re-gossiping it would flood the
@@ -155,7 +187,7 @@ class Exchange(Table):
             state = codec.decode_state(data, self.params.max_members)
         except codec.SwimDecodeError as err:
             self._drop(err.reason)
-            return False
+            return None
         if state.truncated:
             self.stats[DropReason.TABLE_FULL.value] += state.truncated
         first = state.entries[0]
@@ -164,7 +196,7 @@ class Exchange(Table):
             # We are in our own seed list.
             self._seeds = [s for s in self._seeds if s != src]
             self._drop(DropReason.FROM_SELF)
-            return False
+            return None
         self.stats["push_pull_merged"] += 1
         tomb = self._tombs.get(sender)
         self._dead_sender = None
@@ -192,7 +224,21 @@ class Exchange(Table):
                 self._apply(Suspect(nid, inc, sender), now)
             if e.status != LEFT and nid in self.members:
                 self._apply(e.digests, now, spread=False)
-        return True
+        return state
+
+    def _table_hash(self) -> bytes:
+        """Hash of who we hold in which state, ourselves included (O(N log N),
+        once per push-pull): equal on two members that agree."""
+        rows = [(self.me.node_id, self.me.incarnation, ALIVE)]
+        rows += [(nid, m.incarnation, m.status) for nid, m in self.members.items()]
+        return codec.table_hash(rows)
+
+    def _summary_payload(self) -> bytes:
+        """Our own entry and the hash of our table: what a periodic exchange
+        opens with (the whole table goes only where the hashes differ)."""
+        own = codec.Entry(self._own_alive(), ALIVE, self.lc, self._own_digests())
+        return codec.encode_state(codec.State(False, (own,), table_hash=self._table_hash()),
+                                  self.params.max_members)
 
     def _state_payload(self, join: bool, dead: codec.Entry | None = None) -> bytes:
         entries = [codec.Entry(self._own_alive(), ALIVE, self.lc, self._own_digests())]
@@ -206,8 +252,15 @@ class Exchange(Table):
                         m.app_healthy)))
         return codec.encode_state(codec.State(join, tuple(entries)), self.params.max_members)
 
-    def _push_pull_to(self, addr: Addr, join: bool) -> None:
-        self._push_pulls.append(PushPull(addr, self._state_payload(join)))
+    def _push_pull_to(self, addr: Addr, join: bool, summary: bool = False) -> None:
+        if summary:
+            if len(self._summaries) >= self.params.max_seeds:
+                self._summaries.clear()  # replies that never came: bounded
+            self._summaries[addr] = True
+            data = self._summary_payload()
+        else:
+            data = self._state_payload(join)
+        self._push_pulls.append(PushPull(addr, data))
         self.stats["push_pulls_out"] += 1
 
     def _push_pull_every(self) -> float:
@@ -220,7 +273,8 @@ class Exchange(Table):
         self._timer(self._next_push_pull, TimerKind.PUSH_PULL)
         alive = [m for m in self.members.values() if m.status == ALIVE]
         if alive:
-            self._push_pull_to(self.rng.choice(alive).addr, join=False)
+            self._push_pull_to(self.rng.choice(alive).addr, join=False,
+                               summary=self.params.push_pull_summary)
 
     def _retry_join(self, now: float) -> None:
         if not self.seeds_reached:

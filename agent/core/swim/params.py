@@ -46,6 +46,11 @@ class Params:
     #: members (x ceil(log2(N/32)) + 1) so the swarm's total stays flat.
     #: Shorter repairs lost gossip sooner and costs a whole table per exchange.
     push_pull_interval: float = 30.0
+    #: open the periodic exchange with our own entry and a 16-byte hash of our
+    #: table; the peer answers the same way when its hash matches, with its
+    #: whole table otherwise (and we then send ours). Agreeing tables cost
+    #: ~2 entries instead of 2N; a mismatch costs one more round trip.
+    push_pull_summary: bool = True
     #: one early push-pull this long after the first seed answered: members
     #: that joined at the same time are missing from each other's seed tables
     #: and would otherwise wait for gossip or the next full push-pull.
