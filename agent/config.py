@@ -316,9 +316,9 @@ def _keys(text: str) -> tuple[bytes, ...]:
 
 def _role(text: str) -> str:
     v = text.strip().lower()
-    if v not in ("", "leader"):
-        raise ValueError("leader, or empty (a follower names its leader in "
-                         "HS_GOSSIP_COORDINATOR)")
+    if v not in ("", "leader", "candidate"):
+        raise ValueError("leader, candidate (with HS_GOSSIP_ETCD), or empty (a follower "
+                         "names its leader in HS_GOSSIP_COORDINATOR or finds it in etcd)")
     return v
 
 
@@ -464,8 +464,11 @@ FIELDS: dict[str, FieldSpec] = {
                   "swarm name bound into every sealed datagram: swarms with one key "
                   "but different names never mix"),
         FieldSpec("role", _role, "(empty)",
-                  "leader: this agent is a coordinator, serving its change log to "
-                  "followers on its sync port; empty: not a leader"),
+                  "leader: this agent is the coordinator, serving its change log to "
+                  "followers on its sync port; candidate (needs HS_GOSSIP_ETCD): it "
+                  "campaigns in etcd and is the coordinator while it holds the lease, "
+                  "a follower of the elected one otherwise; empty: a follower (of "
+                  "HS_GOSSIP_COORDINATOR, or of the leader etcd names) or neither"),
         FieldSpec("coordinator", _coordinator, "(unset)",
                   "host:port of the leader's TCP sync port (the same number as its "
                   "gossip port unless it sets HS_GOSSIP_SYNC_PORT): this agent streams "
@@ -636,7 +639,18 @@ def check_api_exposure(cfg: Config) -> None:
 
 
 def check_replication(cfg: Config) -> None:
-    """A leader follows nobody. ConfigError if both are set."""
+    """A leader follows nobody; an elected leader is found in etcd, never
+    fixed. ConfigError on a combination that cannot work."""
+    if cfg.role == "candidate" and not cfg.etcd:
+        raise ConfigError(f"{PREFIX}ROLE", cfg.role,
+                          f"{PREFIX}ETCD set: a candidate campaigns for the lease in etcd")
+    if cfg.etcd and cfg.role == "leader":
+        raise ConfigError(f"{PREFIX}ROLE", cfg.role,
+                          f"candidate or empty with {PREFIX}ETCD: the leader is elected there, "
+                          "not fixed")
+    if cfg.etcd and cfg.coordinator is not None:
+        raise ConfigError(f"{PREFIX}COORDINATOR", str(cfg.coordinator),
+                          f"unset with {PREFIX}ETCD: followers find the leader in etcd")
     if cfg.role == "leader" and cfg.coordinator is not None:
         raise ConfigError(f"{PREFIX}COORDINATOR", str(cfg.coordinator),
                           f"no coordinator on a leader ({PREFIX}ROLE=leader): a leader "

@@ -299,7 +299,8 @@ async def _serve(cfg: Config, view: ViewSource, store: Store,
                  shutdown: Callable[[], Awaitable[object]], hc: HyperConfig, spawn: Spawn,
                  task_status: TaskStatus[int], controls: Controls | None) -> Exception | None:
     """Run Hypercorn until shutdown; the bind error, if that is why it stopped."""
-    app = build_app(view, [*collections_api.routes(store, cfg.max_value),
+    app = build_app(view, [*collections_api.routes(store, cfg.max_value,
+                                                   controls.writes if controls else None),
                            *metrics.routes(view), *keyring_routes(controls),
                            *swarm_api.routes(view, controls)],
                     max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
@@ -32,6 +32,9 @@ from agent.core.clock import counter, physical_ms
 from agent.face.json_input import InputError, json_problem, read_json
 from agent.store import Store, StoreError, check_key, check_name, decode_value, encode_value
 from merkle.tree import Item
+
+if TYPE_CHECKING:
+    from agent.runtime.forwarding import WriteGate, Written
 
 MAX_PAGE = 1000
 MAX_BATCH_ITEMS = 10_000
@@ -109,7 +112,26 @@ def _too_large(value: Any, max_value: int, what: str) -> JSONResponse | None:
     return None
 
 
-def routes(store: Store, max_value: int) -> list[Route]:
+def _written(name: str, w: Written) -> JSONResponse:
+    """A write that went through agent.runtime.forwarding: forwarded to the
+    leader (``leader_position`` set) or kept locally."""
+    if w.status != 200:
+        return _error(w.status, w.message)
+    body: dict[str, Any] = item_view(name, w.item) if w.item is not None else \
+        {"collection": name, "written": w.written}
+    body["leader_position"] = None if w.position is None else {
+        "epoch": w.position.epoch, "seq": w.position.seq, "hash": w.position.hash.hex()}
+    return JSONResponse(body)
+
+
+def routes(store: Store, max_value: int,
+           writes: Callable[[], WriteGate | None] | None = None) -> list[Route]:
+    """``writes()``: the agent's write gate once replication runs: while
+    this agent follows a leader, writes go through it
+    (agent.runtime.forwarding) and reads of a key written there wait for it."""
+
+    def gate() -> WriteGate | None:
+        return None if writes is None else writes()
     async def list_collections(request: Request) -> JSONResponse:
         return JSONResponse([
             {"name": c.name, "state_hash": c.state_hash.hex(), "vector_count": c.count,
@@ -143,6 +165,8 @@ def routes(store: Store, max_value: int) -> list[Route]:
         if refused is not None:
             return refused
         try:
+            if (g := gate()) is not None:
+                return _written(t[0], await g.put(t[0], t[1], doc["value"]))
             item = await store.put(t[0], t[1], doc["value"])
         except StoreError as e:
             return _store_error(e)
@@ -153,6 +177,8 @@ def routes(store: Store, max_value: int) -> list[Route]:
         if isinstance(t, JSONResponse):
             return t
         try:
+            if (g := gate()) is not None:
+                await g.settle(*t)
             item = await store.get(*t)
         except StoreError as e:  # a damaged database: 503, see agent.store.store
             return _store_error(e)
@@ -165,6 +191,8 @@ def routes(store: Store, max_value: int) -> list[Route]:
         if isinstance(t, JSONResponse):
             return t
         try:
+            if (g := gate()) is not None:
+                return _written(t[0], await g.delete(*t))
             item = await store.delete(*t)
         except StoreError as e:  # a full disk: 507
             return _store_error(e)
@@ -208,6 +236,8 @@ def routes(store: Store, max_value: int) -> list[Route]:
             if refused is not None:
                 return refused
         try:
+            if (g := gate()) is not None:
+                return _written(t[0], await g.put_many(t[0], items))
             changed = await store.put_many(t[0], items)
         except StoreError as e:
             return _store_error(e)

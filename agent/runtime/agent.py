@@ -85,6 +85,8 @@ from agent.store.store import wall_ms
 if TYPE_CHECKING:
     from agent.net.handshake import StreamKeys
     from agent.net.stream import Framed
+    from agent.runtime.failover import Failover
+    from agent.runtime.forwarding import Forwarding, Upstream
     from agent.runtime.replication import Replication
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
@@ -139,7 +141,9 @@ class Agent:
     seed_watch: SeedWatch = field(default_factory=SeedWatch)
     #: how late the membership loop wakes (agent.runtime.supervision)
     lag: supervision.LagMeter = field(init=False)
-    replication: Replication | None = None
+    replication: Replication | Failover | None = None
+    #: writes on a follower go through the leader (agent.runtime.forwarding)
+    forwarding: Forwarding | None = None
     #: every datagram of both UDP sockets (gossip, discovery) crosses this;
     #: None: built from the key settings at start
     seal: Seal | None = None
@@ -254,12 +258,37 @@ class Agent:
                           self._snapshot_rows, lambda: self.core.lc)
             tg.start_soon(maintenance.tombstone_loop, cfg.interval, store, self.core,
                           cfg.tombstone_grace, wall_ms)
-            # change-log streaming: leader, follower or neither (agent.runtime.replication)
+            # change-log streaming: leader, follower or neither (agent.runtime.replication);
+            # with HS_GOSSIP_ETCD the leader is elected (agent.runtime.failover); a
+            # follower's API writes go through the leader (agent.runtime.forwarding)
+            from agent.runtime.forwarding import Forwarding, StaticUpstream
             from agent.runtime.replication import Replication
 
-            self.replication = Replication(cfg, store, self.sync, self.ident.node_id.bytes,
-                                           self._stream_keys, self.seed.rng_for("replication"))
+            upstream: Upstream
+            if cfg.etcd:
+                from agent.runtime.failover import Failover
+
+                self.replication = upstream = Failover(
+                    cfg, store, self.sync, self.ident.node_id.bytes, self._stream_keys,
+                    self.seed.rng_for("replication"), self.core.me.host or cfg.bind)
+                self.closers.append(self.replication.close)
+            else:
+                self.replication = Replication(cfg, store, self.sync, self.ident.node_id.bytes,
+                                               self._stream_keys,
+                                               self.seed.rng_for("replication"))
+                upstream = StaticUpstream(self.replication)
+            self.forwarding = Forwarding(store, upstream, self.ident.node_id.bytes,
+                                         self.sync.max_frame, self._stream_keys,
+                                         self.seed.rng_for("forwarding"), cfg.interval,
+                                         cfg.tombstone_grace)
+            self.sync.streams.update(self.forwarding.routes())
+            self.closers.append(self.forwarding.close)
+            if not isinstance(self.replication, Replication):
+                self.replication.before_hello = self.forwarding.push
+            elif self.replication.follower is not None:
+                self.replication.follower.before_hello = self.forwarding.push
             tg.start_soon(self.replication.run)
+            tg.start_soon(self.forwarding.run)
             tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain,
                           self.replication.min_needed_seq)
             tg.start_soon(supervision.trim_memory)
@@ -297,7 +326,7 @@ class Agent:
                 return
             await self.api(self.view, self.store, self._shutdown.wait, task_status=task_status,
                            controls=Controls(reload_keyring=self.reload_keyring,
-                                             join=self.join))
+                                             join=self.join, writes=lambda: self.forwarding))
         finally:
             self._api_done.set()
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -302,6 +302,9 @@ class Follower:
         self.leader_id: bytes | None = None
         self.stats: dict[str, int] = {}
         self._edge_logged = True  # nothing to say before the first connection
+        #: awaited before each HELLO with the leader's address: what this agent
+        #: wrote while away reaches the leader first (agent.runtime.forwarding)
+        self.before_hello: Callable[[HostPort], Awaitable[None]] | None = None
 
     @property
     def edge_after(self) -> float:
@@ -361,6 +364,8 @@ class Follower:
 
     async def _session(self) -> None:
         host, port = self.coordinator.host, self.coordinator.port
+        if self.before_hello is not None:
+            await self.before_hello(self.coordinator)
         with anyio.fail_after(CONNECT_TIMEOUT):
             conn = await connect(host, port, self.max_frame, self.keys())
         async with conn:

@@ -37,6 +37,7 @@ from agent.net.seal import Seal, Sealed
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
+    from agent.runtime.forwarding import WriteGate
     from agent.runtime.replication import ReplicationView
     from agent.runtime.seeds import Seeds
     from agent.runtime.sync_service import SyncService
@@ -199,6 +200,8 @@ class Controls:
     #: them at once; returns the numeric addresses contacted, raises
     #: JoinError (nothing added) when one does not resolve
     join: Callable[[Sequence[HostPort]], Awaitable[tuple[str, ...]]] | None = None
+    #: the write gate of agent.runtime.forwarding once replication runs
+    writes: Callable[[], WriteGate | None] | None = None
 
 
 class ApiServer(Protocol):
