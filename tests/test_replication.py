@@ -382,7 +382,9 @@ def test_a_tampered_batch_on_the_wire_is_refused_and_counted(tmp_path: Path) -> 
             head = await leader_store.log_position()
             await until(lambda: follower.applied == head)
             tg.cancel_scope.cancel()
-        assert follower.stats["chain_refused"] == 2
+        # the first refusal turns into a snapshot: no second batch is tampered
+        assert follower.stats["chain_refused"] == 1
+        assert follower.stats["snapshots"] == 1 and follower.stats["snapshots_installed"] == 1
         assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
         await follower_store.close()
         await leader_store.close()
@@ -390,9 +392,9 @@ def test_a_tampered_batch_on_the_wire_is_refused_and_counted(tmp_path: Path) -> 
     anyio.run(main, backend="trio")
 
 
-def test_behind_compaction_the_follower_catches_up_by_merkle_sync(tmp_path: Path) -> None:
-    """SNAPSHOT_NEEDED: Merkle sync with the leader (both ways: the
-    follower's own write survives), then streaming from the leader's head."""
+def test_behind_compaction_the_follower_gets_a_snapshot(tmp_path: Path) -> None:
+    """A position compacted away: a snapshot (the follower's own write
+    stays), then streaming from the snapshot's position."""
     async def main() -> None:
         leader_store = await _filled_leader(tmp_path / "l")
         await leader_store.compact_log(Retention(10, None))
@@ -402,14 +404,17 @@ def test_behind_compaction_the_follower_catches_up_by_merkle_sync(tmp_path: Path
         async with serving(leader_store) as (leader, addr), anyio.create_task_group() as tg:
             follower = follower_of(follower_store, addr)
             tg.start_soon(follower.run)
-            # (the sync brought the follower's write to the leader: its head moved)
             await until(lambda: follower.applied == leader_store.log_head)
             await leader_store.put("vision", "after", 1)
             await until(lambda: follower.applied == leader_store.log_head)
             tg.cancel_scope.cancel()
-        assert follower.stats["resyncs"] == 1 and leader.stats["answered_snapshot_needed"] == 1
-        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
-        assert (await leader_store.get("vision", "mine")) is not None
+        assert follower.stats["snapshots_installed"] == 1 and leader.stats["snapshots_sent"] == 1
+        assert "resyncs" not in follower.stats
+        mine = await follower_store.get("vision", "mine")
+        assert mine is not None and not mine.deleted
+        theirs = await _items(leader_store, "vision")
+        assert [i for i in await _items(follower_store, "vision") if i[0] != "mine"] == theirs
+        assert await follower_store.stream_position() == (leader_store.log_head, 1)
         await follower_store.close()
         await leader_store.close()
 

@@ -158,6 +158,20 @@ def collect(v: AgentView) -> Iterator[Metric]:
         yield CounterMetricFamily("hs_gossip_replication_resyncs",
                                   "DIVERGED or SNAPSHOT_NEEDED answers caught up by Merkle sync",
                                   value=rs.get("resyncs", 0))
+        yield CounterMetricFamily(
+            "hs_gossip_replication_snapshots",
+            "Snapshots started (resumed ones too): received as follower, sent as leader",
+            value=sum(rs.get(k, 0) for k in ("snapshots", "snapshots_resumed", "snapshots_sent",
+                                             "snapshots_resumed_sent")))
+        for key, text in (
+                ("snapshots_installed", "Snapshots installed with their roots verified"),
+                ("snapshots_refused", "Snapshots refused: a chunk or the roots did not verify"),
+                ("epoch_refused", "Frames refused: their epoch is below the highest seen"),
+                ("promotions", "Promotions of this agent to leader"),
+                ("promotions_refused", "Promotions refused: another agent is further"),
+                ("stepped_down", "Times this leader stepped down for a higher epoch")):
+            yield CounterMetricFamily(f"hs_gossip_replication_{key}", text,
+                                      value=rs.get(key, 0))
         yield GaugeMetricFamily("hs_gossip_replication_followers", "Followers connected",
                                 value=len(r.downstream))
         lag = GaugeMetricFamily("hs_gossip_replication_lag_entries",

@@ -85,6 +85,29 @@ MIGRATIONS: list[str] = [
         epoch_seen INTEGER NOT NULL
     );
     """,
+    # 5: the leader of the highest epoch seen (its address, and the id of
+    # the log the applied position is in), and the snapshot a follower is
+    # installing (agent.store.stream): one row, written in the transaction
+    # that applies each chunk, so an interrupted snapshot resumes.
+    """
+    CREATE TABLE upstream5 (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        epoch INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        epoch_seen INTEGER NOT NULL,
+        leader TEXT NOT NULL DEFAULT '',
+        log_id BLOB NOT NULL DEFAULT x''
+    );
+    INSERT INTO upstream5 (id, epoch, seq, hash, epoch_seen)
+        SELECT id, epoch, seq, hash, epoch_seen FROM upstream;
+    DROP TABLE upstream;
+    ALTER TABLE upstream5 RENAME TO upstream;
+    CREATE TABLE IF NOT EXISTS snapshot_progress (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        state BLOB NOT NULL
+    );
+    """,
 ]
 
 

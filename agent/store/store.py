@@ -453,8 +453,40 @@ class Store:
         """Record ``pos`` as applied (after catching up by Merkle sync)."""
         await self._call(lambda w: stream.adopt(w, pos))
 
-    async def see_epoch(self, epoch: int) -> None:
-        await self._call(lambda w: stream.see_epoch(w, epoch))
+    async def see_epoch(self, epoch: int, leader: str | None = None,
+                        log_id: bytes | None = None) -> bool:
+        """Remember a leader epoch (and its leader); whether anything changed."""
+        return await self._call(lambda w: stream.see_epoch(w, epoch, leader, log_id))
+
+    async def upstream(self) -> stream.Upstream:
+        """Applied position, highest epoch seen and the leader of it."""
+        return await self._call(lambda w: stream.upstream(w.conn), read=True)
+
+    async def log_epoch(self) -> int:
+        """The epoch this agent stamps on its own new log entries."""
+        return await self._call(stream.log_epoch, read=True)
+
+    async def promote(self, me: str) -> int:
+        """Raise the log epoch above every epoch seen (agent.store.stream.promote)."""
+        return await self._call(lambda w: stream.promote(w, me))
+
+    async def snapshot_progress(self) -> stream.Progress | None:
+        return await self._call(lambda w: stream.progress(w.conn), read=True)
+
+    async def begin_snapshot(self, at: Position, log_id: bytes, roots: tuple[Any, ...],
+                             resumed: stream.Progress | None) -> stream.Progress:
+        return await self._call(lambda w: stream.begin_snapshot(w, at, log_id, roots, resumed))
+
+    async def apply_chunk(self, p: stream.Progress, collection: str, items: list[Item],
+                          chash: bytes) -> tuple[stream.Progress, int]:
+        """Apply one snapshot chunk and record the progress, in one transaction."""
+        return await self._call(lambda w: stream.apply_chunk(w, p, collection, items, chash))
+
+    async def finish_snapshot(self, p: stream.Progress, leader: str) -> None:
+        await self._call(lambda w: stream.finish_snapshot(w, p, leader))
+
+    async def drop_snapshot(self) -> None:
+        await self._call(stream.drop_snapshot)
 
     async def read_log_raw(self, after_seq: int, limit: int,
                            max_bytes: int) -> list[tuple[int, bytes]]:
