@@ -5,8 +5,12 @@ own 127.0.0.x address, one seed), and measure
 
 * time from the last agent's API answering to full membership everywhere
   (every agent lists the N-1 others as healthy);
-* time from SIGKILL of one agent until every other marks it unhealthy;
-* idle RSS and CPU per agent over a window, and UDP bytes per agent per second.
+* time from SIGKILL of one agent until every other marks it unhealthy
+  (``healthy: false`` in /api/swarm/peers: suspected), and until every other
+  lists it as ``dead`` in /api/swarm/members (its suspicion ran out);
+* idle RSS and CPU per agent over a window, and UDP bytes and datagrams per
+  agent per second (the membership core's ``bytes_out``, ``bytes_in`` and
+  ``datagrams_out`` counters of /api/swarm/stats).
 
 With ``--key`` every agent gets the same cluster key (``HS_GOSSIP_KEY``, a
 fresh base64 of 32 random bytes per run), so every datagram is sealed and
@@ -158,7 +162,7 @@ def run_size(n: int, interval: float, idle: float, ttl: float,
 
                 out_bps.append(rate("bytes_out"))
                 in_bps.append(rate("bytes_in"))
-                out_dps.append(rate("heartbeats_out") + rate("state_out"))
+                out_dps.append(rate("datagrams_out"))
 
             victim = procs[n // 2]
             victim_id = victim.get("/api/cluster/status")["node_id"]
@@ -173,6 +177,14 @@ def run_size(n: int, interval: float, idle: float, ttl: float,
                 return True
 
             detect = poll_all(pool, rest, unhealthy, 120)
+
+            def dead(p: Proc) -> bool:
+                for x in p.get("/api/swarm/members")["members"]:
+                    if x["node_id"] == victim_id:
+                        return x["status"] in ("dead", "left")
+                return True  # already dropped after the TTL
+
+            failed = detect + poll_all(pool, rest, dead, 120)
     except BaseException:
         dead = [p for p in procs if p.p.poll() is not None and p.p.returncode != -9]
         for p in dead:
@@ -190,6 +202,7 @@ def run_size(n: int, interval: float, idle: float, ttl: float,
     return {
         "agents": n, "keyed": keyed, "interval_s": interval,
         "converge_s": round(converge, 2), "unhealthy_after_kill_s": round(detect, 2),
+        "dead_after_kill_s": round(failed, 2),
         "cpu_pct_mean": round(statistics.mean(cpu), 2), "cpu_pct_max": round(max(cpu), 2),
         "rss_mib_mean": round(statistics.mean(rss), 1), "rss_mib_max": round(max(rss), 1),
         "udp_out_bytes_per_s": round(statistics.mean(out_bps)),
@@ -197,6 +210,8 @@ def run_size(n: int, interval: float, idle: float, ttl: float,
         # the byte counters count the codec's bytes: with a key each datagram
         # carries the seal's header and tag on top (agent.net.seal.OVERHEAD)
         "udp_out_datagrams_per_s": round(statistics.mean(out_dps), 2),
+        "udp_out_bytes_per_datagram": round(
+            statistics.mean(out_bps) / max(statistics.mean(out_dps), 1e-9)),
         "udp_out_wire_bytes_per_s": round(statistics.mean(out_bps) + (
             SEAL_OVERHEAD * statistics.mean(out_dps) if keyed else 0)),
     }
