@@ -396,8 +396,10 @@ class Leader:
                                 "it will get a snapshot", d.window.sent_seq, conn.peer)
                     raise ProtocolError(f"entries after seq {d.window.sent_seq} are gone")
                 data = tuple(r[1] for r in rows)
-                await conn.send(encode(Entries(epoch, data, changelog.decode(data[-1]).hash)))
+                # Counted as sent before the send: its ACK may come back (on
+                # the other task) before send() returns.
                 d.window.sent(rows[-1][0], sum(map(len, data)))
+                await conn.send(encode(Entries(epoch, data, changelog.decode(data[-1]).hash)))
                 _count(self.stats, "entries_streamed", len(data))
                 last_sent = anyio.current_time()
                 continue
