@@ -1,19 +1,27 @@
 """Change-log streaming between real agent processes: a leader and three
 followers that share no gossip peers (so streaming is the only way data
 reaches them), a follower killed mid-stream resuming from its persisted
-position, and a follower turning Edge when its leader stops."""
+position, a follower turning Edge when its leader stops, a follower behind
+compaction getting a snapshot (resumed after a kill), and a tampered entry
+turning into a snapshot."""
 
 from __future__ import annotations
 
 import base64
 import os
 import re
+import sqlite3
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
+from agent.core import changelog
+from agent.store.schema import DB_FILE
+from tests import storehelp
 from tests.agents import AgentProc, Swarm, wait_for
 
 pytestmark = pytest.mark.integration
@@ -145,3 +153,70 @@ def test_streams_are_keyed_when_the_swarm_has_a_key(tmp_path: Path) -> None:
         assert status(stranger)["role"] == "Edge" and status(stranger)["applied_seq"] == 0
     finally:
         swarm.stop_all()
+
+
+def _compacted(a: AgentProc) -> bool:
+    return bool(storehelp.query(a.data_dir, "SELECT v FROM meta WHERE k='log_floor'"))
+
+
+def write_padded(leader: AgentProc, n: int, pad: int = 1000) -> None:
+    for base in range(0, n, 500):
+        items = {f"k{i:06d}": {"i": i, "pad": "x" * pad} for i in range(base, base + 500)}
+        code, body = leader.request("POST", f"/api/collections/{COLL}/items", {"items": items})
+        assert code == 200, body
+
+
+def test_a_follower_behind_compaction_gets_a_snapshot_and_resumes_it_after_a_kill(
+        swarm: Swarm) -> None:
+    leader = swarm.add(HS_GOSSIP_ROLE="leader", HS_GOSSIP_LOG_RETAIN="100")
+    write_padded(leader, 10_000)  # ~40 chunks of 256 KiB
+    wait_for(lambda: _compacted(leader), timeout=20, what="the leader's log compacted")
+    follower = swarm.add(HS_GOSSIP_COORDINATOR=leader.gossip_addr)
+    # killed mid-snapshot: the chunks it kept are recorded with their items
+    wait_for(lambda: status(follower)["replication"].get("snapshot_chunks", 0) >= 3,
+             timeout=20, interval=0.01, what="the first chunks of the snapshot")
+    follower.kill()
+    kept = storehelp.query(follower.data_dir, "SELECT count(*) FROM items")[0][0]
+    assert 0 < kept < 10_000
+    assert storehelp.query(follower.data_dir, "SELECT count(*) FROM snapshot_progress") == [(1,)]
+    follower.start()
+    wait_for(lambda: caught_up(leader, [follower]), timeout=60, what="the snapshot resumed")
+    st = status(follower)["replication"]
+    assert st["snapshots_resumed"] == 1 and st["snapshots_installed"] == 1
+    assert "snapshots" not in st  # no new snapshot from the start
+    assert st["snapshot_items"] <= 10_000 - kept + 256  # only the rest was sent
+    assert metric(follower, "hs_gossip_replication_snapshots") == 1
+    assert metric(leader, "hs_gossip_replication_snapshots") == 2  # the first and the rest
+    assert storehelp.query(follower.data_dir, "SELECT count(*) FROM snapshot_progress") == [(0,)]
+    # then it streams from the snapshot's position
+    write_batches(leader, 20_000, 100, per=100)
+    wait_for(lambda: caught_up(leader, [follower]), timeout=20, what="streaming after it")
+    assert roots(follower) == roots(leader)
+    assert all_items(follower) == all_items(leader)
+
+
+def test_a_tampered_entry_is_refused_and_turns_into_a_snapshot(swarm: Swarm) -> None:
+    leader = swarm.add(HS_GOSSIP_ROLE="leader")
+    follower = swarm.add(HS_GOSSIP_COORDINATOR=leader.gossip_addr)
+    write_batches(leader, 0, 100, per=100)
+    wait_for(lambda: caught_up(leader, [follower]), timeout=20, what="streaming")
+    follower.kill()
+    write_batches(leader, 100, 200, per=100)
+    # Alter one entry of the leader's log the follower has not had yet (its
+    # own canonical encoding, another value): the chain breaks after it.
+    [(data,)] = storehelp.query(leader.data_dir, "SELECT entry FROM log WHERE seq=150")
+    e = changelog.decode(bytes(data))
+    forged = changelog.encode(e.epoch, e.seq, e.prev_hash, e.origin, e.hlc, e.collection,
+                              e.key, e.op, msgpack.packb("forged"))
+    with closing(sqlite3.connect(leader.data_dir / DB_FILE, timeout=10)) as db:
+        db.execute("UPDATE log SET entry=? WHERE seq=150", (forged,))
+        db.commit()
+    follower.start()
+    wait_for(lambda: caught_up(leader, [follower]), timeout=30, what="caught up after it")
+    assert metric(follower, "hs_gossip_replication_chain_refused") == 1
+    assert metric(follower, "hs_gossip_replication_snapshots") == 1
+    assert metric(follower, "hs_gossip_replication_snapshots_installed") == 1
+    assert metric(leader, "hs_gossip_replication_snapshots") == 1
+    assert "refused a batch" in follower.log()
+    assert all_items(follower) == all_items(leader) and roots(follower) == roots(leader)
+    assert follower.get(f"/api/collections/{COLL}/items/k000149")["value"] != "forged"

@@ -32,7 +32,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
-from agent.face import auth, collections_api, metrics, swarm_api
+from agent.face import auth, cluster_api, collections_api, metrics, swarm_api
 from agent.runtime.view import AgentView, Controls, PeerView
 
 if TYPE_CHECKING:
@@ -302,7 +302,8 @@ async def _serve(cfg: Config, view: ViewSource, store: Store,
     app = build_app(view, [*collections_api.routes(store, cfg.max_value,
                                                    controls.writes if controls else None),
                            *metrics.routes(view), *keyring_routes(controls),
-                           *swarm_api.routes(view, controls)],
+                           *swarm_api.routes(view, controls),
+                           *cluster_api.routes(controls)],
                     max_body=max(MAX_BODY, collections_api.put_body_limit(cfg.max_value)),
                     spawn=spawn)
     if cfg.api_token is not None:  # outermost: nothing runs for a request without it

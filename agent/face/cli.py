@@ -1,12 +1,12 @@
-"""Command line: ``hs-gossip run | peers | members | join | status | demo | put |
-get | del | ls | verify | install-unit | keygen | keys | --version``.
+"""Command line: ``hs-gossip run | peers | members | join | status | promote | demo |
+put | get | del | ls | verify | install-unit | keygen | keys | --version``.
 
 Errors are one line on stderr, never a traceback. Exit codes: 0 ok, 1 runtime
 failure (port taken, agent not reachable), 2 bad configuration or usage.
 The parser is built from one explicit registry, :data:`REGISTRY`: each
 subcommand's name, help line and the module whose ``COMMANDS`` table runs it
-(this one, agent.face.cli_members, agent.face.cli_data or
-agent.face.cli_ops). A command module is imported only when one of its
+(this one, agent.face.cli_members, agent.face.cli_data, agent.face.cli_ops
+or agent.face.cli_cluster). A command module is imported only when one of its
 commands is chosen, so ``hs-gossip run`` does not carry the code of the other
 commands. Their shared helpers live in
 agent.face.cli_common, so no command module imports this one.
@@ -226,6 +226,7 @@ COMMANDS: tuple[Command, ...] = (
 _DATA = "agent.face.cli_data"
 _MEMBERS = "agent.face.cli_members"
 _OPS = "agent.face.cli_ops"
+_CLUSTER = "agent.face.cli_cluster"
 
 #: every subcommand, in the order ``--help`` lists them
 REGISTRY: tuple[Listing, ...] = (
@@ -235,6 +236,8 @@ REGISTRY: tuple[Listing, ...] = (
             "(alive, suspect, dead, left)", _MEMBERS),
     Listing("join", "join a swarm now: hs-gossip join HOST:PORT [HOST:PORT ...]", _MEMBERS),
     Listing("status", "show the local agent's identity and role", __name__),
+    Listing("promote", "make the local agent the stream's leader (a higher epoch): "
+            "hs-gossip promote [--force]", _CLUSTER),
     Listing("demo", "start N agents on loopback and show a live peers table", __name__),
     Listing("put", "write an item: hs-gossip put COLLECTION KEY JSON", _DATA),
     Listing("get", "read an item: hs-gossip get COLLECTION KEY", _DATA),

@@ -275,7 +275,8 @@ class Agent:
             else:
                 self.replication = Replication(cfg, store, self.sync, self.ident.node_id.bytes,
                                                self._stream_keys,
-                                               self.seed.rng_for("replication"))
+                                               self.seed.rng_for("replication"),
+                                               peers=self._member_sync_addrs)
                 upstream = StaticUpstream(self.replication)
             self.forwarding = Forwarding(store, upstream, self.ident.node_id.bytes,
                                          self.sync.max_frame, self._stream_keys,
@@ -285,8 +286,10 @@ class Agent:
             self.closers.append(self.forwarding.close)
             if not isinstance(self.replication, Replication):
                 self.replication.before_hello = self.forwarding.push
-            elif self.replication.follower is not None:
-                self.replication.follower.before_hello = self.forwarding.push
+            else:  # every follower it runs, after a promotion or stepping down too
+                self.replication.before_hello = self.forwarding.push
+                if self.replication.follower is not None:
+                    self.replication.follower.before_hello = self.forwarding.push
             tg.start_soon(self.replication.run)
             tg.start_soon(self.forwarding.run)
             tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain,
@@ -326,7 +329,8 @@ class Agent:
                 return
             await self.api(self.view, self.store, self._shutdown.wait, task_status=task_status,
                            controls=Controls(reload_keyring=self.reload_keyring,
-                                             join=self.join, writes=lambda: self.forwarding))
+                                             join=self.join, writes=lambda: self.forwarding,
+                                             promote=self._promote))
         finally:
             self._api_done.set()
 
@@ -403,6 +407,23 @@ class Agent:
              {d.name: d.horizon_ms for d in m.digests})
             for m in self.core.members.values() if m.healthy and m.digests
         ]
+
+    def _member_sync_addrs(self) -> list[HostPort]:
+        """The sync addresses of the healthy members (asked by replication)."""
+        return [HostPort(m.host, m.sync_port or m.port)
+                for m in self.core.members.values() if m.healthy and m.host]
+
+    async def _promote(self, force: bool) -> tuple[int | None, str]:
+        """Promote to stream leader (agent.runtime.replication)."""
+        from agent.runtime.replication import PromotionRefused, Replication
+
+        if not isinstance(self.replication, Replication):
+            return None, ("the leader is elected through etcd here" if self.replication
+                          else "change-log streaming is not running")
+        try:
+            return await self.replication.promote(force), ""
+        except PromotionRefused as e:
+            return None, str(e)
 
     async def _leave(self) -> None:
         self.core.leave(anyio.current_time())

@@ -202,6 +202,8 @@ class Controls:
     join: Callable[[Sequence[HostPort]], Awaitable[tuple[str, ...]]] | None = None
     #: the write gate of agent.runtime.forwarding once replication runs
     writes: Callable[[], WriteGate | None] | None = None
+    #: promote to stream leader (force?): (the new epoch, "") or (None, why not)
+    promote: Callable[[bool], Awaitable[tuple[int | None, str]]] | None = None
 
 
 class ApiServer(Protocol):
