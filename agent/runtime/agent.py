@@ -87,7 +87,7 @@ if TYPE_CHECKING:
     from agent.net.stream import Framed
     from agent.runtime.failover import Failover
     from agent.runtime.forwarding import Forwarding, Upstream
-    from agent.runtime.replication import Replication
+    from agent.runtime.leadership import Replication
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
 
@@ -262,7 +262,7 @@ class Agent:
             # with HS_GOSSIP_ETCD the leader is elected (agent.runtime.failover); a
             # follower's API writes go through the leader (agent.runtime.forwarding)
             from agent.runtime.forwarding import Forwarding, StaticUpstream
-            from agent.runtime.replication import Replication
+            from agent.runtime.leadership import Replication
 
             upstream: Upstream
             if cfg.etcd:
@@ -415,7 +415,7 @@ class Agent:
 
     async def _promote(self, force: bool) -> tuple[int | None, str]:
         """Promote to stream leader (agent.runtime.replication)."""
-        from agent.runtime.replication import PromotionRefused, Replication
+        from agent.runtime.leadership import PromotionRefused, Replication
 
         if not isinstance(self.replication, Replication):
             return None, ("the leader is elected through etcd here" if self.replication

@@ -79,7 +79,7 @@ from merkle.tree import Item
 if TYPE_CHECKING:
     from agent.config import HostPort
     from agent.net.handshake import StreamKeys
-    from agent.runtime.replication import Replication
+    from agent.runtime.leadership import Replication
     from agent.store import Store
 
 log = logging.getLogger("hs_gossip.forwarding")

@@ -1,17 +1,15 @@
 """Change-log streaming between a leader and its followers: the leader side
-serving followers on the sync listener, the follower side that connects to
-its coordinator, promotion, and fencing by epochs. Frames and decisions are
+serving followers on the sync listener, and the follower side that connects
+to its leader. Frames and decisions are
 :mod:`agent.core.replication`'s; the store side is :mod:`agent.store.stream`.
 
 Rules:
 
-* Every agent with replication answers replication frames on its TCP sync
-  port: the listener routes a connection whose first frame starts with the
-  replication tag to :meth:`Replication.route` (agent.runtime.sync_service).
-  A leader serves HELLO (:meth:`Leader.serve`); any agent answers PROBE with
-  INFO, and a HELLO sent to a non-leader with INFO too (where it stands, and
-  the leader it knows). Streams with keys run the PSK handshake like every
-  TCP stream.
+* The leader answers on its TCP sync port: the listener routes a
+  connection whose first frame starts with the replication tag to
+  agent.runtime.leadership's ``Replication.route``, which hands a HELLO to
+  :meth:`Leader.serve` (agent.runtime.sync_service). Streams with keys run
+  the PSK handshake like every TCP stream.
 * Per follower the leader sends the backlog, then live entries as they
   commit: it wakes on the store's commit notification, never by polling,
   and sends a keepalive when it sent nothing for one interval. It sends no
@@ -46,33 +44,17 @@ Rules:
   (3 x HS_GOSSIP_INTERVAL + :data:`CONNECT_TIMEOUT`); either way it accepts
   writes, and gossip and Merkle sync go on underneath. It reconnects with
   exponential backoff, from one interval up to :data:`MAX_BACKOFF`.
-* Epochs fence leaders. Every frame carries its sender's epoch; a follower
+* Epochs fence leaders: every frame carries its sender's epoch; a follower
   persists the highest epoch seen with that epoch's leader (address and log
-  id) and refuses frames of a lower epoch (``epoch_refused``, logged), then
-  goes to the leader it knows for the higher epoch. ``promote`` makes this
-  agent leader at one above every epoch it has seen, persisted in the
-  transaction that raises it; without ``force`` only if no agent it can reach
-  (the swarm's members, its coordinator, the leader it last knew) has seen a
-  higher epoch or stands further in the same log (:func:`promotion_refusal`).
-  The new leader announces itself (INFO) to the swarm's members.
-* A leader that hears a higher epoch (a HELLO, an ACK, an INFO) steps down:
-  it drops its followers, records the epoch and follows the leader named (or
-  the one it finds), merging its own writes first as a diverged follower
-  does: what it wrote that was never streamed is kept and reaches the new
-  leader by Merkle sync.
-* Where followers find a new leader: the leader named for the highest epoch
-  they have seen (by a refused frame's sender, an INFO, the persisted
-  record), else, while Edge, by asking every swarm member and the configured
-  coordinator with PROBE and following the highest-epoch leader any INFO
-  names (:func:`pick_leader`). A restarted agent starts with its configured
-  coordinator unless it recorded a newer epoch's leader; an agent that was
-  promoted stays leader across restarts; a leader restarted after it was
-  deposed follows the recorded leader.
+  id), refuses frames of a lower epoch (``epoch_refused``, logged) and tells
+  its owner (``on_newer_leader``) of the leader it knows for the higher one.
+  A leader that sees a higher epoch in a HELLO or an ACK tells its owner
+  (``on_higher_epoch``). Promotion, stepping down and finding a new leader
+  are :mod:`agent.runtime.leadership`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine
@@ -81,12 +63,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from agent.config import parse_host_port
 from agent.core import changelog
 from agent.core.changelog import GENESIS, ChainBroken, EntryInvalid, Position
 from agent.core.replication import (
     SNAPSHOT_AHEAD,
-    TAG,
     Ack,
     Chunk,
     ChunkAck,
@@ -94,7 +74,6 @@ from agent.core.replication import (
     Entries,
     Hello,
     Info,
-    Probe,
     ProtocolError,
     Resume,
     Snapshot,
@@ -107,8 +86,6 @@ from agent.core.replication import (
     decode,
     encode,
     epoch_ok,
-    pick_leader,
-    promotion_refusal,
 )
 from agent.net.stream import Framed, StreamHandshakeError, connect
 from agent.runtime.sync_service import SESSION_ERRORS, sync_once
@@ -117,9 +94,8 @@ from merkle.frames import SALT_LEN
 from merkle.tree import Item
 
 if TYPE_CHECKING:
-    from agent.config import Config, HostPort
+    from agent.config import HostPort
     from agent.net.handshake import StreamKeys
-    from agent.runtime.sync_service import SyncService
     from agent.store import Store
     from agent.store.stream import Progress
 
@@ -138,10 +114,6 @@ SNAPSHOT_BYTES = 256 << 10
 MAX_FOLLOWERS = 256
 #: seconds a follower gives the leader to accept and finish the handshake
 CONNECT_TIMEOUT = 5.0
-#: seconds one PROBE may take (connect, handshake, answer)
-PROBE_TIMEOUT = 2.0
-#: agents asked at once at most (promotion, finding a leader)
-PROBE_MAX = 64
 #: the longest wait between two connection attempts
 MAX_BACKOFF = 30.0
 #: failures a stream may end with (anything else is a bug and propagates)
@@ -155,10 +127,6 @@ def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
 class SnapshotRefused(ProtocolError):
     """A snapshot chunk or its roots did not verify: nothing of it is
     recorded as applied, and the follower asks for a new one."""
-
-
-class PromotionRefused(Exception):
-    """Promotion was refused; the message says why."""
 
 
 # --- what the view shows ------------------------------------------------------------
@@ -688,355 +656,3 @@ class Follower:
                 if refused:
                     _count(self.stats, "entries_refused", refused)
             await conn.send(encode(Ack(epoch, self.applied)))
-
-
-# --- asking around ---------------------------------------------------------------------
-
-
-async def probe(addr: HostPort, node_id: bytes, epoch: int, max_frame: int,
-                keys: StreamKeys | None, timeout: float = PROBE_TIMEOUT) -> Info | None:
-    """The INFO of the agent at ``addr``; None if it does not answer in time."""
-    try:
-        with anyio.fail_after(timeout):
-            async with await connect(addr.host, addr.port, max_frame, keys) as conn:
-                await conn.send(encode(Probe(epoch, node_id)))
-                f = decode(await conn.receive())
-        return f if isinstance(f, Info) else None
-    except (*STREAM_ERRORS, StreamHandshakeError):
-        return None
-
-
-async def tell(addr: HostPort, info: Info, max_frame: int, keys: StreamKeys | None,
-               timeout: float = PROBE_TIMEOUT) -> bool:
-    """Send ``info`` unasked (a new leader announcing itself)."""
-    try:
-        with anyio.fail_after(timeout):
-            async with await connect(addr.host, addr.port, max_frame, keys) as conn:
-                await conn.send(encode(info))
-        return True
-    except (*STREAM_ERRORS, StreamHandshakeError):
-        return False
-
-
-# --- wiring ------------------------------------------------------------------------------
-
-
-class Replication:
-    """The agent's part in streaming: a leader, a follower, or neither; and
-    the switch between them (promotion, stepping down, a new leader)."""
-
-    def __init__(self, cfg: Config, store: Store, sync: SyncService, node_id: bytes,
-                 keys: Callable[[], StreamKeys | None], rng: random.Random,
-                 peers: Callable[[], list[HostPort]] | None = None) -> None:
-        self.store = store
-        self.node_id = node_id
-        self.interval = cfg.interval
-        self.max_frame = sync.max_frame
-        self.keys = keys
-        self.rng = rng
-        self.tombstone_grace = cfg.tombstone_grace
-        self.configured_role = cfg.role
-        self.coordinator = cfg.coordinator
-        #: the swarm's members' sync addresses (asked when promoting or
-        #: looking for a leader)
-        self.peers = peers or (lambda: [])
-        self.stats: dict[str, int] = {}
-        self.leader: Leader | None = None
-        self.follower: Follower | None = None
-        self._epoch_seen = 0
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._follower_scope: anyio.CancelScope | None = None
-        self._switching = False
-        #: handed to every follower this agent runs (agent.runtime.forwarding)
-        self.before_hello: Callable[[HostPort], Awaitable[None]] | None = None
-        if cfg.role == "leader":
-            self.leader = self._new_leader(None)
-        elif cfg.coordinator is not None:
-            self.follower = self._new_follower(cfg.coordinator)
-        sync.streams[TAG] = self.route
-
-    def _new_leader(self, epoch: int | None) -> Leader:
-        leader = Leader(self.store, self.node_id, self.interval, epoch=epoch)
-        leader.on_higher_epoch = self._on_higher_epoch
-        leader.stats = self.stats  # counters outlive role changes
-        return leader
-
-    def _new_follower(self, coordinator: HostPort, merge_first: bool = False) -> Follower:
-        f = Follower(self.store, coordinator, self.node_id, self.interval, self.max_frame,
-                     self.keys, self.rng, self.tombstone_grace, merge_first)
-        f.on_newer_leader = self._on_newer_leader
-        f.stats = self.stats
-        f.before_hello = self.before_hello or (
-            None if self.follower is None else self.follower.before_hello)
-        return f
-
-    # --- running -----------------------------------------------------------------------
-
-    async def run(self) -> None:
-        u = await self.store.upstream()
-        self._epoch_seen = u.epoch_seen
-        own = await self.store.log_epoch()
-        if u.log_id == self.node_id and u.epoch_seen == own and u.epoch_seen > 0 \
-                and self.leader is None:
-            # Promoted before a restart: still the leader of its epoch.
-            self.follower = None
-            self.leader = self._new_leader(own)
-            log.warning("leader of epoch %d (promoted before this start)", own)
-        elif self.leader is not None:
-            if u.epoch_seen > own and u.leader:
-                log.warning("this leader was deposed (epoch %d seen, own %d): following %s",
-                            u.epoch_seen, own, u.leader)
-                self.leader.depose()
-                self.leader = None
-                self.follower = self._new_follower(parse_host_port(u.leader), merge_first=True)
-            else:
-                self.leader._epoch = own
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            if self.follower is not None:
-                self._start_follower(self.follower)
-            tg.start_soon(self._find_leader_loop)
-            await anyio.sleep_forever()
-
-    def _start_follower(self, f: Follower) -> None:
-        assert self._tg is not None
-        scope = anyio.CancelScope()
-        self._follower_scope = scope
-
-        async def run() -> None:
-            with scope:
-                await f.run()
-
-        self._tg.start_soon(run)
-
-    def _stop_follower(self) -> None:
-        if self._follower_scope is not None:
-            self._follower_scope.cancel()
-        self._follower_scope = None
-        self.follower = None
-
-    async def _find_leader_loop(self) -> None:
-        """While Edge, ask around for the leader of the highest epoch."""
-        while True:
-            f = self.follower
-            wait = self.interval if f is None else f.edge_after
-            await anyio.sleep(wait)
-            f = self.follower
-            if f is None or f.role(anyio.current_time()) != "Edge":
-                continue
-            infos = await self.ask_around()
-            found = pick_leader(f.epoch_seen, infos)
-            if found is not None and found[0] != str(f.coordinator):
-                _count(self.stats, "leaders_found")
-                self._on_newer_leader(found[1], found[0])
-
-    def known(self) -> list[HostPort]:
-        """Every agent worth asking: the swarm's members, the configured
-        coordinator, the one followed now and the leader last recorded."""
-        out: list[HostPort] = list(self.peers())
-        for a in (self.coordinator, None if self.follower is None else self.follower.coordinator):
-            if a is not None:
-                out.append(a)
-        if self.follower is not None and self.follower.leader_addr:
-            with contextlib.suppress(ValueError):
-                out.append(parse_host_port(self.follower.leader_addr))
-        return list(dict.fromkeys(out))[:PROBE_MAX]
-
-    async def ask_around(self, targets: list[HostPort] | None = None) -> list[tuple[str, Info]]:
-        """The INFOs of the agents that answer, (address, info)."""
-        targets = self.known() if targets is None else targets
-        out: list[tuple[str, Info]] = []
-        keys = self.keys()
-
-        async def one(addr: HostPort) -> None:
-            info = await probe(addr, self.node_id, self.epoch_seen(), self.max_frame, keys)
-            if info is not None and info.node_id != self.node_id:
-                out.append((str(addr), info))
-
-        async with anyio.create_task_group() as tg:
-            for addr in targets:
-                tg.start_soon(one, addr)
-        _count(self.stats, "probes", len(targets))
-        return sorted(out, key=lambda x: x[0])
-
-    # --- role changes ------------------------------------------------------------------
-
-    def _on_newer_leader(self, epoch: int, addr: str) -> None:
-        """A leader of an epoch at least the highest seen is at ``addr``."""
-        try:
-            target = parse_host_port(addr)
-        except ValueError:
-            return
-        if self.leader is not None:
-            if epoch > self.leader.epoch:
-                self._on_higher_epoch(epoch, addr)
-            return
-        f = self.follower
-        if f is None or self._tg is None:
-            return
-        if epoch < f.epoch_seen:
-            return
-        f.retarget(target)
-
-    def _on_higher_epoch(self, epoch: int, addr: str) -> None:
-        """This leader is deposed: step down (in a task: called from frames)."""
-        if self._tg is not None and not self._switching:
-            self._switching = True
-            self._tg.start_soon(self._step_down, epoch, addr)
-
-    async def _step_down(self, epoch: int, addr: str) -> None:
-        try:
-            leader = self.leader
-            if leader is None or epoch <= leader.epoch:
-                return
-            _count(self.stats, "stepped_down")
-            leader.depose()
-            self.leader = None
-            await self.store.see_epoch(epoch, addr or None)
-            self._epoch_seen = max(self._epoch_seen, epoch)
-            target = None
-            if addr:
-                try:
-                    target = parse_host_port(addr)
-                except ValueError:
-                    target = None
-            if target is None:
-                found = pick_leader(epoch, await self.ask_around())
-                target = None if found is None else parse_host_port(found[0])
-            log.warning("stepped down: epoch %d is newer than this leader's; following %s, "
-                        "its own writes merged into the new leader first (last writer wins)",
-                        epoch, target or "nobody yet")
-            if target is None:
-                target = self.coordinator
-            if target is not None:
-                self.follower = self._new_follower(target, merge_first=True)
-                self._start_follower(self.follower)
-        finally:
-            self._switching = False
-
-    async def promote(self, force: bool = False) -> int:
-        """Make this agent the leader at one above every epoch it has seen.
-        Without ``force`` only if no agent it reaches is further (see
-        :func:`promotion_refusal`). Raises PromotionRefused; returns the
-        new epoch."""
-        if self.leader is not None:
-            raise PromotionRefused(f"already the leader (epoch {self.leader.epoch})")
-        if self._switching:
-            raise PromotionRefused("a role change is under way")
-        self._switching = True
-        try:
-            u = await self.store.upstream()
-            if not force:
-                infos = await self.ask_around()
-                why = promotion_refusal(u.epoch_seen, u.log_id, u.applied, infos)
-                if why is not None:
-                    _count(self.stats, "promotions_refused")
-                    log.warning("promotion refused: %s (use --force to promote anyway)", why)
-                    raise PromotionRefused(why)
-            self._stop_follower()
-            epoch = await self.store.promote("")
-            await self.store.see_epoch(epoch, "", self.node_id)
-            self._epoch_seen = epoch
-            self.leader = self._new_leader(epoch)
-            _count(self.stats, "promotions")
-            log.warning("promoted to leader at epoch %d%s (was at seq %d of the old leader's "
-                        "log)", epoch, " (forced)" if force else "", u.applied.seq)
-            if self._tg is not None:
-                self._tg.start_soon(self._announce, epoch)
-            return epoch
-        finally:
-            self._switching = False
-
-    async def _announce(self, epoch: int) -> None:
-        """Tell the swarm's members (INFO): their followers switch to us."""
-        info = self.info()
-        keys = self.keys()
-        async with anyio.create_task_group() as tg:
-            for addr in self.peers()[:PROBE_MAX]:
-                tg.start_soon(tell, addr, info, self.max_frame, keys)
-        log.info("announced epoch %d to %d swarm members", epoch, len(self.peers()))
-
-    # --- the sync listener's route -------------------------------------------------------
-
-    def info(self) -> Info:
-        if self.leader is not None:
-            return Info(self.leader.epoch, self.node_id, "Leader", "", self.node_id,
-                        self.store.log_head)
-        f = self.follower
-        if f is None:
-            return Info(self._epoch_seen, self.node_id, "", "", b"",
-                        Position(0, 0, GENESIS))
-        return Info(f.epoch_seen, self.node_id, f.role(anyio.current_time()),
-                    f.leader_addr or str(f.coordinator), f.leader_id or b"", f.applied)
-
-    async def route(self, conn: Framed, first: bytes) -> None:
-        """A replication connection: HELLO for the leader, PROBE and INFO for anyone."""
-        try:
-            f = decode(first)
-        except ProtocolError as e:
-            _count(self.stats, "frames_refused")
-            log.info("replication frame from %s refused: %s", conn.peer, e)
-            return
-        if isinstance(f, Hello) and self.leader is not None:
-            await self.leader.serve(conn, first)
-            return
-        if isinstance(f, Hello | Probe):
-            if f.epoch > self.epoch_seen() and isinstance(f, Hello) and f.leader:
-                self._on_newer_leader(f.epoch, f.leader)
-            with contextlib.suppress(*STREAM_ERRORS):
-                await conn.send(encode(self.info()))
-            return
-        if isinstance(f, Info) and f.role == "Leader" and f.epoch > self.epoch_seen():
-            # A new leader announces itself. Its sync address is not the
-            # connection's source: ask around and follow the highest epoch.
-            _count(self.stats, "announcements_heard")
-            log.warning("a leader announces epoch %d (this agent saw %d): looking for it",
-                        f.epoch, self.epoch_seen())
-            found = pick_leader(f.epoch, await self.ask_around())
-            if found is not None:
-                self._on_newer_leader(found[1], found[0])
-            return
-        _count(self.stats, "frames_unexpected")
-
-    # --- what others read -----------------------------------------------------------------
-
-    def min_needed_seq(self) -> int | None:
-        return None if self.leader is None else self.leader.min_needed_seq()
-
-    def leader_epoch(self) -> int | None:
-        """This agent's epoch while it is the leader, else None."""
-        return None if self.leader is None else self.leader.epoch
-
-    def forward_target(self, now: float) -> HostPort | None:
-        """The leader to forward writes to now; None: write locally."""
-        f = self.follower
-        return f.coordinator if f is not None and f.role(now) == "Follower" else None
-
-    def epoch_seen(self) -> int:
-        """The highest leader epoch this agent has seen."""
-        own = 0 if self.leader is None else self.leader.epoch
-        f = 0 if self.follower is None else self.follower.epoch_seen
-        return max(self._epoch_seen, own, f)
-
-    def heard_epoch(self, epoch: int, leader: str) -> None:
-        """Another path (a forwarded write's answer, gossip) saw ``epoch``
-        with its leader at ``leader`` ("" unknown): a leader steps down, a
-        follower switches to it."""
-        if epoch <= self.epoch_seen() and not (self.follower is not None and leader):
-            return
-        if leader:
-            self._on_newer_leader(epoch, leader)
-        else:
-            self._on_higher_epoch(epoch, "")
-
-    def view(self, now: float) -> ReplicationView | None:
-        stats = dict(self.stats)
-        if self.leader is not None:
-            head = self.store.log_head
-            return ReplicationView("Leader", None, self.leader.downstream(), self.leader.epoch,
-                                   head.seq, tuple(sorted(stats.items())))
-        f = self.follower
-        if f is None:
-            return None
-        return ReplicationView(f.role(now), str(f.coordinator), (), f.epoch_seen,
-                               f.applied.seq, tuple(sorted(stats.items())))
