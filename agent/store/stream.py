@@ -63,6 +63,7 @@ from agent.core.changelog import (
 )
 from agent.core.replication import Root, RootSums
 from agent.store.schema import ITEM_COLUMNS, row_item
+from agent.store.values import StoreError
 from agent.store.writer import Writer
 from merkle.tree import Item
 
@@ -232,6 +233,12 @@ class SnapshotReader:
     through ``anyio.to_thread``). Close it to end the read transaction."""
 
     def __init__(self, path: Path, after: tuple[str, str] | None = None) -> None:
+        try:
+            self._open(path, after)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read a snapshot of {path}: {e}") from None
+
+    def _open(self, path: Path, after: tuple[str, str] | None) -> None:
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                     check_same_thread=False)
         self.conn.execute("PRAGMA busy_timeout=5000")
@@ -271,7 +278,14 @@ class SnapshotReader:
 
     def chunks(self, max_items: int, max_bytes: int) -> Iterator[tuple[str, list[Item]]]:
         """(collection, items in key order) of at most ``max_items`` items
-        and, beyond the first, ``max_bytes`` bytes of values."""
+        and, beyond the first, ``max_bytes`` bytes of values. StoreError if
+        the file cannot be read."""
+        try:
+            yield from self._chunks(max_items, max_bytes)
+        except sqlite3.Error as e:
+            raise StoreError(f"reading a snapshot: {e}") from None
+
+    def _chunks(self, max_items: int, max_bytes: int) -> Iterator[tuple[str, list[Item]]]:
         for cid, name in self.colls:
             key = self.after[1] if self.after is not None and name == self.after[0] else None
             while True:
