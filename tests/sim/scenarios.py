@@ -161,20 +161,21 @@ class Run:
         w.run_until(w.now + seconds)
         return (c.bytes - b0) / (seconds * live)
 
-    def measure_bytes(self) -> None:
+    def measure_bytes(self, settle: bool = True) -> None:
         """Settle, then measure. A mass join or restart leaves every broadcast queue
         full for a while (each update is sent retransmit_mult * ceil(log10(N+1))
         times): the window starts only once a 5 s slice is no longer dropping (at
         least ``settle`` s, at most ``max_settle`` s), so it measures the idle swarm."""
         w = self.world
         t0 = w.now
-        w.run_until(w.now + self.opts.settle)
-        prev = self._rate(5.0)
-        while w.now - t0 < self.opts.max_settle:
-            rate = self._rate(5.0)
-            if rate >= 0.9 * prev:
-                break
-            prev = rate
+        if settle:
+            w.run_until(w.now + self.opts.settle)
+            prev = self._rate(5.0)
+            while w.now - t0 < self.opts.max_settle:
+                rate = self._rate(5.0)
+                if rate >= 0.9 * prev:
+                    break
+                prev = rate
         self.result["settle_seconds"] = round(w.now - t0, 1)
         c = w.net.counters
         b0, p0 = c.bytes, c.push_pull_bytes
@@ -232,9 +233,10 @@ def scenario_loss(run: Run) -> None:
         run.result["loss"] = 0.2
     duration = run.opts.duration or 600.0
     run.recovered(run.join())
-    # the idle window is the last stretch of the lossy phase
-    w.run_until(max(w.now, duration - run.opts.window - run.opts.settle))
-    run.measure_bytes()
+    # the byte window is the last stretch of the lossy phase (no settling: the lossy
+    # steady state is what is measured)
+    w.run_until(max(w.now, duration - run.opts.window))
+    run.measure_bytes(settle=False)
     w.run_until(duration)
     ok, why = present(w)
     if not ok:
