@@ -1,0 +1,385 @@
+"""Change-log streaming figures on loopback.
+
+    python bench/bench_stream.py            # everything (catch-up of 1,000,000 entries)
+    python bench/bench_stream.py --quick    # smaller runs, for a smoke test
+
+What it measures:
+
+1. **throughput**: a leader (this process: its store, its sync listener, the
+   Leader of agent.runtime.replication) commits N entries in batches of
+   10,000 while 3 followers (each its own process: store + Follower) stream
+   them; entries per second from the first commit until the slowest
+   follower committed the last one (floor: 20,000/s to each follower).
+2. **lag**: the leader commits 1,000 single-item writes per second for a few
+   seconds; for each entry, the time from the leader's commit returning to a
+   follower's transaction holding it committed (both read from
+   CLOCK_MONOTONIC, shared by the processes), p50 and p99 over the 3
+   followers (floor: p99 under 10 ms).
+3. **catch-up**: a leader holding N entries (1,000,000 by default) and a
+   fresh follower: seconds until it has applied the head.
+4. **snapshot**: the leader of step 3 compacts its log to its last 1,000
+   entries and a fresh follower starts: it gets a snapshot of every item,
+   then the log; items per second until it holds the head, and the leader's
+   database size over that time.
+5. **failover** (when the ``etcd`` binary is installed): two candidate
+   agents (``hs-gossip run``, HS_GOSSIP_ROLE=candidate) with a lease TTL of
+   2 s; the leader is killed (SIGKILL) and the time until the other reports
+   ``Leader`` is measured, several times (floor: under TTL + 1 s).
+
+Followers are this same file run with ``_follower``: they print one line
+per applied batch (``last_seq count monotonic_ns``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.config import HostPort  # noqa: E402
+from agent.core.changelog import Retention  # noqa: E402
+from agent.core.replication import TAG  # noqa: E402
+from agent.runtime.replication import Follower, Leader  # noqa: E402
+from agent.runtime.sync_service import SyncService  # noqa: E402
+from agent.store import Store  # noqa: E402
+
+MAX_VALUE = 1 << 20
+COLL = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- a follower process --------------------------------------------------------------
+
+
+async def follower_main(port: int, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = await Store.open(data_dir, uuid.uuid4().bytes, MAX_VALUE)
+    sync = SyncService(store, "127.0.0.1", 0, 1.0, 4, MAX_VALUE, rng=random.Random(2))
+    f = Follower(store, HostPort("127.0.0.1", port), uuid.uuid4().bytes, 1.0, sync.max_frame,
+                 lambda: None, random.Random(3))
+    apply = store.apply_stream
+
+    async def timed(entries: Any, last_hash: Any = None) -> Any:
+        out = await apply(entries, last_hash)
+        if entries:
+            print(entries[-1].seq, len(entries), time.monotonic_ns(), flush=True)
+        return out
+
+    store.apply_stream = timed  # type: ignore[method-assign]
+    finish = getattr(store, "finish_snapshot", None)
+    if finish is not None:
+        async def installed(p: Any, leader: str) -> None:
+            await finish(p, leader)
+            print(p.at.seq, 0, time.monotonic_ns(), flush=True)  # a snapshot installed
+
+        store.finish_snapshot = installed  # type: ignore[method-assign]
+    await f.run()
+
+
+# --- the leader (this process) ---------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.procs: list[anyio.abc.Process] = []
+        #: per follower: applied seq -> monotonic ns of its commit
+        self.applied: list[dict[int, int]] = []
+        self.heads: list[int] = []
+        #: (seq, monotonic ns) of every snapshot a follower installed
+        self.snapshots: list[tuple[int, int]] = []
+
+    async def leader(self, tg: Any, name: str) -> Store:
+        (self.tmp / name).mkdir(parents=True, exist_ok=True)
+        store = await Store.open(self.tmp / name, uuid.uuid4().bytes, MAX_VALUE)
+        sync = SyncService(store, "127.0.0.1", self.port, 1.0, 4, MAX_VALUE,
+                           rng=random.Random(1))
+        leader = Leader(store, uuid.uuid4().bytes, 1.0)
+        sync.streams[TAG] = leader.serve
+        await tg.start(sync.serve)
+        return store
+
+    async def follower(self, tg: Any, name: str) -> int:
+        i = len(self.applied)
+        self.applied.append({})
+        self.heads.append(0)
+        proc = await anyio.open_process(
+            [sys.executable, __file__, "_follower", str(self.port), str(self.tmp / name)],
+            stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        tg.start_soon(self._read, proc, i)
+        return i
+
+    async def _read(self, proc: anyio.abc.Process, i: int) -> None:
+        assert proc.stdout is not None
+        buf = b""
+        async for chunk in proc.stdout:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                seq, n, t = map(int, line.split())
+                if n == 0:
+                    self.snapshots.append((seq, t))
+                for s in range(seq - n + 1, seq + 1):
+                    self.applied[i][s] = t
+                self.heads[i] = seq
+
+    async def until(self, followers: list[int], seq: int, timeout: float = 600) -> float:
+        with anyio.fail_after(timeout):
+            while min(self.heads[i] for i in followers) < seq:
+                await anyio.sleep(0.001)
+        return time.monotonic()
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            await p.wait()
+        self.procs.clear()
+
+
+async def fill(store: Store, n: int, start: int = 0, batch: int = 10_000) -> None:
+    for base in range(start, start + n, batch):
+        await store.put_many(COLL, {f"k{i:08d}": {"i": i, "pad": "x" * 20}
+                                    for i in range(base, min(start + n, base + batch))})
+
+
+async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
+        b = Bench(Path(tmp))
+        async with anyio.create_task_group() as tg:
+            store = await b.leader(tg, "leader")
+            fs = [await b.follower(tg, f"f{i}") for i in range(3)]
+            await store.put(COLL, "hello", 0)
+            await b.until(fs, store.log_head.seq, timeout=30)
+
+            # 1. throughput
+            t0 = time.monotonic()
+            await fill(store, n)
+            t_written = time.monotonic()
+            t_done = await b.until(fs, store.log_head.seq)
+            out["throughput"] = {
+                "entries": n, "followers": 3,
+                "leader_commit_s": round(t_written - t0, 3),
+                "all_followers_s": round(t_done - t0, 3),
+                "per_follower_per_s": round(n / (t_done - t0)),
+                "total_per_s": round(3 * n / (t_done - t0)),
+            }
+            print("throughput", json.dumps(out["throughput"]), flush=True)
+
+            # 2. lag at 1,000 writes/s
+            committed: dict[int, int] = {}
+            period = 0.001
+            count = int(lag_seconds / period)
+            first = store.log_head.seq + 1
+            nxt = time.monotonic()
+            for i in range(count):
+                nxt += period
+                await store.put(COLL, f"lag{i % 1000}", i)
+                committed[store.log_head.seq] = time.monotonic_ns()
+                delay = nxt - time.monotonic()
+                if delay > 0:
+                    await anyio.sleep(delay)
+            rate = count / (time.monotonic() - (nxt - count * period))
+            await b.until(fs, store.log_head.seq, timeout=60)
+            lags = [(b.applied[i][s] - t) / 1e6 for i in fs for s, t in committed.items()
+                    if s >= first]
+            lags.sort()
+            out["lag"] = {
+                "writes": count, "rate_per_s": round(rate), "samples": len(lags),
+                "p50_ms": round(lags[len(lags) // 2], 3),
+                "p99_ms": round(lags[int(len(lags) * 0.99)], 3),
+                "max_ms": round(lags[-1], 3),
+            }
+            print("lag", json.dumps(out["lag"]), flush=True)
+            await b.stop()
+            tg.cancel_scope.cancel()
+
+        # 3. catch-up of a fresh follower
+        b = Bench(Path(tmp))
+        async with anyio.create_task_group() as tg:
+            store = await b.leader(tg, "leader2")
+            t0 = time.monotonic()
+            await fill(store, catchup)
+            fill_s = time.monotonic() - t0
+            head = store.log_head.seq
+            t0 = time.monotonic()
+            f = await b.follower(tg, "fresh")
+            t_done = await b.until([f], head, timeout=3600)
+            out["catchup"] = {
+                "entries": head, "leader_fill_s": round(fill_s, 1),
+                "seconds": round(t_done - t0, 2),
+                "per_s": round(head / (t_done - t0)),
+            }
+            print("catchup", json.dumps(out["catchup"]), flush=True)
+            await b.stop()
+
+            # 4. snapshot: the log compacted below a fresh follower's position
+            if snapshot_available():
+                await store.compact_log(Retention(1000, None))
+                size = sum(f.stat().st_size for f in (b.tmp / "leader2").iterdir()
+                           if f.name.startswith("store.sqlite3"))
+                t0 = time.monotonic()
+                f = await b.follower(tg, "snap")
+                t_done = await b.until([f], head, timeout=3600)
+                got = b.snapshots[-1][0] if b.snapshots else None
+                out["snapshot"] = {
+                    "items": catchup, "snapshot_at_seq": got, "seconds": round(t_done - t0, 2),
+                    "items_per_s": round(catchup / (t_done - t0)),
+                    "leader_db_mb_per_s": round(size / (t_done - t0) / 1e6, 1),
+                }
+                print("snapshot", json.dumps(out["snapshot"]), flush=True)
+                await b.stop()
+            tg.cancel_scope.cancel()
+    return out
+
+
+# --- snapshot -------------------------------------------------------------------------
+
+
+def snapshot_available() -> bool:
+    return hasattr(Store, "finish_snapshot")
+
+
+# --- failover through etcd -------------------------------------------------------------
+
+
+def _status(api_port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/cluster/status",
+                                timeout=1) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+def _role(api_port: int) -> str:
+    try:
+        return str(_status(api_port)["role"])
+    except (OSError, ValueError):
+        return "down"
+
+
+def _wait(cond: Any, timeout: float, what: str, interval: float = 0.01) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return time.monotonic()
+        time.sleep(interval)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def bench_failover(rounds: int, ttl: int) -> dict[str, Any] | None:
+    etcd = shutil.which("etcd")
+    exe = shutil.which("hs-gossip") or str(Path(sys.executable).parent / "hs-gossip")
+    if etcd is None:
+        print("failover: skipped (etcd is not installed; Debian package etcd-server)")
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix="bench-failover-"))
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    etcd_proc = subprocess.Popen(
+        [etcd, "--name", "b", "--data-dir", str(tmp / "etcd"), "--listen-client-urls", client,
+         "--advertise-client-urls", client, "--listen-peer-urls", peer,
+         "--initial-advertise-peer-urls", peer, "--initial-cluster", f"b={peer}",
+         "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HS_GOSSIP_")}
+
+    def start(i: int, api: int, gossip: int) -> None:
+        env = {**base, "HS_GOSSIP_ROLE": "candidate", "HS_GOSSIP_ETCD": client,
+               "HS_GOSSIP_ETCD_TTL": str(ttl), "HS_GOSSIP_CLUSTER": "bench",
+               "HS_GOSSIP_BIND": f"127.0.0.{60 + i}", "HS_GOSSIP_PORT": str(gossip),
+               "HS_GOSSIP_API": f"127.0.0.1:{api}", "HS_GOSSIP_INTERVAL": "0.2",
+               "HS_GOSSIP_DATA_DIR": str(tmp / f"c{i}"), "HS_GOSSIP_LOG_LEVEL": "warning"}
+        procs[i] = subprocess.Popen([exe, "run"], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+
+    times: list[float] = []
+    try:
+        _wait(lambda: _etcd_ok(client), 20, "etcd")
+        gossip = free_port()
+        apis = [free_port(), free_port()]
+        for i in (0, 1):
+            start(i, apis[i], gossip)
+        for _ in range(rounds):
+            _wait(lambda: sorted(_role(a) for a in apis) == ["Follower", "Leader"], 30,
+                  "one leader, one follower")
+            lead = next(i for i in (0, 1) if _role(apis[i]) == "Leader")
+            other = 1 - lead
+            procs[lead].send_signal(signal.SIGKILL)
+            procs[lead].wait()
+            killed = time.monotonic()
+            took = _wait(lambda o=other: _role(apis[o]) == "Leader", 30,  # type: ignore[misc]
+                         "a new leader")
+            times.append(took - killed)
+            print(f"failover: new leader after {took - killed:.3f}s", flush=True)
+            start(lead, apis[lead], gossip)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+        etcd_proc.terminate()
+        etcd_proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"ttl_s": ttl, "rounds": rounds, "min_s": round(min(times), 3),
+            "median_s": round(statistics.median(times), 3), "max_s": round(max(times), 3),
+            "floor_s": ttl + 1}
+
+
+def _etcd_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            return bool(json.loads(r.read()).get("health") == "true")
+    except (OSError, ValueError):
+        return False
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_follower":
+        anyio.run(follower_main, int(sys.argv[2]), Path(sys.argv[3]), backend="trio")
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small runs (a smoke test)")
+    ap.add_argument("--entries", type=int, help="entries streamed to 3 followers")
+    ap.add_argument("--catchup", type=int, help="entries a fresh follower catches up")
+    ap.add_argument("--lag-seconds", type=float, help="seconds of 1,000 writes/s")
+    ap.add_argument("--failover-rounds", type=int, default=5)
+    ap.add_argument("--ttl", type=int, default=2, help="etcd lease TTL of the candidates")
+    args = ap.parse_args()
+    n = args.entries or (20_000 if args.quick else 200_000)
+    catchup = args.catchup or (50_000 if args.quick else 1_000_000)
+    lag_s = args.lag_seconds or (2.0 if args.quick else 10.0)
+    load_before = os.getloadavg()[0]
+    results = anyio.run(bench_stream, n, lag_s, catchup, backend="trio")
+    if not snapshot_available():
+        print("snapshot: no snapshot path in this tree; not measured")
+    results["failover"] = bench_failover(2 if args.quick else args.failover_rounds, args.ttl)
+    # Figures on a busy machine are not the agent's: say how busy it was.
+    results["load_average"] = {"before": round(load_before, 1),
+                               "after": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
