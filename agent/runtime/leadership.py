@@ -24,13 +24,17 @@ Rules:
   does: what it wrote that was never streamed is kept and reaches the new
   leader by Merkle sync.
 * Where followers find a new leader: the leader named for the highest epoch
-  they have seen (by a refused frame's sender, an INFO, the persisted
-  record), else, while Edge, by asking every swarm member and the configured
-  coordinator with PROBE and following the highest-epoch leader any INFO
-  names (:func:`pick_leader`). A restarted agent starts with its configured
-  coordinator unless it recorded a newer epoch's leader; an agent that was
-  promoted stays leader across restarts; a leader restarted after it was
-  deposed follows the recorded leader.
+  they have seen (the persisted record, an INFO answering its HELLO, an
+  announcement), else, while Edge, by asking every swarm member and the configured
+  coordinator with PROBE (after ``edge_after`` seconds, then twice as long
+  each time nobody knows a newer leader, up to :data:`SEARCH_MAX`) and
+  following the highest-epoch leader any INFO names (:func:`pick_leader`).
+  A restarted follower dials its configured coordinator first: a deposed
+  leader there is refused for its lower epoch and the follower goes to the
+  recorded leader (and that deposed leader, hearing the higher epoch in the
+  HELLO, steps down). An agent that was promoted stays leader across
+  restarts; a leader restarted after it was deposed follows the recorded
+  leader.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ log = logging.getLogger("hs_gossip.replication")
 PROBE_TIMEOUT = 2.0
 #: agents asked at once at most (promotion, finding a leader)
 PROBE_MAX = 64
+#: seconds between two searches for a leader at most, while Edge
+SEARCH_MAX = 60.0
 
 
 def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
@@ -217,20 +223,27 @@ class Replication:
         self._following = anyio.Event()
 
     async def _find_leader_loop(self) -> None:
-        """While Edge, ask around for the leader of the highest epoch."""
+        """While Edge, ask around for the leader of the highest epoch: after
+        ``edge_after`` seconds, then less and less often (up to
+        :data:`SEARCH_MAX` seconds apart) while nobody knows a newer one."""
+        wait = 0.0
         while True:
             f = self.follower
             if f is None:  # a leader, or neither: nothing to look for
                 await self._following.wait()
                 continue
-            await anyio.sleep(f.edge_after)
+            if f.role(anyio.current_time()) != "Edge":
+                wait = f.edge_after
+            await anyio.sleep(wait or f.edge_after)
             if f is not self.follower or f.role(anyio.current_time()) != "Edge":
                 continue
-            infos = await self.ask_around()
-            found = pick_leader(f.epoch_seen, infos)
+            found = pick_leader(f.epoch_seen, await self.ask_around())
             if found is not None and found[0] != str(f.coordinator):
                 _count(self.stats, "leaders_found")
                 self._on_newer_leader(found[1], found[0])
+                wait = f.edge_after
+            else:
+                wait = min(2 * (wait or f.edge_after), SEARCH_MAX)
 
     def known(self) -> list[HostPort]:
         """Every agent worth asking: the swarm's members, the configured
