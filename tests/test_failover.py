@@ -7,6 +7,7 @@ rules of HS_GOSSIP_ROLE=candidate."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -90,10 +91,30 @@ def test_leader_killed_another_candidate_takes_over_and_nothing_acknowledged_is_
             assert write(follower, f"follower-{i}", i)  # forwarded to c1
         assert all(k in items(c1) for k in acked)
 
-        c1.kill()
-        killed = time.monotonic()
-        took_over = wait_for(lambda: role(c2) == "Leader" and time.monotonic(), timeout=20,
-                             interval=0.02, what="the other candidate leading")
+        # Writes go on through the follower while the leader dies: each is
+        # either forwarded (to the old leader, then the new one) or kept
+        # locally while no leader answers; every one acknowledged must survive.
+        stop = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                write(follower, f"during-{i}", i)
+                i += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            time.sleep(0.3)
+            c1.kill()
+            killed = time.monotonic()
+            took_over = wait_for(lambda: role(c2) == "Leader" and time.monotonic(), timeout=20,
+                                 interval=0.02, what="the other candidate leading")
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            t.join()
+        assert any(k.startswith("during-") for k in acked)
         assert took_over - killed < TTL + 1, f"took over after {took_over - killed:.2f}s"
         assert status(c2)["epoch"] > first["epoch"]
         wait_for(lambda: status(follower)["upstream_peer"] == f"{c2.host}:{c2.gossip_port}"
