@@ -107,6 +107,7 @@ class Bench:
         self.tmp = tmp
         self.port = free_port()
         self.procs: list[anyio.abc.Process] = []
+        self.leader_stats: dict[str, int] = {}
         #: per follower: applied seq -> monotonic ns of its commit
         self.applied: list[dict[int, int]] = []
         self.heads: list[int] = []
@@ -119,6 +120,7 @@ class Bench:
         sync = SyncService(store, "127.0.0.1", self.port, 1.0, 4, MAX_VALUE,
                            rng=random.Random(1))
         leader = Leader(store, uuid.uuid4().bytes, 1.0)
+        self.leader_stats = leader.stats
         sync.streams[TAG] = leader.serve
         await tg.start(sync.serve)
         return store
@@ -193,6 +195,7 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
 
             # 2. lag at 1,000 writes/s
             committed: dict[int, int] = {}
+            drops = b.leader_stats.get("follower_streams_failed", 0)
             period = 0.001
             count = int(lag_seconds / period)
             first = store.log_head.seq + 1
@@ -214,6 +217,8 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
                 "p50_ms": round(lags[len(lags) // 2], 3),
                 "p99_ms": round(lags[int(len(lags) * 0.99)], 3),
                 "max_ms": round(lags[-1], 3),
+                # streams that broke and reconnected meanwhile (each costs a backoff)
+                "stream_drops": b.leader_stats.get("follower_streams_failed", 0) - drops,
             }
             print("lag", json.dumps(out["lag"]), flush=True)
             await b.stop()
