@@ -710,3 +710,34 @@ def test_join_push_pulls_stay_whole_tables() -> None:
     (pp,) = a.take_push_pulls()
     state = codec.decode_state(pp.data, 4096)
     assert state.table_hash is None and len(state.entries) == 4
+
+
+def test_a_seed_whose_answer_is_awaited_is_not_asked_again() -> None:
+    """A swarm starting at once makes its seed slow: retrying while the first
+    exchange is in flight would pile exchanges on it and slow every join."""
+    a = addr_of(1)
+    core = Swim(SelfInfo(node_id_of(1), 0, "n1", a[1], 8001, host=a[0]), Params.lan(),
+                random.Random(1), 0.0)
+    seed = addr_of(2)
+    core.start(0.0, [seed])
+    assert [pp.addr for pp in core.take_push_pulls()] == [seed]
+    p = core.params
+    now = 0.0
+    sent = 0
+    while now < p.push_pull_timeout - 0.5:  # every JOIN retry while it is in flight
+        now += 0.25
+        core.handle_timer(Timer(TimerKind.JOIN), now)
+        sent += len(core.take_push_pulls())
+    assert sent == 0 and core.stats["join_in_flight"] > 0
+    core.push_pull_failed(seed, now)  # the answer never came: the next retry asks again
+    for _ in range(200):
+        now += 0.25
+        core.handle_timer(Timer(TimerKind.JOIN), now)
+        if core.take_push_pulls():
+            break
+    else:
+        raise AssertionError("never retried")
+    # a shell that never reports: asked again once push_pull_timeout has passed
+    later = now + p.push_pull_timeout + p.join_retry_max
+    core.handle_timer(Timer(TimerKind.JOIN), later)
+    assert [pp.addr for pp in core.take_push_pulls()] == [seed]

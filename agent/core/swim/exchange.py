@@ -10,7 +10,8 @@ talks to seeds and exchanges whole tables; the shell runs the TCP side
 Rules:
 
 * **Join.** Seeds get our table by push-pull, retried every ``join_retry``
-  doubling to ``join_retry_max`` until one answers; once joined, seeds that
+  doubling to ``join_retry_max`` until one answers (a seed whose answer is
+  still awaited, for up to ``push_pull_timeout``, is not asked again); once joined, seeds that
   are not members are retried every ``join_retry_max`` (groups that formed
   apart merge). When the first seed answers we send our ALIVE straight to
   every member, once (members that gossip passes by under loss learn of us
@@ -69,6 +70,8 @@ class Exchange(Table):
         self._push_pulls: list[PushPull] = []
         #: peers we opened a periodic exchange with by summary, reply pending
         self._summaries: dict[Addr, bool] = {}
+        #: seeds with a join exchange in flight, and since when (at most max_seeds)
+        self._joining: dict[Addr, float] = {}
 
     def join(self, addrs: list[Addr], now: float) -> None:
         """Push-pull with each address; unreached ones are retried (JOIN timer).
@@ -130,6 +133,7 @@ class Exchange(Table):
     def receive_push_pull_reply(self, data: bytes, src: Addr, now: float) -> None:
         self._now = now
         summary = self._summaries.pop(src, False)
+        self._joining.pop(src, None)
         if self._leaving:
             return
         state = self._merge_state(data, src, now, spread=self.joined)
@@ -174,6 +178,7 @@ class Exchange(Table):
     def push_pull_failed(self, addr: Addr, now: float) -> None:
         self._now = now
         self._summaries.pop(addr, None)
+        self._joining.pop(addr, None)
         self.stats["push_pull_failed"] += 1
 
     def _merge_state(self, data: bytes, src: Addr, now: float,
@@ -253,6 +258,16 @@ class Exchange(Table):
         return codec.encode_state(codec.State(join, tuple(entries)), self.params.max_members)
 
     def _push_pull_to(self, addr: Addr, join: bool, summary: bool = False) -> None:
+        if join:
+            since = self._joining.get(addr)
+            if since is not None and self._now - since < self.params.push_pull_timeout:
+                # Still waiting for this seed's answer: a slow seed (busy
+                # answering a whole swarm starting at once) is not asked twice.
+                self.stats["join_in_flight"] += 1
+                return
+            if len(self._joining) >= self.params.max_seeds:
+                self._joining.clear()
+            self._joining[addr] = self._now
         if summary:
             if len(self._summaries) >= self.params.max_seeds:
                 self._summaries.clear()  # replies that never came: bounded

@@ -51,6 +51,11 @@ class Params:
     #: whole table otherwise (and we then send ours). Agreeing tables cost
     #: ~2 entries instead of 2N; a mismatch costs one more round trip.
     push_pull_summary: bool = True
+    #: a join exchange not yet answered (nor reported failed) counts as in
+    #: flight this long: its seed is not asked again meanwhile. Retrying a
+    #: seed that is merely slow (a swarm starting at once) piles exchanges on
+    #: it and slows every join; the shell's own exchange timeout is 10 s.
+    push_pull_timeout: float = 10.0
     #: one early push-pull this long after the first seed answered: members
     #: that joined at the same time are missing from each other's seed tables
     #: and would otherwise wait for gossip or the next full push-pull.
