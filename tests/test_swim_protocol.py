@@ -741,3 +741,23 @@ def test_a_seed_whose_answer_is_awaited_is_not_asked_again() -> None:
     later = now + p.push_pull_timeout + p.join_retry_max
     core.handle_timer(Timer(TimerKind.JOIN), later)
     assert [pp.addr for pp in core.take_push_pulls()] == [seed]
+
+
+def test_datagrams_received_are_counted_by_type() -> None:
+    net = swarm(seed=13)
+    net.kill(4)  # indirect probes and nacks too
+    net.run(10)
+    net.core(5).leave(net.now)
+    net._drain(addr_of(5))
+    net.run(1)
+    names = {codec.PING: "pings_in", codec.ACK: "acks_in", codec.PING_REQ: "ping_reqs_in",
+             codec.NACK: "nacks_in", codec.GOSSIP: "gossip_in", codec.LEAVE2: "leaves_in"}
+    delivered = {t: 0 for t in names}
+    for s in net.sent:
+        if s.dst == addr_of(1):
+            delivered[s.data[1]] += 1
+    stats = net.core(1).stats
+    for t, name in names.items():
+        # everything sent to 1 was delivered except what is still in flight
+        assert delivered[t] - 3 <= stats[name] <= delivered[t], (name, stats[name], delivered[t])
+    assert all(stats[n] > 0 for n in ("pings_in", "acks_in", "gossip_in", "leaves_in"))

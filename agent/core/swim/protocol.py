@@ -106,6 +106,12 @@ SMALL_DIGESTS = 600
 DIRECT_RETRIES = 2
 
 
+#: stats counter of each datagram type received (decoded, before any check
+#: of who sent it), for the metrics exporter
+_IN_COUNTER = {codec.PING: "pings_in", codec.ACK: "acks_in", codec.PING_REQ: "ping_reqs_in",
+               codec.NACK: "nacks_in", codec.GOSSIP: "gossip_in", codec.LEAVE2: "leaves_in"}
+
+
 @dataclass
 class _Probe:
     seq: int
@@ -237,6 +243,7 @@ class Swim(Exchange):
             p = codec.decode_packet(data)
         except codec.SwimDecodeError as e:
             return self._drop(e.reason)
+        self.stats[_IN_COUNTER[p.type]] += 1
         card = p.card
         if sender is not None and sender != card.node_id:
             return self._drop(DropReason.SENDER_MISMATCH)
