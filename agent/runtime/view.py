@@ -327,7 +327,7 @@ def member_rows(core: Swim, now: float, *, self_host: str, http_port: int,
     me = core.me
     rows = [MemberView(
         node_id=str(uuid.UUID(bytes=me.node_id)), name=me.name,
-        status="left" if core._leaving else "alive",
+        status="left" if core.leaving else "alive",
         addr=_host_port(me.host or self_host, me.port),
         http_addr=_host_port(me.host or self_host, http_port),
         incarnation=me.incarnation, role=role_name(me.role),
