@@ -121,7 +121,8 @@ class Agent:
     #: probe periods started
     ticks: int = 0
     #: the deadlines the membership core asked for
-    timers: TimerHeap[Timer] = field(default_factory=TimerHeap)
+    timers: TimerHeap[Timer] = field(init=False)
+    _refreshing_seeds: bool = False
     _push_pulls_running: int = 0
     _tg: TaskGroup | None = None
     _shutdown: anyio.Event = field(default_factory=anyio.Event)
@@ -172,6 +173,7 @@ class Agent:
         self.core = Swim(me, params, self.seed.rng_for("membership"), now=0.0)
         self.seeds = Seeds(self._join, cfg.peers)
         self.lag = supervision.LagMeter(self._record_loop_lag)
+        self.timers = TimerHeap(live=self.core.timer_pending)
 
     # --- the view the face reads -------------------------------------------
 
@@ -595,6 +597,12 @@ class Agent:
             self.core.receive(data, src, anyio.current_time(), seal.sender(data))
             await self._flush()
 
+    async def _refresh_seeds(self) -> None:
+        try:
+            await self.seeds.refresh()
+        finally:
+            self._refreshing_seeds = False
+
     async def _timer_loop(self) -> None:
         """Fire the core's timers as they fall due, and once per interval do
         the agent's own round: publish digests, advance the logical clock,
@@ -617,12 +625,14 @@ class Agent:
                 self.core.bump_lc()
                 self._save_identity()
                 self.seed_watch.update(*seed_state(self.core), now)
-                if not self.core.joined and self.cfg.peers:
-                    await self.seeds.refresh()
+                if (not self.core.joined and self.cfg.peers and not self._refreshing_seeds
+                        and self._tg is not None):
+                    # Its own task: a slow resolver must not stall the probes.
+                    self._refreshing_seeds = True
+                    self._tg.start_soon(self._refresh_seeds)
             await self._flush()
             self.last_tick = now
-            deadline = await self.timers.wait(next_round + interval / 2,
-                                              self.core.timer_pending)
+            deadline = await self.timers.wait(next_round + interval / 2)
             self.lag.woke(deadline, anyio.current_time())
 
     def _on_event(self, ev: Event) -> None:

@@ -26,6 +26,8 @@ log = logging.getLogger("hs_gossip")
 
 #: how often unresolved or unanswering seeds are looked up again (seconds)
 SEED_RERESOLVE = 30.0
+#: longest one seed's name lookup may take (seconds)
+RESOLVE_TIMEOUT = 5.0
 #: seeds kept from saved peers and discovery (the core asks 16 per tick)
 MAX_EXTRA = 64
 
@@ -86,9 +88,11 @@ class Seeds:
         found: list[Addr] = []
         for hp in self.configured:
             try:
-                found.extend(await resolve(hp))
-            except OSError as e:
-                log.warning("seed %s does not resolve (%s); will retry", hp, e)
+                with anyio.fail_after(RESOLVE_TIMEOUT):
+                    found.extend(await resolve(hp))
+            except (OSError, TimeoutError) as e:
+                log.warning("seed %s does not resolve (%s); will retry", hp,
+                            e or f"no answer in {RESOLVE_TIMEOUT:g}s")
         self._resolved = found
         if found:
             self.join(found)

@@ -12,6 +12,7 @@ core says it no longer wants is dropped before the wait instead of waking it.
 from __future__ import annotations
 
 import heapq
+import logging
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -19,17 +20,25 @@ import anyio
 
 T = TypeVar("T")
 
-#: the most timers held at once; beyond it the latest deadlines are dropped.
-#: A core asks for a handful per member in flight, so this is never reached
-#: by a healthy one: it only keeps a bug from growing memory without bound.
+#: the most timers held at once. Beyond it the timers the core no longer
+#: wants go first, and only then (logged) the latest deadlines. A core asks
+#: for a handful per member in flight, so this is never reached by a healthy
+#: one: it only keeps a bug from growing memory without bound.
 MAX_TIMERS = 1 << 16
+
+log = logging.getLogger("hs_gossip")
 
 
 class TimerHeap(Generic[T]):
-    def __init__(self, max_timers: int = MAX_TIMERS) -> None:
+    """``live(timer)`` says whether the core still wants a timer it handed
+    out (None: every timer counts)."""
+
+    def __init__(self, live: Callable[[T], bool] | None = None,
+                 max_timers: int = MAX_TIMERS) -> None:
         self._heap: list[tuple[float, int, T]] = []
         self._seq = 0
         self._wake = anyio.Event()
+        self.live = live
         self.max_timers = max_timers
         self.dropped = 0
 
@@ -45,7 +54,18 @@ class TimerHeap(Generic[T]):
                 earliest = deadline
                 self._wake.set()
         if len(self._heap) > self.max_timers:
-            self.dropped += len(self._heap) - self.max_timers
+            self._shed()
+
+    def _shed(self) -> None:
+        live = self.live
+        if live is not None:
+            self._heap = [e for e in self._heap if live(e[2])]
+            heapq.heapify(self._heap)
+        excess = len(self._heap) - self.max_timers
+        if excess > 0:
+            self.dropped += excess
+            log.error("timer heap full: %d timers dropped (a core that asks for this "
+                      "many is broken)", excess)
             self._heap = heapq.nsmallest(self.max_timers, self._heap)
             heapq.heapify(self._heap)
 
@@ -56,13 +76,14 @@ class TimerHeap(Generic[T]):
             out.append(heapq.heappop(self._heap)[2])
         return out
 
-    async def wait(self, until: float, live: Callable[[T], bool] | None = None) -> float:
+    async def wait(self, until: float) -> float:
         """Checkpoint. Sleep until the earliest deadline but not past
         ``until``, or until an earlier timer is added. Timers at the top
         that ``live`` says no longer matter are dropped first, so a
         cancelled timer costs no wakeup. Returns the deadline it slept
         towards (to tell how late the loop woke)."""
         self._wake = anyio.Event()
+        live = self.live
         if live is not None:
             while self._heap and not live(self._heap[0][2]):
                 heapq.heappop(self._heap)
