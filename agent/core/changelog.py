@@ -32,6 +32,8 @@ from typing import NamedTuple
 import msgpack
 from blake3 import blake3
 
+from agent.core.fields import JS_SAFE, MAX_HLC
+
 #: version of the hashed encoding (the first element of the array)
 FORMAT = 1
 HASH_LEN = 32
@@ -150,8 +152,10 @@ def decode(data: bytes) -> LogEntry:
     if type(fields) is not list or len(fields) != 10 or fields[0] != FORMAT:
         raise EntryInvalid("not an entry of format 1")
     _, epoch, seq, prev, origin, hlc, coll, key, op, value = fields
-    if not (type(epoch) is int and type(seq) is int and type(hlc) is int and epoch >= 0
-            and seq >= 1 and type(prev) is bytes and len(prev) == HASH_LEN
+    # Bounded so that whatever is stored fits SQLite's integers (agent.core.fields).
+    if not (type(epoch) is int and type(seq) is int and type(hlc) is int
+            and 0 <= epoch <= JS_SAFE and 1 <= seq <= JS_SAFE and 0 <= hlc <= MAX_HLC
+            and type(prev) is bytes and len(prev) == HASH_LEN
             and type(origin) is bytes and type(coll) is str and type(key) is str
             and op in _OPS and (value is None or type(value) is bytes)):
         raise EntryInvalid("malformed entry fields")

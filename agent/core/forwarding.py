@@ -36,13 +36,15 @@ from typing import Any
 import msgpack
 
 from agent.core.changelog import HASH_LEN, Position
+from agent.core.fields import MAX_HLC, Fields
 
 #: the one-byte first frame of a forwarding connection (``W``)
 FIRST_BYTE = 0x57
 REQUEST, ANSWER = 1, 2
 PUT, DELETE, BATCH = 1, 2, 3
 NODE_ID_LEN = 16
-MAX_U64 = 1 << 64
+#: request ids are random 64-bit numbers (they never reach SQLite)
+MAX_ID = (1 << 64) - 1
 MAX_NAME = 4096
 MAX_MESSAGE = 400
 #: items in one forwarded batch at most (the API's own limit)
@@ -58,6 +60,9 @@ NOT_LEADER = 421
 
 class ProtocolError(Exception):
     """The peer sent something that does not fit the forwarding protocol."""
+
+
+_f = Fields(ProtocolError)
 
 
 @dataclass(frozen=True)
@@ -109,38 +114,20 @@ def encode(f: Frame) -> bytes:
     return msgpack.packb(raw, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def _uint(x: Any, what: str) -> int:
-    if type(x) is not int or not 0 <= x < MAX_U64:
-        raise ProtocolError(f"bad {what}")
-    return x
-
-
-def _str(x: Any, what: str, limit: int = MAX_NAME) -> str:
-    if type(x) is not str or len(x) > limit:
-        raise ProtocolError(f"bad {what}")
-    return x
-
-
-def _bytes(x: Any, what: str, size: int | None = None) -> bytes:
-    if type(x) is not bytes or (size is not None and len(x) != size):
-        raise ProtocolError(f"bad {what}")
-    return x
-
-
 def _args(op: int, raw: Any) -> tuple[Any, ...]:
     if not isinstance(raw, list):
         raise ProtocolError("bad arguments")
     if op == PUT and len(raw) == 2:
-        return (_str(raw[0], "key"), _bytes(raw[1], "value"))
+        return (_f.text(raw[0], "key", MAX_NAME), _f.blob(raw[1], "value"))
     if op == DELETE and len(raw) == 1:
-        return (_str(raw[0], "key"),)
+        return (_f.text(raw[0], "key", MAX_NAME),)
     if op == BATCH and len(raw) == 1 and isinstance(raw[0], list) \
             and 1 <= len(raw[0]) <= MAX_BATCH:
         out = []
         for pair in raw[0]:
             if not isinstance(pair, list) or len(pair) != 2:
                 raise ProtocolError("bad batch item")
-            out.append((_str(pair[0], "key"), _bytes(pair[1], "value")))
+            out.append((_f.text(pair[0], "key", MAX_NAME), _f.blob(pair[1], "value")))
         return tuple(out)
     raise ProtocolError(f"bad arguments for op {op!r}")
 
@@ -160,28 +147,30 @@ def decode(data: bytes) -> Frame:
         op = raw[4]
         if op not in (PUT, DELETE, BATCH):
             raise ProtocolError(f"unknown op {op!r}")
-        return Request(_uint(raw[1], "epoch"), _bytes(raw[2], "origin", NODE_ID_LEN),
-                       _uint(raw[3], "id"), op, _str(raw[5], "collection"), _args(op, raw[6]))
+        return Request(_f.uint(raw[1], "epoch"), _f.blob(raw[2], "origin", NODE_ID_LEN),
+                       _f.uint(raw[3], "id", MAX_ID), op, _f.text(raw[5], "collection", MAX_NAME),
+                       _args(op, raw[6]))
     if kind == ANSWER and len(raw) == 8:
         pos = raw[5]
         position = None
         if pos is not None:
             if not isinstance(pos, list) or len(pos) != 3:
                 raise ProtocolError("bad position")
-            position = Position(_uint(pos[0], "epoch"), _uint(pos[1], "seq"),
-                                _bytes(pos[2], "hash", HASH_LEN))
+            position = Position(_f.uint(pos[0], "epoch"), _f.uint(pos[1], "seq"),
+                                _f.blob(pos[2], "hash", HASH_LEN))
         item = None
         if raw[6] is not None:
             it = raw[6]
             if not isinstance(it, list) or len(it) != 5 or type(it[3]) is not bool \
                     or not (it[4] is None or type(it[4]) is bytes):
                 raise ProtocolError("bad item")
-            item = WrittenItem(_str(it[0], "key"), _uint(it[1], "hlc"),
-                               _bytes(it[2], "origin", NODE_ID_LEN), it[3], it[4])
-        status = _uint(raw[3], "status")
-        return Answer(_uint(raw[1], "epoch"), _uint(raw[2], "id"), status,
-                      _str(raw[4], "message", MAX_MESSAGE), position, item,
-                      _uint(raw[7], "written"))
+            item = WrittenItem(_f.text(it[0], "key", MAX_NAME),
+                               _f.uint(it[1], "hlc", MAX_HLC),
+                               _f.blob(it[2], "origin", NODE_ID_LEN), it[3], it[4])
+        status = _f.uint(raw[3], "status")
+        return Answer(_f.uint(raw[1], "epoch"), _f.uint(raw[2], "id", MAX_ID), status,
+                      _f.text(raw[4], "message", MAX_MESSAGE), position, item,
+                      _f.uint(raw[7], "written"))
     raise ProtocolError("unexpected frame")
 
 

@@ -69,6 +69,7 @@ import msgpack
 from blake3 import blake3
 
 from agent.core.changelog import GENESIS, HASH_LEN, Position
+from agent.core.fields import MAX_HLC, Fields
 
 #: the first byte of every replication frame (``R``): no msgpack array
 #: header starts with it, so a listener shared with sync can route on it
@@ -89,7 +90,6 @@ MAX_BATCH = 10_000
 MAX_COLLECTIONS = 10_000
 MAX_NAME_BYTES = 4096
 MAX_REASON = 200
-MAX_U64 = 1 << 64
 #: decoded objects may take DECODE_FACTOR x the frame's size + DECODE_SLACK
 #: (an ENTRIES frame of tiny entries decodes to ~2x its size)
 DECODE_FACTOR = 8
@@ -98,6 +98,9 @@ DECODE_SLACK = 1 << 20
 
 class ProtocolError(Exception):
     """The peer sent something that does not fit the replication protocol."""
+
+
+_f = Fields(ProtocolError)
 
 
 @dataclass(frozen=True)
@@ -330,21 +333,9 @@ def decode(data: bytes) -> Frame:
     return from_wire(raw)
 
 
-def _uint(x: Any, what: str) -> int:
-    if type(x) is not int or not 0 <= x < MAX_U64:
-        raise ProtocolError(f"bad {what}")
-    return x
-
-
-def _blob(x: Any, size: int, what: str) -> bytes:
-    if type(x) is not bytes or len(x) != size:
-        raise ProtocolError(f"bad {what}")
-    return x
-
-
 def _position(raw: list[Any], at: int, what: str) -> Position:
-    return Position(_uint(raw[at], f"{what} epoch"), _uint(raw[at + 1], f"{what} seq"),
-                    _blob(raw[at + 2], HASH_LEN, f"{what} hash"))
+    return Position(_f.uint(raw[at], f"{what} epoch"), _f.uint(raw[at + 1], f"{what} seq"),
+                    _f.blob(raw[at + 2], f"{what} hash", HASH_LEN))
 
 
 def _names(x: Any) -> tuple[str, ...]:
@@ -359,14 +350,8 @@ _LENGTHS = {HELLO: 6, STREAM: 6, DIVERGED: 8, SNAPSHOT_NEEDED: 10, ENTRIES: 4, A
             SNAPSHOT: 8, CHUNK: 6, CHUNK_ACK: 3, PROBE: 3, INFO: 9}
 
 
-def _str(x: Any, limit: int, what: str, empty: bool = True) -> str:
-    if type(x) is not str or len(x.encode()) > limit or (not empty and not x):
-        raise ProtocolError(f"bad {what}")
-    return x
-
-
 def _hello(raw: list[Any], epoch: int) -> Hello:
-    node_id, pos = _blob(raw[2], NODE_ID_LEN, "node id"), _position(raw, 3, "HELLO")
+    node_id, pos = _f.blob(raw[2], "node id", NODE_ID_LEN), _position(raw, 3, "HELLO")
     if len(raw) == 6:  # the first slice's HELLO
         return Hello(epoch, node_id, pos)
     if len(raw) != 9 or type(raw[6]) is not bool:
@@ -376,10 +361,10 @@ def _hello(raw: list[Any], epoch: int) -> Hello:
         r = raw[7]
         if not isinstance(r, list) or len(r) != 5:
             raise ProtocolError("bad resume")
-        resume = Resume(_position(r, 0, "resume"), _str(r[3], MAX_NAME_BYTES, "resume name",
+        resume = Resume(_position(r, 0, "resume"), _f.text(r[3], "resume name", MAX_NAME_BYTES,
                                                          False),
-                        _str(r[4], MAX_KEY_BYTES, "resume key"))
-    return Hello(epoch, node_id, pos, raw[6], resume, _str(raw[8], MAX_ADDR, "leader"))
+                        _f.text(r[4], "resume key", MAX_KEY_BYTES))
+    return Hello(epoch, node_id, pos, raw[6], resume, _f.text(raw[8], "leader", MAX_ADDR))
 
 
 def _roots(x: Any) -> tuple[Root, ...]:
@@ -389,9 +374,9 @@ def _roots(x: Any) -> tuple[Root, ...]:
     for r in x:
         if not isinstance(r, list) or len(r) != 3:
             raise ProtocolError("bad root")
-        out.append(Root(_str(r[0], MAX_NAME_BYTES, "collection name", False),
-                        int.from_bytes(_blob(r[1], 32, "root sum"), "big"),
-                        _uint(r[2], "root count")))
+        out.append(Root(_f.text(r[0], "collection name", MAX_NAME_BYTES, False),
+                        int.from_bytes(_f.blob(r[1], "root sum", 32), "big"),
+                        _f.uint(r[2], "root count")))
     if [r.name for r in out] != sorted({r.name for r in out}):
         raise ProtocolError("roots not in name order")
     return tuple(out)
@@ -400,7 +385,7 @@ def _roots(x: Any) -> tuple[Root, ...]:
 def _item(x: Any) -> tuple[str, int, bytes, bool, bytes | None]:
     if not (isinstance(x, list) and len(x) == 5 and type(x[0]) is str
             and len(x[0].encode()) <= MAX_KEY_BYTES and type(x[1]) is int
-            and 0 <= x[1] < MAX_U64 and type(x[2]) is bytes and type(x[3]) is bool
+            and 0 <= x[1] <= MAX_HLC and type(x[2]) is bytes and type(x[3]) is bool
             and (x[4] is None or type(x[4]) is bytes)):
         raise ProtocolError("bad snapshot item")
     return (x[0], x[1], x[2], x[3], x[4])
@@ -412,29 +397,29 @@ def _snapshot_frames(kind: int, epoch: int, raw: list[Any]) -> Frame:
         if after is not None:
             if not isinstance(after, list) or len(after) != 2:
                 raise ProtocolError("bad resume point")
-            after = (_str(after[0], MAX_NAME_BYTES, "resume name", False),
-                     _str(after[1], MAX_KEY_BYTES, "resume key"))
-        return Snapshot(epoch, _blob(raw[2], NODE_ID_LEN, "leader id"),
+            after = (_f.text(after[0], "resume name", MAX_NAME_BYTES, False),
+                     _f.text(after[1], "resume key", MAX_KEY_BYTES))
+        return Snapshot(epoch, _f.blob(raw[2], "leader id", NODE_ID_LEN),
                         _position(raw, 3, "snapshot"), _roots(raw[6]), after)
     if kind == CHUNK:
         items = raw[4]
         if not isinstance(items, list) or len(items) > MAX_CHUNK_ITEMS:
             raise ProtocolError("bad chunk items")
-        return Chunk(epoch, _uint(raw[2], "chunk index"),
-                     _str(raw[3], MAX_NAME_BYTES, "collection name", False),
-                     tuple(_item(i) for i in items), _blob(raw[5], HASH_LEN, "chunk hash"))
+        return Chunk(epoch, _f.uint(raw[2], "chunk index"),
+                     _f.text(raw[3], "collection name", MAX_NAME_BYTES, False),
+                     tuple(_item(i) for i in items), _f.blob(raw[5], "chunk hash", HASH_LEN))
     if kind == CHUNK_ACK:
-        return ChunkAck(epoch, _uint(raw[2], "chunk index"))
+        return ChunkAck(epoch, _f.uint(raw[2], "chunk index"))
     if kind == PROBE:
-        return Probe(epoch, _blob(raw[2], NODE_ID_LEN, "node id"))
+        return Probe(epoch, _f.blob(raw[2], "node id", NODE_ID_LEN))
     role = raw[3]
     if role not in ROLES:
         raise ProtocolError("bad role")
     log_id = raw[5]
     if type(log_id) is not bytes or len(log_id) not in (0, NODE_ID_LEN):
         raise ProtocolError("bad log id")
-    return Info(epoch, _blob(raw[2], NODE_ID_LEN, "node id"), role,
-                _str(raw[4], MAX_ADDR, "leader"), log_id, _position(raw, 6, "INFO"))
+    return Info(epoch, _f.blob(raw[2], "node id", NODE_ID_LEN), role,
+                _f.text(raw[4], "leader", MAX_ADDR), log_id, _position(raw, 6, "INFO"))
 
 
 def from_wire(raw: Any) -> Frame:
@@ -445,21 +430,22 @@ def from_wire(raw: Any) -> Frame:
         raise ProtocolError(f"unexpected frame kind {kind!r}")
     if len(raw) < _LENGTHS[kind]:
         raise ProtocolError(f"frame of kind {kind} too short")
-    epoch = _uint(raw[1], "epoch")
+    epoch = _f.uint(raw[1], "epoch")
     if kind == HELLO:
         return _hello(raw, epoch)
     if kind >= SNAPSHOT:
         return _snapshot_frames(kind, epoch, raw)
     if kind == STREAM:
-        return Stream(epoch, _blob(raw[2], NODE_ID_LEN, "leader id"), _position(raw, 3, "head"))
+        return Stream(epoch, _f.blob(raw[2], "leader id", NODE_ID_LEN),
+                      _position(raw, 3, "head"))
     if kind == DIVERGED:
         reason = raw[6]
         if type(reason) is not str or len(reason) > MAX_REASON:
             raise ProtocolError("bad reason")
-        return Diverged(epoch, _blob(raw[2], NODE_ID_LEN, "leader id"),
+        return Diverged(epoch, _f.blob(raw[2], "leader id", NODE_ID_LEN),
                         _position(raw, 3, "head"), reason, _names(raw[7]))
     if kind == SNAPSHOT_NEEDED:
-        return SnapshotNeeded(epoch, _blob(raw[2], NODE_ID_LEN, "leader id"),
+        return SnapshotNeeded(epoch, _f.blob(raw[2], "leader id", NODE_ID_LEN),
                               _position(raw, 3, "floor"), _position(raw, 6, "head"),
                               _names(raw[9]))
     if kind == ENTRIES:
@@ -468,7 +454,7 @@ def from_wire(raw: Any) -> Frame:
             raise ProtocolError("bad entry list")
         if not all(type(e) is bytes for e in entries):
             raise ProtocolError("bad entry")
-        return Entries(epoch, tuple(entries), _blob(raw[3], HASH_LEN, "last hash"))
+        return Entries(epoch, tuple(entries), _f.blob(raw[3], "last hash", HASH_LEN))
     return Ack(epoch, _position(raw, 2, "ACK"))
 
 

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -200,8 +200,22 @@ class Replication:
             self._tg = tg
             if self.follower is not None:
                 self._start_follower(self.follower)
-            tg.start_soon(self._find_leader_loop)
+            self._spawn(self._find_leader_loop)
             await anyio.sleep_forever()
+
+    def _spawn(self, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """Run ``work`` in the agent's task group; a failure is logged and
+        counted (``task_failures``), never taken down with the agent."""
+        assert self._tg is not None
+
+        async def guarded() -> None:
+            try:
+                await work(*args)
+            except Exception:
+                _count(self.stats, "task_failures")
+                log.exception("replication task %s failed", work.__name__)
+
+        self._tg.start_soon(guarded)
 
     def _start_follower(self, f: Follower) -> None:
         assert self._tg is not None
@@ -297,7 +311,7 @@ class Replication:
         """This leader is deposed: step down (in a task: called from frames)."""
         if self._tg is not None and not self._switching:
             self._switching = True
-            self._tg.start_soon(self._step_down, epoch, addr)
+            self._spawn(self._step_down, epoch, addr)
 
     async def _step_down(self, epoch: int, addr: str) -> None:
         try:
@@ -357,7 +371,7 @@ class Replication:
             log.warning("promoted to leader at epoch %d%s (was at seq %d of the old leader's "
                         "log)", epoch, " (forced)" if force else "", u.applied.seq)
             if self._tg is not None:
-                self._tg.start_soon(self._announce, epoch)
+                self._spawn(self._announce, epoch)
             return epoch
         finally:
             self._switching = False
