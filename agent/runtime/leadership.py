@@ -18,7 +18,14 @@ Rules:
   (the swarm's members, its coordinator, the leader it last knew) has seen a
   higher epoch or stands further in the same log (:func:`promotion_refusal`).
   The new leader announces itself (INFO) to the swarm's members.
-* A leader that hears a higher epoch (a HELLO, an ACK, an INFO) steps down:
+* A higher epoch is a claim, never a proof: a HELLO, an ACK or an INFO
+  saying so makes this agent PROBE the agent the claim names (or the leader
+  found by asking around when it names none), and only that agent's INFO
+  saying it is Leader at that epoch or above is believed
+  (``epoch_claims_unconfirmed`` otherwise; one claim checked at a time).
+  Asking around is one round at a time and at most one per
+  :data:`ASK_EVERY` seconds (callers meanwhile share the last answer).
+* A leader that hears a confirmed higher epoch steps down:
   it drops its followers, records the epoch and follows the leader named (or
   the one it finds), merging its own writes first as a diverged follower
   does: what it wrote that was never streamed is kept and reaches the new
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -83,6 +91,8 @@ PROBE_TIMEOUT = 2.0
 PROBE_MAX = 64
 #: seconds between two searches for a leader at most, while Edge
 SEARCH_MAX = 60.0
+#: seconds between two rounds of asking around at least
+ASK_EVERY = 3.0
 
 
 def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
@@ -150,6 +160,13 @@ class Replication:
         self._tg: anyio.abc.TaskGroup | None = None
         self._follower_scope: anyio.CancelScope | None = None
         self._switching = False
+        #: a claim of a newer leader being confirmed; a search under way
+        self._confirming = False
+        self._searching = False
+        #: ask_around's round under way, and the last one's answer and time
+        self._asking: anyio.Event | None = None
+        self._asked: list[tuple[str, Info]] = []
+        self._asked_at = -math.inf
         #: set while a follower runs (the search for a leader waits on it)
         self._following = anyio.Event()
         #: handed to every follower this agent runs (agent.runtime.forwarding)
@@ -252,9 +269,9 @@ class Replication:
             if f is not self.follower or f.role(anyio.current_time()) != "Edge":
                 continue
             found = pick_leader(f.epoch_seen, await self.ask_around())
-            if found is not None and found[0] != str(f.coordinator):
+            if found is not None and found[0] != str(f.coordinator) \
+                    and await self._follow_confirmed(f, found[1], found[0]):
                 _count(self.stats, "leaders_found")
-                self._on_newer_leader(found[1], found[0])
                 wait = f.edge_after
             else:
                 wait = min(2 * (wait or f.edge_after), SEARCH_MAX)
@@ -271,9 +288,26 @@ class Replication:
                 out.append(parse_host_port(self.follower.leader_addr))
         return list(dict.fromkeys(out))[:PROBE_MAX]
 
-    async def ask_around(self, targets: list[HostPort] | None = None) -> list[tuple[str, Info]]:
-        """The INFOs of the agents that answer, (address, info)."""
-        targets = self.known() if targets is None else targets
+    async def ask_around(self) -> list[tuple[str, Info]]:
+        """The INFOs of the agents that answer, (address, info). One round at
+        a time, at most one per :data:`ASK_EVERY` seconds: a caller meanwhile
+        gets the round under way's answer, or the last one's (an unsolicited
+        INFO or a claim cannot make this agent probe the swarm in a loop)."""
+        while self._asking is not None:
+            await self._asking.wait()
+        if anyio.current_time() - self._asked_at < ASK_EVERY:
+            _count(self.stats, "ask_around_reused")
+            return list(self._asked)
+        self._asking = anyio.Event()
+        try:
+            self._asked = await self._ask(self.known())
+            self._asked_at = anyio.current_time()
+        finally:
+            self._asking.set()
+            self._asking = None
+        return list(self._asked)
+
+    async def _ask(self, targets: list[HostPort]) -> list[tuple[str, Info]]:
         out: list[tuple[str, Info]] = []
         keys = self.keys()
 
@@ -290,8 +324,47 @@ class Replication:
 
     # --- role changes ------------------------------------------------------------------
 
+    async def _confirmed(self, epoch: int, addr: str) -> tuple[HostPort, int] | None:
+        """Whether a claim that a leader of ``epoch`` (or higher) is at
+        ``addr`` ("": unnamed) holds: only that agent's own INFO, answering
+        our PROBE, says so (it is Leader at ``epoch`` or above); a claimant's
+        word alone is never believed. An unnamed leader is looked for by
+        asking around first. Returns (its address, its epoch), else None
+        (counted: ``epoch_claims_unconfirmed``)."""
+        if not addr:
+            found = pick_leader(epoch, await self.ask_around())
+            addr = "" if found is None else found[0]
+        info = None
+        target = None
+        with contextlib.suppress(ValueError):
+            target = parse_host_port(addr) if addr else None
+        if target is not None:
+            info = await probe(target, self.node_id, self.epoch_seen(), self.max_frame,
+                               self.keys())
+            _count(self.stats, "probes")
+        if target is None or info is None or info.role != "Leader" or info.epoch < epoch \
+                or info.node_id == self.node_id:
+            _count(self.stats, "epoch_claims_unconfirmed")
+            log.warning("a claim of a leader at epoch %d (%s) was not confirmed by that agent: "
+                        "ignored", epoch, addr or "unnamed")
+            return None
+        return target, info.epoch
+
+    async def _follow_confirmed(self, f: Follower, epoch: int, addr: str) -> bool:
+        """Switch follower ``f`` to ``addr`` once that agent confirmed it
+        leads ``epoch``; whether it did."""
+        found = await self._confirmed(epoch, addr)
+        if found is None or f is not self.follower or found[1] < f.epoch_seen:
+            return False
+        f.retarget(found[0])
+        return True
+
     def _on_newer_leader(self, epoch: int, addr: str) -> None:
-        """A leader of an epoch at least the highest seen is at ``addr``."""
+        """Someone says a leader of an epoch at least the highest seen is at
+        ``addr``. Believed at once only when it is this agent's own record
+        (the leader it persisted for the epoch it has seen); otherwise that
+        agent is asked first (one claim at a time; others meanwhile are
+        dropped, counted ``epoch_claims_dropped``)."""
         try:
             target = parse_host_port(addr)
         except ValueError:
@@ -305,7 +378,21 @@ class Replication:
             return
         if epoch < f.epoch_seen:
             return
-        f.retarget(target)
+        if epoch == f.epoch_seen and addr == f.leader_addr:
+            f.retarget(target)
+            return
+        if self._confirming:
+            _count(self.stats, "epoch_claims_dropped")
+            return
+        self._confirming = True
+
+        async def confirm() -> None:
+            try:
+                await self._follow_confirmed(f, epoch, addr)
+            finally:
+                self._confirming = False
+
+        self._spawn(confirm)
 
     def _on_higher_epoch(self, epoch: int, addr: str) -> None:
         """This leader is deposed: step down (in a task: called from frames)."""
@@ -318,28 +405,22 @@ class Replication:
             leader = self.leader
             if leader is None or epoch <= leader.epoch:
                 return
+            # A claim is no proof: the leader it names (or one found by
+            # asking around) must say so itself.
+            found = await self._confirmed(epoch, addr)
+            if found is None or self.leader is not leader:
+                return
+            target, epoch = found
             _count(self.stats, "stepped_down")
             leader.depose()
             self.leader = None
-            await self.store.see_epoch(epoch, addr or None)
+            await self.store.see_epoch(epoch, str(target))
             self._epoch_seen = max(self._epoch_seen, epoch)
-            target = None
-            if addr:
-                try:
-                    target = parse_host_port(addr)
-                except ValueError:
-                    target = None
-            if target is None:
-                found = pick_leader(epoch, await self.ask_around())
-                target = None if found is None else parse_host_port(found[0])
-            log.warning("stepped down: epoch %d is newer than this leader's; following %s, "
-                        "its own writes merged into the new leader first (last writer wins)",
-                        epoch, target or "nobody yet")
-            if target is None:
-                target = self.coordinator
-            if target is not None:
-                self.follower = self._new_follower(target, merge_first=True)
-                self._start_follower(self.follower)
+            log.warning("stepped down: leader %s confirmed epoch %d, newer than this leader's; "
+                        "following it, this agent's own writes merged into it first (last "
+                        "writer wins)", target, epoch)
+            self.follower = self._new_follower(target, merge_first=True)
+            self._start_follower(self.follower)
         finally:
             self._switching = False
 
@@ -417,15 +498,25 @@ class Replication:
             return
         if isinstance(f, Info) and f.role == "Leader" and f.epoch > self.epoch_seen():
             # A new leader announces itself. Its sync address is not the
-            # connection's source: ask around and follow the highest epoch.
+            # connection's source: ask around (rate-limited) and follow the
+            # highest epoch, once the leader found confirmed it.
             _count(self.stats, "announcements_heard")
+            if self._tg is None or self._searching:
+                return
             log.warning("a leader announces epoch %d (this agent saw %d): looking for it",
                         f.epoch, self.epoch_seen())
-            found = pick_leader(f.epoch, await self.ask_around())
-            if found is not None:
-                self._on_newer_leader(found[1], found[0])
+            self._searching = True
+            self._spawn(self._search, f.epoch)
             return
         _count(self.stats, "frames_unexpected")
+
+    async def _search(self, epoch: int) -> None:
+        try:
+            found = pick_leader(epoch, await self.ask_around())
+            if found is not None:
+                self._on_newer_leader(found[1], found[0])
+        finally:
+            self._searching = False
 
     # --- what others read -----------------------------------------------------------------
 

@@ -219,7 +219,7 @@ class Leader:
 
     def _higher(self, epoch: int, leader: str) -> None:
         _count(self.stats, "higher_epoch_heard")
-        log.warning("a follower has seen epoch %d, this leader is at %d: stepping down",
+        log.warning("a follower claims epoch %d, this leader is at %d: checking the claim",
                     epoch, self.epoch)
         if self.on_higher_epoch is not None:
             self.on_higher_epoch(epoch, leader)
