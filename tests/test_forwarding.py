@@ -7,6 +7,8 @@ is back every acknowledged write is everywhere."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +20,23 @@ from agent.core.changelog import GENESIS, Position
 from agent.core.forwarding import (
     BATCH,
     DELETE,
+    ENTRY_OVERHEAD,
+    ID_CONFLICT,
     NOT_LEADER,
     OK,
     PUT,
     WRONG_EPOCH,
     Answer,
     Dedupe,
+    DedupeConflict,
     ProtocolError,
     Request,
     WrittenItem,
     decode,
     encode,
+    request_digest,
 )
-from agent.runtime.forwarding import ForwardServer
+from agent.runtime.forwarding import Forwarding, ForwardServer
 from agent.store import Store
 from tests.agents import AgentProc, Swarm, wait_for
 
@@ -74,17 +80,42 @@ def test_bad_frames_are_refused(data: bytes) -> None:
         decode(data)
 
 
-def test_dedupe_window_by_count_and_age() -> None:
+def test_dedupe_window_by_count_age_and_bytes() -> None:
     d = Dedupe(max_entries=2, max_age=10.0)
     a = Answer(1, 1, OK, "", None)
-    d.put(ORIGIN, 1, a, now=0.0)
-    d.put(ORIGIN, 2, a, now=1.0)
-    assert d.get(ORIGIN, 1, now=2.0) == a
-    assert d.get(bytes(16), 1, now=2.0) is None  # another origin, same id
-    d.put(ORIGIN, 3, a, now=3.0)  # over the count: the oldest goes
-    assert d.get(ORIGIN, 1, now=3.0) is None and d.get(ORIGIN, 2, now=3.0) == a
-    assert d.get(ORIGIN, 2, now=11.5) is None  # over the age
-    assert d.get(ORIGIN, 3, now=11.5) == a
+    h = b"h" * 32
+    d.put(ORIGIN, 1, h, a, now=0.0)
+    d.put(ORIGIN, 2, h, a, now=1.0)
+    assert d.get(ORIGIN, 1, h, now=2.0) == a
+    assert d.get(bytes(16), 1, h, now=2.0) is None  # another origin, same id
+    d.put(ORIGIN, 3, h, a, now=3.0)  # over the count: the oldest goes
+    assert d.get(ORIGIN, 1, h, now=3.0) is None and d.get(ORIGIN, 2, h, now=3.0) == a
+    assert d.get(ORIGIN, 2, h, now=11.5) is None  # over the age
+    assert d.get(ORIGIN, 3, h, now=11.5) == a
+    # Bounded by bytes: entries with long messages push the oldest out.
+    small = Dedupe(max_bytes=3 * ENTRY_OVERHEAD + 300)
+    for i in range(5):
+        small.put(ORIGIN, i, h, Answer(1, i, OK, "m" * 100, None), now=0.0)
+    assert len(small) == 3 and small.bytes <= small.max_bytes
+    assert small.get(ORIGIN, 1, h, now=0.0) is None
+
+
+def test_dedupe_keeps_no_values_and_tells_another_write_apart() -> None:
+    d = Dedupe()
+    put = Request(1, ORIGIN, 7, PUT, COLL, ("k", b"\x01" * 1000))
+    item = WrittenItem("k", 5, ORIGIN, False, b"\x01" * 1000)
+    d.put(ORIGIN, 7, request_digest(put), Answer(1, 7, OK, "", None, item), now=0.0)
+    kept = d.get(ORIGIN, 7, request_digest(put), now=0.0)
+    assert kept is not None and kept.item is not None and kept.item.value is None
+    assert d.bytes < 1000
+    for other in (Request(1, ORIGIN, 7, PUT, COLL, ("k", b"\x02")),
+                  Request(1, ORIGIN, 7, PUT, "other", ("k", b"\x01" * 1000)),
+                  Request(1, ORIGIN, 7, DELETE, COLL, ("k",))):
+        with pytest.raises(DedupeConflict):
+            d.get(ORIGIN, 7, request_digest(other), now=0.0)
+    # The epoch is not part of the request's identity.
+    resent = Request(2, ORIGIN, 7, PUT, COLL, ("k", b"\x01" * 1000))
+    assert d.get(ORIGIN, 7, request_digest(resent), now=0.0) == kept
 
 
 # --- the leader's answers, against a real store -----------------------------------
@@ -103,7 +134,14 @@ def test_leader_dedupes_fences_epochs_and_refuses_when_not_leader(tmp_path: Path
             assert first.position == store.log_head and store.log_head.seq == 1
             # The same (origin, id) again: the same answer, nothing written.
             again = await server.handle(req)
-            assert again == first and store.log_head.seq == 1
+            assert again.item is not None and again.item.value is None  # kept without it
+            assert again == replace(first, item=replace(first.item, value=None))
+            assert store.log_head.seq == 1
+            # The same (origin, id) for another write (a forged or reused id):
+            # refused, not answered from the table, nothing written.
+            forged = await server.handle(Request(5, ORIGIN, 1, PUT, COLL, ("k", _v("x"))))
+            assert forged.status == ID_CONFLICT and forged.item is None
+            assert store.log_head.seq == 1 and server.stats["forward_refused_id_conflict"] == 1
             # Another origin with the same id is another write.
             other = await server.handle(Request(5, bytes(16), 1, PUT, COLL, ("k", _v(2))))
             assert other.status == OK and store.log_head.seq == 2
@@ -238,3 +276,29 @@ def test_followers_edge_without_leader_then_every_acknowledged_write_converges(
                  what="all three converged")
     finally:
         swarm.stop_all()
+
+
+def test_a_follower_fills_in_the_value_a_deduplicated_answer_lacks(tmp_path: Path) -> None:
+    class Nowhere:
+        def leader_epoch(self) -> int | None:
+            return None
+
+        def forward_target(self, now: float) -> None:
+            return None
+
+        def epoch_seen(self) -> int:
+            return 0
+
+    async def main() -> None:
+        store = await Store.open(tmp_path, bytes(16))
+        try:
+            fwd = Forwarding(store, Nowhere(), ORIGIN, 1 << 20, lambda: None,
+                             random.Random(1), 1.0)
+            lean = Answer(1, 7, OK, "", Position(1, 3, GENESIS),
+                          WrittenItem("k", 5, ORIGIN, False, None))
+            written = fwd._answered(COLL, "k", lean, _v({"n": 1}))
+            assert written.item is not None and written.item.value == _v({"n": 1})
+        finally:
+            await store.close()
+
+    anyio.run(main, backend="trio")

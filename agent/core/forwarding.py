@@ -12,7 +12,10 @@ Rules:
 * A REQUEST names its origin (the follower's node id) and an id unique for
   that origin; the pair identifies the write. A follower that lost the
   answer sends the same request again with the same pair, and the leader
-  answers from :class:`Dedupe` instead of writing twice.
+  answers from :class:`Dedupe` instead of writing twice. Ids are drawn at
+  random (64 bits), so another agent cannot guess one; and the table
+  remembers a hash of each request, so a request reusing a pair for another
+  write is refused (:data:`ID_CONFLICT`), never answered from the table.
 * Every frame carries an epoch. The leader writes only a request whose epoch
   is its own; any other epoch is answered :data:`WRONG_EPOCH` with the
   leader's epoch, and writes nothing (a follower that saw a newer leader
@@ -30,10 +33,11 @@ Rules:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
+from blake3 import blake3
 
 from agent.core.changelog import HASH_LEN, Position
 from agent.core.fields import MAX_HLC, Fields
@@ -56,6 +60,8 @@ OK = 200
 WRONG_EPOCH = 409
 #: this agent is not (or no longer) the leader: ask the one etcd names
 NOT_LEADER = 421
+#: the request's (origin, id) was already used for another write: refused
+ID_CONFLICT = 422
 
 
 class ProtocolError(Exception):
@@ -174,35 +180,79 @@ def decode(data: bytes) -> Frame:
     raise ProtocolError("unexpected frame")
 
 
+def request_digest(req: Request) -> bytes:
+    """What a dedupe entry remembers of a request: a hash of its op,
+    collection, keys and values (not its epoch), so the same (origin, id)
+    carrying another write is told apart."""
+    args: list[Any] = list(req.args) if req.op != BATCH else [list(map(list, req.args))]
+    return blake3(msgpack.packb([req.op, req.collection, args], use_bin_type=True)).digest()
+
+
+class DedupeConflict(Exception):
+    """A request's (origin, id) is in the table for another write."""
+
+
+def _lean(answer: Answer) -> Answer:
+    """The answer as the table keeps it: without the item's value (the
+    follower sent it, and gets it again from the stream)."""
+    item = answer.item
+    if item is None or item.value is None:
+        return answer
+    return replace(answer, item=replace(item, value=None))
+
+
+#: bytes one table entry takes besides its key and message (estimate)
+ENTRY_OVERHEAD = 320
+
+
 class Dedupe:
-    """The leader's memory of forwarded writes by (origin, id): the answer
-    given, for at most ``max_entries`` requests and ``max_age`` seconds
-    (whichever is smaller: the window). A request seen again inside the
-    window gets the same answer; one seen again after it is written again
-    (a put of the same value: a new version of the same content).
+    """The leader's memory of forwarded writes by (origin, id): a hash of
+    the request (:func:`request_digest`) and the answer given, without the
+    item's value, for at most ``max_entries`` requests, ``max_bytes`` bytes
+    and ``max_age`` seconds (whichever is smallest: the window). A request
+    seen again inside the window gets the same answer if its hash is the
+    same, and :class:`DedupeConflict` if not (never another write's answer);
+    one seen again after it is written again (a put of the same value: a new
+    version of the same content).
 
     Only answers of committed writes are kept: a refused request (wrong
     epoch, not leader, bad input) may be sent again and decided afresh."""
 
-    def __init__(self, max_entries: int = 65_536, max_age: float = 600.0) -> None:
+    def __init__(self, max_entries: int = 65_536, max_age: float = 600.0,
+                 max_bytes: int = 16 << 20) -> None:
         self.max_entries = max_entries
         self.max_age = max_age
-        self._seen: OrderedDict[tuple[bytes, int], tuple[float, Answer]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._seen: OrderedDict[tuple[bytes, int], tuple[float, bytes, Answer, int]] = \
+            OrderedDict()
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    def get(self, origin: bytes, id_: int, now: float) -> Answer | None:
+    def get(self, origin: bytes, id_: int, digest: bytes, now: float) -> Answer | None:
+        """The answer given to this request, None if not seen (in the
+        window); DedupeConflict if the pair was another write's."""
         self._expire(now)
         hit = self._seen.get((origin, id_))
-        return None if hit is None else hit[1]
+        if hit is None:
+            return None
+        if hit[1] != digest:
+            raise DedupeConflict(f"request id {id_} of this origin was another write")
+        return hit[2]
 
-    def put(self, origin: bytes, id_: int, answer: Answer, now: float) -> None:
-        self._seen[(origin, id_)] = (now, answer)
-        self._seen.move_to_end((origin, id_))
+    def put(self, origin: bytes, id_: int, digest: bytes, answer: Answer, now: float) -> None:
+        lean = _lean(answer)
+        size = ENTRY_OVERHEAD + len(lean.message) + (
+            0 if lean.item is None else len(lean.item.key.encode()))
+        old = self._seen.pop((origin, id_), None)
+        if old is not None:
+            self.bytes -= old[3]
+        self._seen[(origin, id_)] = (now, digest, lean, size)
+        self.bytes += size
         self._expire(now)
 
     def _expire(self, now: float) -> None:
-        while self._seen and (len(self._seen) > self.max_entries
+        while self._seen and (len(self._seen) > self.max_entries or self.bytes > self.max_bytes
                               or next(iter(self._seen.values()))[0] < now - self.max_age):
-            self._seen.popitem(last=False)
+            self.bytes -= self._seen.popitem(last=False)[1][3]

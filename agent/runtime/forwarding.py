@@ -11,11 +11,12 @@ Rules:
   (:data:`~agent.core.forwarding.FIRST_BYTE`) to :meth:`ForwardServer.serve`.
   The client's answer waits until the leader committed the write; it
   carries the item as the leader wrote it and the leader's log position.
-* Each write has an id unique for this agent (the wall clock in
-  microseconds at start, then counted up), so a request re-sent after a
-  broken connection is answered from the leader's
+* Each write has a random 64-bit id (from the agent's seeded rng), so a
+  request re-sent after a broken connection is answered from the leader's
   :class:`~agent.core.forwarding.Dedupe` (the last 65,536 writes of at most
-  10 minutes, in memory) rather than written twice. After that window, or
+  10 minutes and 16 MiB, in memory; answers kept without the value) rather
+  than written twice; a request reusing a pair for another write is refused
+  (``forward_refused_id_conflict``). After that window, or
   after a leader restart or failover, a re-sent write is written again: the
   same value as a newer version.
 * Every request carries the epoch the follower knows; the leader writes only
@@ -58,17 +59,20 @@ from agent.core.forwarding import (
     BATCH,
     DELETE,
     FIRST_BYTE,
+    ID_CONFLICT,
     NOT_LEADER,
     OK,
     PUT,
     WRONG_EPOCH,
     Answer,
     Dedupe,
+    DedupeConflict,
     ProtocolError,
     Request,
     WrittenItem,
     decode,
     encode,
+    request_digest,
 )
 from agent.net.stream import Framed, connect
 from agent.runtime.sync_service import SESSION_ERRORS, sync_once
@@ -164,9 +168,16 @@ class ForwardServer:
             return Answer(epoch, req.id, WRONG_EPOCH,
                           f"request of epoch {req.epoch}, leader at {epoch}", None)
         key = (req.origin, req.id)
+        digest = request_digest(req)
         while (ev := self._inflight.get(key)) is not None:
             await ev.wait()  # the same request, re-sent while the first commits
-        done = self.dedupe.get(req.origin, req.id, self.clock())
+        try:
+            done = self.dedupe.get(req.origin, req.id, digest, self.clock())
+        except DedupeConflict as e:
+            # Another write under the same (origin, id): never its answer.
+            _count(self.stats, "forward_refused_id_conflict")
+            log.warning("forwarded write refused: %s", e)
+            return Answer(epoch, req.id, ID_CONFLICT, str(e), None)
         if done is not None:
             _count(self.stats, "forward_deduplicated")
             return done
@@ -174,7 +185,7 @@ class ForwardServer:
         try:
             answer = await self._write(req, epoch)
             if answer.status == OK:
-                self.dedupe.put(req.origin, req.id, answer, self.clock())
+                self.dedupe.put(req.origin, req.id, digest, answer, self.clock())
             return answer
         finally:
             del self._inflight[key]
@@ -266,7 +277,6 @@ class Forwarding:
         self.tombstone_grace = tombstone_grace
         self.server = ForwardServer(store, upstream.leader_epoch, max_frame)
         self.stats = self.server.stats
-        self._next_id = time.time_ns() // 1000
         self._epoch = 0
         self._idle: list[tuple[HostPort, Framed]] = []
         self._slots = anyio.Semaphore(POOL)
@@ -301,12 +311,13 @@ class Forwarding:
     # --- the API's writes --------------------------------------------------------
 
     async def put(self, name: str, key: str, value: Any) -> Written:
-        ans = await self._forward(PUT, name, (key, encode_value(value)))
+        data = encode_value(value)
+        ans = await self._forward(PUT, name, (key, data))
         if ans is None:
             item = await self.store.put(name, key, value)
             self._wrote_locally(name)
             return Written(OK, item=item)
-        return self._answered(name, key, ans)
+        return self._answered(name, key, ans, data)
 
     async def delete(self, name: str, key: str) -> Written:
         ans = await self._forward(DELETE, name, (key,))
@@ -330,11 +341,14 @@ class Forwarding:
                 self._remember(name, k, ans.position)
         return Written(ans.status, ans.message, written=ans.written, position=ans.position)
 
-    def _answered(self, name: str, key: str, ans: Answer) -> Written:
+    def _answered(self, name: str, key: str, ans: Answer, sent: bytes | None = None) -> Written:
         item = None
         if ans.item is not None:
             it = ans.item
-            item = Item(it.key, it.hlc, it.origin, it.deleted, it.value)
+            # An answer from the leader's dedupe table has no value: it is
+            # the one this agent sent.
+            value = sent if it.value is None and not it.deleted else it.value
+            item = Item(it.key, it.hlc, it.origin, it.deleted, value)
         if ans.position is not None:
             self._remember(name, key, ans.position)
         return Written(ans.status, ans.message, item, position=ans.position)
@@ -351,8 +365,8 @@ class Forwarding:
         target = self.upstream.forward_target(anyio.current_time())
         if target is None:
             return None
-        self._next_id += 1
-        id_ = self._next_id
+        # Random: another agent cannot guess it to pre-empt this write.
+        id_ = self.rng.getrandbits(64)
         with anyio.move_on_after(FORWARD_TIMEOUT):
             async with self._slots:
                 for _ in range(3):
