@@ -274,9 +274,11 @@ def test_adopt_and_epochs_only_move_forward(tmp_path: Path) -> None:
 
 
 @asynccontextmanager
-async def serving(store: Store, **leader_args: Any) -> AsyncIterator[tuple[Leader, HostPort]]:
+async def serving(store: Store, sync: SyncService | None = None,
+                  **leader_args: Any) -> AsyncIterator[tuple[Leader, HostPort]]:
     """A Leader behind a real sync listener on loopback (Merkle sync too)."""
-    sync = SyncService(store, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
+    if sync is None:
+        sync = SyncService(store, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
     leader = Leader(store, A, 0.2, **leader_args)
     sync.streams[TAG] = leader.serve
     listener = await listen("127.0.0.1", 0, sync.max_frame)
@@ -319,6 +321,42 @@ def test_leader_streams_backlog_then_live_entries(tmp_path: Path) -> None:
             assert leader.min_needed_seq() == head.seq + 1
             tg.cancel_scope.cancel()
         assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_only_a_connection_that_becomes_a_stream_gives_back_its_sync_slot(
+        tmp_path: Path) -> None:
+    """A route of the shared listener holds its sync slot (and the session
+    deadline) until it says it is a stream: a PROBE or a refused HELLO never
+    does; a follower's accepted HELLO does."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        sync = SyncService(leader_store, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
+        inside: list[dict[str, int]] = []
+        done = anyio.Event()
+
+        async def short_route(conn: Any, first: bytes) -> None:
+            inside.append(dict(sync.serving))
+            await done.wait()
+
+        sync.streams[0x58] = short_route
+        async with serving(leader_store, sync) as (leader, addr), \
+                anyio.create_task_group() as tg:
+            async with await connect(addr.host, addr.port, 1 << 20) as conn:
+                await conn.send(b"X")
+                await until(lambda: bool(inside))
+                assert inside == [{"127.0.0.1": 1}] and sync.serving == {"127.0.0.1": 1}
+                done.set()
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            head = await leader_store.log_position()
+            await until(lambda: follower.applied == head and bool(leader.followers))
+            assert sync.serving == {}  # the stream holds no slot
+            tg.cancel_scope.cancel()
         await follower_store.close()
         await leader_store.close()
 

@@ -75,7 +75,7 @@ from agent.core.forwarding import (
     request_digest,
 )
 from agent.net.stream import Framed, connect
-from agent.runtime.sync_service import SESSION_ERRORS, sync_once
+from agent.runtime.sync_service import SESSION_ERRORS, long_lived, sync_once
 from agent.store import StoreError, encode_value
 from merkle.frames import SALT_LEN
 from merkle.tree import Item
@@ -142,6 +142,7 @@ class ForwardServer:
             _count(self.stats, "forward_refused_busy")
             return
         self.connections += 1
+        long_lived()  # capped above, timed per request below
         try:
             while True:
                 with anyio.fail_after(IDLE_TIMEOUT):

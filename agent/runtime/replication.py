@@ -8,7 +8,9 @@ Rules:
 * The leader answers on its TCP sync port: the listener routes a
   connection whose first frame starts with the replication tag to
   agent.runtime.leadership's ``Replication.route``, which hands a HELLO to
-  :meth:`Leader.serve` (agent.runtime.sync_service). Streams with keys run
+  :meth:`Leader.serve` (agent.runtime.sync_service). Only a HELLO the
+  leader accepts turns the connection long-lived (its sync slot given back,
+  no session deadline); PROBE, INFO and refused HELLOs stay under both. Streams with keys run
   the PSK handshake like every TCP stream.
 * Per follower the leader sends the backlog, then live entries as they
   commit: it wakes on the store's commit notification, never by polling,
@@ -88,7 +90,7 @@ from agent.core.replication import (
     epoch_ok,
 )
 from agent.net.stream import Framed, StreamHandshakeError, connect
-from agent.runtime.sync_service import SESSION_ERRORS, sync_once
+from agent.runtime.sync_service import SESSION_ERRORS, long_lived, sync_once
 from agent.store.stream import SnapshotReader
 from merkle.frames import SALT_LEN
 from merkle.tree import Item
@@ -247,6 +249,9 @@ class Leader:
                                             f"follower saw epoch {hello.epoch}", ())))
             self._higher(hello.epoch, hello.leader)
             return
+        # A stream from here on: no sync slot, no session deadline (its
+        # frames are timed below).
+        long_lived()
         key = self._next
         self._next += 1
         d = _Downstream(conn.peer, hello.node_id, hello.position,

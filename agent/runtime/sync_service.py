@@ -26,8 +26,10 @@
   is at most :data:`HELLO_MAX_FRAME` bytes, refused at its length prefix;
   a route that needs more reads it in later frames under its own limit.
   Kinds in :attr:`SyncService.streams` (the change-log stream,
-  agent.runtime.replication) are long-lived: they give back their sync
-  slot, run without the session deadline, and cap and time themselves.
+  agent.runtime.replication; forwarded writes) may turn long-lived: they
+  run under the sync slot and session deadline until they call
+  :func:`long_lived` (once the connection really is a stream), then give
+  back their slot, run without the deadline, and cap and time themselves.
 * Interrupting a session at any point is safe: received items are applied in
   whole batches by last-writer-wins, and applying an item twice is a no-op.
 * With cluster keys, both ends of every connection run the stream handshake
@@ -46,6 +48,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -253,24 +256,44 @@ IDLE_PLAN_INTERVALS = 5
 Route = Callable[[Framed, bytes], Awaitable[None]]
 
 
+#: set while a ``streams`` route runs: turns its connection long-lived
+_LONG_LIVED: ContextVar[Callable[[], None] | None] = ContextVar("long_lived", default=None)
+
+
+def long_lived() -> None:
+    """Called by a ``streams`` route once its connection has become a
+    long-lived stream: its sync slot is given back and the session deadline
+    lifted. Until then (a PROBE, a refused HELLO) it holds both."""
+    become = _LONG_LIVED.get()
+    if become is not None:
+        become()
+
+
 async def handle_connection(store: Store, conn: Framed, stats: dict[str, int],
                             routes: Mapping[int, Route] | None = None,
                             streams: Mapping[int, Route] | None = None,
                             release: Callable[[], None] | None = None) -> None:
     """Answer one connection: a sync session, or what ``routes`` says for
     its first byte. ``streams`` are routes for long-lived connections (the
-    change-log stream, agent.runtime.replication): they run without the
-    session deadline, after ``release()`` gave back their sync slot, and cap
-    and time themselves. Errors are logged, not raised."""
+    change-log stream, agent.runtime.replication): once they call
+    :func:`long_lived` they run without the session deadline, after
+    ``release()`` gave back their sync slot, and cap and time themselves.
+    Errors are logged, not raised."""
     try:
         with anyio.fail_after(SESSION_TIMEOUT) as scope:
             first = await _receive_first(conn, HELLO_MAX_FRAME)
             stream = (streams or {}).get(first[0]) if first else None
             if stream is not None:
-                scope.deadline = math.inf
-                if release is not None:
-                    release()
-                await stream(conn, first)
+                def become() -> None:
+                    scope.deadline = math.inf
+                    if release is not None:
+                        release()
+
+                token = _LONG_LIVED.set(become)
+                try:
+                    await stream(conn, first)
+                finally:
+                    _LONG_LIVED.reset(token)
                 return
             if first and not _is_msgpack_array(first[0]):
                 route = (routes or {}).get(first[0])
