@@ -24,6 +24,8 @@ from agent.core.replication import (
     TAG,
     Ack,
     Answer,
+    Chunk,
+    ChunkAck,
     Diverged,
     Entries,
     Hello,
@@ -39,11 +41,14 @@ from agent.core.replication import (
     is_replication,
 )
 from agent.net.stream import connect, listen
+from agent.runtime import replication as replication_rt
 from agent.runtime.replication import Follower, Leader
 from agent.runtime.sync_service import SyncService
 from agent.store import Store
 
 A, B = b"a" * 16, b"b" * 16
+#: what a client sees of a connection the leader closed
+CLOSED = (anyio.EndOfStream, anyio.BrokenResourceError)
 H1, H2, H3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
 
 
@@ -359,6 +364,53 @@ def test_only_a_connection_that_becomes_a_stream_gives_back_its_sync_slot(
             tg.cancel_scope.cancel()
         await follower_store.close()
         await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_stalled_follower_is_cut_off_and_holds_compaction_no_more(tmp_path: Path) -> None:
+    """A follower that keeps acknowledging an old position while entries
+    are outstanding holds compaction back for STALL_LIMIT at most."""
+    async def main() -> None:
+        store = await _filled_leader(tmp_path / "l")
+        async with serving(store, stall_limit=0.5) as (leader, addr):
+            epoch = leader.epoch
+            start = Position(0, 0, GENESIS)
+            async with await connect(addr.host, addr.port, 1 << 22) as conn:
+                await conn.send(encode(Hello(epoch, B, start)))
+                assert isinstance(decode(await conn.receive()), Stream)
+                assert leader.min_needed_seq() == 1
+                with anyio.fail_after(10), pytest.raises(CLOSED):
+                    while True:
+                        decode(await conn.receive())
+                        await conn.send(encode(Ack(epoch, start)))  # never further
+            assert leader.stats["followers_stalled"] == 1
+            assert leader.min_needed_seq() is None
+        await store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_snapshot_slower_than_the_minimum_rate_is_cut_off(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A follower acknowledging each chunk just in time would hold the
+    snapshot's read transaction (and the WAL) for ever: cut off."""
+    monkeypatch.setattr(replication_rt, "SNAPSHOT_ITEMS", 10)
+
+    async def main() -> None:
+        store = await _filled_leader(tmp_path / "l")
+        async with serving(store, snapshot_grace=0.5) as (leader, addr):
+            epoch = leader.epoch
+            async with await connect(addr.host, addr.port, 1 << 22) as conn:
+                await conn.send(encode(Hello(epoch, B, Position(0, 0, GENESIS), True)))
+                with anyio.fail_after(10), pytest.raises(CLOSED):
+                    while True:
+                        f = decode(await conn.receive())
+                        if isinstance(f, Chunk):
+                            await anyio.sleep(0.1)
+                            await conn.send(encode(ChunkAck(epoch, f.index)))
+            assert leader.stats["snapshots_too_slow"] == 1
+        await store.close()
 
     anyio.run(main, backend="trio")
 

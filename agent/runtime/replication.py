@@ -20,7 +20,13 @@ Rules:
   so the leader holds at most one batch per follower in memory, and commits
   never wait for a follower (a slow one only slows its own task).
 * The leader keeps each follower's acknowledged position; the oldest one
-  holds log compaction back (agent.store.log.hold_bound).
+  holds log compaction back (bounded in size by agent.store.log.hold_bound),
+  unless that follower is stalled: entries unacknowledged and no ACK
+  advancing for :data:`STALL_LIMIT` seconds ends its stream (it reconnects
+  and is streamed or gets a snapshot). A snapshot goes at
+  :data:`SNAPSHOT_MIN_RATE` bytes/s at least after :data:`SNAPSHOT_GRACE`
+  seconds, or is cut off (``snapshots_too_slow``): its read transaction
+  keeps the WAL from checkpointing.
 * Snapshots: a follower whose position was compacted away, that refused a
   batch (tampered, reordered, missing entry), or that was installing a
   snapshot when it stopped, gets one (:func:`agent.core.replication.decide`).
@@ -112,6 +118,14 @@ BATCH_BYTES = 1 << 20
 #: one snapshot CHUNK at most (items; bytes of keys and values)
 SNAPSHOT_ITEMS = 512
 SNAPSHOT_BYTES = 256 << 10
+#: a snapshot holds a read transaction (and so the WAL) while it is sent: it
+#: may take SNAPSHOT_GRACE seconds plus one second per SNAPSHOT_MIN_RATE
+#: bytes sent, then it is cut off (the follower may resume it)
+SNAPSHOT_GRACE = 30.0
+SNAPSHOT_MIN_RATE = 64 << 10
+#: seconds a follower may leave entries unacknowledged without acknowledging
+#: any of them; then its stream ends and it holds compaction back no more
+STALL_LIMIT = 60.0
 #: followers one leader serves at once; more are refused
 MAX_FOLLOWERS = 256
 #: seconds a follower gives the leader to accept and finish the handshake
@@ -167,6 +181,11 @@ class _Downstream:
     acked: Position
     event: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    #: when its acknowledged position last advanced (or it had nothing to ack)
+    progress_at: float = field(default_factory=anyio.current_time)
+
+    def stalled(self, now: float, limit: float) -> bool:
+        return self.window.in_flight_entries > 0 and now - self.progress_at > limit
 
 
 class Leader:
@@ -175,8 +194,13 @@ class Leader:
 
     def __init__(self, store: Store, node_id: bytes, interval: float,
                  window_entries: int = WINDOW_ENTRIES, window_bytes: int = WINDOW_BYTES,
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, stall_limit: float = STALL_LIMIT,
+                 snapshot_grace: float = SNAPSHOT_GRACE,
+                 snapshot_min_rate: float = SNAPSHOT_MIN_RATE) -> None:
         self.store = store
+        self.stall_limit = stall_limit
+        self.snapshot_grace = snapshot_grace
+        self.snapshot_min_rate = snapshot_min_rate
         self.node_id = node_id
         self.interval = interval
         self.window_entries = window_entries
@@ -207,10 +231,13 @@ class Leader:
             self.store.commit_listeners.remove(self.wake)
 
     def min_needed_seq(self) -> int | None:
-        """The oldest entry a connected follower still needs (compaction hold)."""
-        if not self.followers:
-            return None
-        return min(d.window.acked_seq for d in self.followers.values()) + 1
+        """The oldest entry a connected follower still needs (compaction
+        hold). A stalled follower (see :data:`STALL_LIMIT`) holds nothing;
+        the store bounds the hold by size too (agent.store.log.hold_bound)."""
+        now = anyio.current_time()
+        needs = [d.window.acked_seq for d in self.followers.values()
+                 if not d.stalled(now, self.stall_limit)]
+        return min(needs) + 1 if needs else None
 
     def downstream(self) -> tuple[DownstreamView, ...]:
         head = self.store.log_head.seq
@@ -317,20 +344,30 @@ class Leader:
             await conn.send(encode(Snapshot(epoch, self.node_id, at, reader.roots, after)))
             chunks = reader.chunks(SNAPSHOT_ITEMS, SNAPSHOT_BYTES)
             prev, index, unacked = GENESIS, 0, 0
-            while (got := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
-                while unacked >= SNAPSHOT_AHEAD:
+            # The read transaction keeps the WAL from checkpointing: the
+            # snapshot must go at a minimum rate, or it is cut off.
+            with anyio.CancelScope(deadline=anyio.current_time() + self.snapshot_grace) as cut:
+                while (got := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+                    while unacked >= SNAPSHOT_AHEAD:
+                        await self._chunk_ack(conn, epoch, index - unacked)
+                        unacked -= 1
+                    name, items = got
+                    wire = tuple((i.key, i.hlc, i.origin, i.deleted, i.value) for i in items)
+                    prev = chunk_hash(prev, index, name, wire)
+                    frame = encode(Chunk(epoch, index, name, wire, prev))
+                    cut.deadline += len(frame) / self.snapshot_min_rate
+                    await conn.send(frame)
+                    _count(self.stats, "snapshot_items_sent", len(items))
+                    index += 1
+                    unacked += 1
+                while unacked:
                     await self._chunk_ack(conn, epoch, index - unacked)
                     unacked -= 1
-                name, items = got
-                wire = tuple((i.key, i.hlc, i.origin, i.deleted, i.value) for i in items)
-                prev = chunk_hash(prev, index, name, wire)
-                await conn.send(encode(Chunk(epoch, index, name, wire, prev)))
-                _count(self.stats, "snapshot_items_sent", len(items))
-                index += 1
-                unacked += 1
-            while unacked:
-                await self._chunk_ack(conn, epoch, index - unacked)
-                unacked -= 1
+            if cut.cancelled_caught:
+                _count(self.stats, "snapshots_too_slow")
+                log.warning("snapshot to follower %s cut off: slower than %d bytes/s", conn.peer,
+                            self.snapshot_min_rate)
+                raise ProtocolError("snapshot slower than the minimum rate")
             return at
         finally:
             await anyio.to_thread.run_sync(reader.close)
@@ -392,9 +429,17 @@ class Leader:
                 raise ProtocolError(f"ACK of epoch {f.epoch}: deposed")
             if not isinstance(f, Ack) or f.epoch != epoch:
                 raise ProtocolError("expected an ACK of this epoch")
+            now = anyio.current_time()
+            if f.position.seq > d.window.acked_seq or not d.window.in_flight_entries:
+                d.progress_at = now
             d.window.acked(f.position.seq)
             d.acked = f.position
             d.event.set()
+            if d.stalled(now, self.stall_limit):
+                _count(self.stats, "followers_stalled")
+                log.warning("follower %s acknowledged nothing new for %.0fs: its stream ends "
+                            "and it holds compaction back no more", conn.peer, self.stall_limit)
+                raise ProtocolError("follower stalled")
 
 
 # --- the follower ---------------------------------------------------------------------
