@@ -69,17 +69,12 @@ from agent.core.replication import (
     promotion_refusal,
 )
 from agent.net.stream import StreamHandshakeError, connect
-from agent.runtime.replication import (
-    STREAM_ERRORS,
-    Follower,
-    Leader,
-    ReplicationView,
-)
 
 if TYPE_CHECKING:
     from agent.config import Config, HostPort
     from agent.net.handshake import StreamKeys
     from agent.net.stream import Framed
+    from agent.runtime.replication import Follower, Leader, ReplicationView
     from agent.runtime.sync_service import SyncService
     from agent.store import Store
 
@@ -93,6 +88,14 @@ PROBE_MAX = 64
 SEARCH_MAX = 60.0
 #: seconds between two rounds of asking around at least
 ASK_EVERY = 3.0
+
+
+def _stream_errors(*more: type[Exception]) -> tuple[type[Exception], ...]:
+    # agent.runtime.replication (Leader, Follower: ~0.2 MiB of code) is
+    # imported when this agent leads or follows, not by every agent.
+    from agent.runtime.replication import STREAM_ERRORS
+
+    return (*STREAM_ERRORS, *more)
 
 
 def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
@@ -115,7 +118,7 @@ async def probe(addr: HostPort, node_id: bytes, epoch: int, max_frame: int,
                 await conn.send(encode(Probe(epoch, node_id)))
                 f = decode(await conn.receive())
         return f if isinstance(f, Info) else None
-    except (*STREAM_ERRORS, StreamHandshakeError):
+    except _stream_errors(StreamHandshakeError):
         return None
 
 
@@ -127,7 +130,7 @@ async def tell(addr: HostPort, info: Info, max_frame: int, keys: StreamKeys | No
             async with await connect(addr.host, addr.port, max_frame, keys) as conn:
                 await conn.send(encode(info))
         return True
-    except (*STREAM_ERRORS, StreamHandshakeError):
+    except _stream_errors(StreamHandshakeError):
         return False
 
 
@@ -178,12 +181,16 @@ class Replication:
         sync.streams[TAG] = self.route
 
     def _new_leader(self, epoch: int | None) -> Leader:
+        from agent.runtime.replication import Leader
+
         leader = Leader(self.store, self.node_id, self.interval, epoch=epoch)
         leader.on_higher_epoch = self._on_higher_epoch
         leader.stats = self.stats  # counters outlive role changes
         return leader
 
     def _new_follower(self, coordinator: HostPort, merge_first: bool = False) -> Follower:
+        from agent.runtime.replication import Follower
+
         f = Follower(self.store, coordinator, self.node_id, self.interval, self.max_frame,
                      self.keys, self.rng, self.tombstone_grace, merge_first)
         f.on_newer_leader = self._on_newer_leader
@@ -493,8 +500,10 @@ class Replication:
         if isinstance(f, Hello | Probe):
             if f.epoch > self.epoch_seen() and isinstance(f, Hello) and f.leader:
                 self._on_newer_leader(f.epoch, f.leader)
-            with contextlib.suppress(*STREAM_ERRORS):
+            try:
                 await conn.send(encode(self.info()))
+            except _stream_errors():
+                pass
             return
         if isinstance(f, Info) and f.role == "Leader" and f.epoch > self.epoch_seen():
             # A new leader announces itself. Its sync address is not the
@@ -552,11 +561,15 @@ class Replication:
     def view(self, now: float) -> ReplicationView | None:
         stats = dict(self.stats)
         if self.leader is not None:
+            from agent.runtime.replication import ReplicationView
+
             head = self.store.log_head
             return ReplicationView("Leader", None, self.leader.downstream(), self.leader.epoch,
                                    head.seq, tuple(sorted(stats.items())))
         f = self.follower
         if f is None:
             return None
+        from agent.runtime.replication import ReplicationView
+
         return ReplicationView(f.role(now), str(f.coordinator), (), f.epoch_seen,
                                f.applied.seq, tuple(sorted(stats.items())))
