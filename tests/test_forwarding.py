@@ -15,12 +15,15 @@ from typing import Any
 import anyio
 import msgpack
 import pytest
+from anyio.abc import SocketAttribute
 
+from agent.config import HostPort
 from agent.core.changelog import GENESIS, Position
 from agent.core.forwarding import (
     BATCH,
     DELETE,
     ENTRY_OVERHEAD,
+    FIRST_BYTE,
     ID_CONFLICT,
     NOT_LEADER,
     OK,
@@ -36,7 +39,10 @@ from agent.core.forwarding import (
     encode,
     request_digest,
 )
+from agent.net.stream import listen
+from agent.runtime import forwarding as fw_rt
 from agent.runtime.forwarding import Forwarding, ForwardServer
+from agent.runtime.sync_service import SyncService
 from agent.store import Store
 from tests.agents import AgentProc, Swarm, wait_for
 
@@ -170,6 +176,73 @@ def test_leader_dedupes_fences_epochs_and_refuses_when_not_leader(tmp_path: Path
             assert server.stats["forward_deduplicated"] == 1
         finally:
             await store.close()
+
+    anyio.run(main, backend="trio")
+
+
+class To:
+    """An Upstream following the leader at ``addr`` at epoch 1."""
+
+    def __init__(self, addr: HostPort) -> None:
+        self.addr = addr
+
+    def leader_epoch(self) -> int | None:
+        return None
+
+    def forward_target(self, now: float) -> HostPort | None:
+        return self.addr
+
+    def epoch_seen(self) -> int:
+        return 1
+
+
+def test_stale_pooled_connections_cost_no_attempt_and_oversize_stays_local(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        (tmp_path / "l").mkdir()
+        (tmp_path / "f").mkdir()
+        leader = await Store.open(tmp_path / "l", bytes(16))
+        follower = await Store.open(tmp_path / "f", ORIGIN)
+        sync = SyncService(leader, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
+        server = ForwardServer(leader, lambda: 1, 1 << 20)
+        sync.streams[FIRST_BYTE] = server.serve
+        listener = await listen("127.0.0.1", 0, sync.max_frame)
+        addr = HostPort("127.0.0.1", listener.listener.extra(SocketAttribute.local_port))
+        fwd = Forwarding(follower, To(addr), ORIGIN, 1 << 16, lambda: None,
+                         random.Random(1), 1.0)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, sync._serve_one)
+                assert (await fwd.put(COLL, "a", 1)).position is not None
+                assert len(fwd._idle) == 1
+                # Idle longer than half the leader's idle timeout: not reused.
+                at, conn, since = fwd._idle[0]
+                fwd._idle[0] = (at, conn, since - fw_rt.POOL_IDLE - 1)
+                assert (await fwd.put(COLL, "b", 2)).position is not None
+                assert "forward_pooled_failed" not in fwd.stats
+                # The leader closed a pooled connection: not an attempt, the
+                # write goes on a fresh one.
+                monkeypatch.setattr(fw_rt, "IDLE_TIMEOUT", 0.1)
+                await fwd.put(COLL, "c", 3)  # its connection now times out on the leader
+                with anyio.fail_after(5):
+                    while server.connections:
+                        await anyio.sleep(0.02)
+                assert (await fwd.put(COLL, "d", 4)).position is not None
+                assert fwd.stats["forward_pooled_failed"] == 1
+                assert "forward_failures" not in fwd.stats
+                assert fwd.stats["writes_forwarded"] == 4
+                # A batch over the frame limit is kept locally at once.
+                big = {f"k{i}": "x" * 1000 for i in range(100)}
+                kept = await fwd.put_many(COLL, big)
+                assert kept.position is None and kept.written == 100
+                assert fwd.stats["forward_too_large"] == 1
+                assert "forward_failures" not in fwd.stats
+                assert await leader.get(COLL, "k0") is None
+                tg.cancel_scope.cancel()
+        finally:
+            await fwd.close()
+            await follower.close()
+            await leader.close()
 
     anyio.run(main, backend="trio")
 

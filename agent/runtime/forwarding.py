@@ -19,6 +19,13 @@ Rules:
   (``forward_refused_id_conflict``). After that window, or
   after a leader restart or failover, a re-sent write is written again: the
   same value as a newer version.
+* Connections to the leader are pooled (:data:`POOL`), each kept idle for
+  :data:`POOL_IDLE` seconds at most, half the leader's :data:`IDLE_TIMEOUT`;
+  a pooled connection that fails anyway (the leader closed it) does not
+  count as one of a write's 3 attempts (``forward_pooled_failed``): the
+  request goes again, same id, on a fresh connection. A request whose
+  encoding cannot fit one frame is kept locally at once
+  (``forward_too_large``), never sent.
 * Every request carries the epoch the follower knows; the leader writes only
   requests of its own epoch and otherwise answers with its epoch: a higher
   one is remembered (persisted with :meth:`Store.see_epoch`) and the request
@@ -100,6 +107,11 @@ POOL = 8
 MAX_CONNECTIONS = 256
 #: seconds a leader keeps an idle forwarding connection
 IDLE_TIMEOUT = 120.0
+#: seconds a follower keeps a pooled connection idle (well inside the leader's
+#: IDLE_TIMEOUT, so the pool does not hand out connections the leader closed)
+POOL_IDLE = IDLE_TIMEOUT / 2
+#: bytes a sealed frame may add to its body (AEAD nonce and tag, with room)
+SEAL_RESERVE = 64
 #: what a failed forwarding exchange raises
 FAILURES = (*SESSION_ERRORS, ProtocolError)
 
@@ -279,7 +291,8 @@ class Forwarding:
         self.server = ForwardServer(store, upstream.leader_epoch, max_frame)
         self.stats = self.server.stats
         self._epoch = 0
-        self._idle: list[tuple[HostPort, Framed]] = []
+        #: pooled connections: (leader, connection, idle since)
+        self._idle: list[tuple[HostPort, Framed, float]] = []
         self._slots = anyio.Semaphore(POOL)
         self._pending: OrderedDict[tuple[str, str], Position] = OrderedDict()
         self._committed = anyio.Event()
@@ -366,6 +379,14 @@ class Forwarding:
         target = self.upstream.forward_target(anyio.current_time())
         if target is None:
             return None
+        # A request larger than a frame can never be sent: kept locally at
+        # once (its size does not depend on the epoch or the id).
+        size = len(encode(Request(0, self.node_id, 0, op, name, args)))
+        if size + SEAL_RESERVE + 16 > self.max_frame:
+            _count(self.stats, "forward_too_large")
+            log.info("write to %s kept locally: %d bytes, over the %d-byte frame limit", name,
+                     size, self.max_frame)
+            return None
         # Random: another agent cannot guess it to pre-empt this write.
         id_ = self.rng.getrandbits(64)
         with anyio.move_on_after(FORWARD_TIMEOUT):
@@ -400,21 +421,38 @@ class Forwarding:
             self._epoch = epoch
             await self.store.see_epoch(epoch)
 
-    async def _exchange(self, target: HostPort, req: Request) -> Answer:
-        conn = None
+    async def _pooled(self, target: HostPort) -> Framed | None:
+        """A pooled connection to ``target`` idle for less than
+        :data:`POOL_IDLE`; the others are closed."""
+        now = anyio.current_time()
         while self._idle:
-            at, c = self._idle.pop()
-            if at == target:
-                conn = c
-                break
+            at, c, since = self._idle.pop()
+            if at == target and now - since < POOL_IDLE:
+                return c
             await c.aclose()
-        if conn is None:
-            conn = await connect(target.host, target.port, self.max_frame, self.keys())
+        return None
+
+    async def _exchange(self, target: HostPort, req: Request) -> Answer:
+        """One request and its answer. A pooled connection that fails (the
+        leader may have closed it) is not an attempt: the request goes again
+        (same id: the leader's dedupe answers it if it was committed) on a
+        fresh connection."""
+        while (conn := await self._pooled(target)) is not None:
             try:
-                await conn.send(bytes([FIRST_BYTE]))
-            except BaseException:
+                return await self._on(conn, target, req)
+            except FAILURES as e:
+                _count(self.stats, "forward_pooled_failed")
+                log.debug("pooled connection to %s: %s", target, e or type(e).__name__)
+        conn = await connect(target.host, target.port, self.max_frame, self.keys())
+        try:
+            await conn.send(bytes([FIRST_BYTE]))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
                 await conn.aclose()
-                raise
+            raise
+        return await self._on(conn, target, req)
+
+    async def _on(self, conn: Framed, target: HostPort, req: Request) -> Answer:
         ok = False
         try:
             await conn.send(encode(req))
@@ -425,7 +463,7 @@ class Forwarding:
             return ans
         finally:
             if ok:
-                self._idle.append((target, conn))
+                self._idle.append((target, conn, anyio.current_time()))
             else:
                 with anyio.CancelScope(shield=True):
                     await conn.aclose()
