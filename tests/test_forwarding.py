@@ -8,6 +8,8 @@ is back every acknowledged write is everywhere."""
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -196,53 +198,86 @@ class To:
         return 1
 
 
+@asynccontextmanager
+async def forwarding_pair(tmp_path: Path) -> AsyncIterator[tuple[Forwarding, ForwardServer]]:
+    """A follower's Forwarding and its leader's ForwardServer behind a real
+    sync listener on loopback."""
+    (tmp_path / "l").mkdir()
+    (tmp_path / "f").mkdir()
+    leader = await Store.open(tmp_path / "l", bytes(16))
+    follower = await Store.open(tmp_path / "f", ORIGIN)
+    sync = SyncService(leader, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
+    server = ForwardServer(leader, lambda: 1, 1 << 20)
+    sync.streams[FIRST_BYTE] = server.serve
+    listener = await listen("127.0.0.1", 0, sync.max_frame)
+    addr = HostPort("127.0.0.1", listener.listener.extra(SocketAttribute.local_port))
+    fwd = Forwarding(follower, To(addr), ORIGIN, 1 << 16, lambda: None, random.Random(1), 1.0)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, sync._serve_one)
+            yield fwd, server
+            tg.cancel_scope.cancel()
+    finally:
+        await fwd.close()
+        await follower.close()
+        await leader.close()
+
+
 def test_stale_pooled_connections_cost_no_attempt_and_oversize_stays_local(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
-        (tmp_path / "l").mkdir()
-        (tmp_path / "f").mkdir()
-        leader = await Store.open(tmp_path / "l", bytes(16))
-        follower = await Store.open(tmp_path / "f", ORIGIN)
-        sync = SyncService(leader, "127.0.0.1", 0, 0.2, 2, 1 << 20, rng=random.Random(1))
-        server = ForwardServer(leader, lambda: 1, 1 << 20)
-        sync.streams[FIRST_BYTE] = server.serve
-        listener = await listen("127.0.0.1", 0, sync.max_frame)
-        addr = HostPort("127.0.0.1", listener.listener.extra(SocketAttribute.local_port))
-        fwd = Forwarding(follower, To(addr), ORIGIN, 1 << 16, lambda: None,
-                         random.Random(1), 1.0)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(listener.serve, sync._serve_one)
-                assert (await fwd.put(COLL, "a", 1)).position is not None
-                assert len(fwd._idle) == 1
-                # Idle longer than half the leader's idle timeout: not reused.
-                at, conn, since = fwd._idle[0]
-                fwd._idle[0] = (at, conn, since - fw_rt.POOL_IDLE - 1)
-                assert (await fwd.put(COLL, "b", 2)).position is not None
-                assert "forward_pooled_failed" not in fwd.stats
-                # The leader closed a pooled connection: not an attempt, the
-                # write goes on a fresh one.
-                monkeypatch.setattr(fw_rt, "IDLE_TIMEOUT", 0.1)
-                await fwd.put(COLL, "c", 3)  # its connection now times out on the leader
-                with anyio.fail_after(5):
-                    while server.connections:
-                        await anyio.sleep(0.02)
-                assert (await fwd.put(COLL, "d", 4)).position is not None
-                assert fwd.stats["forward_pooled_failed"] == 1
-                assert "forward_failures" not in fwd.stats
-                assert fwd.stats["writes_forwarded"] == 4
-                # A batch over the frame limit is kept locally at once.
-                big = {f"k{i}": "x" * 1000 for i in range(100)}
-                kept = await fwd.put_many(COLL, big)
-                assert kept.position is None and kept.written == 100
-                assert fwd.stats["forward_too_large"] == 1
-                assert "forward_failures" not in fwd.stats
-                assert await leader.get(COLL, "k0") is None
-                tg.cancel_scope.cancel()
-        finally:
-            await fwd.close()
-            await follower.close()
-            await leader.close()
+        async with forwarding_pair(tmp_path) as (fwd, server):
+            assert (await fwd.put(COLL, "a", 1)).position is not None
+            assert len(fwd._idle) == 1
+            # Idle longer than half the leader's idle timeout: not reused.
+            at, conn, since = fwd._idle[0]
+            fwd._idle[0] = (at, conn, since - fw_rt.POOL_IDLE - 1)
+            assert (await fwd.put(COLL, "b", 2)).position is not None
+            assert "forward_pooled_failed" not in fwd.stats
+            # The leader closed a pooled connection: not an attempt, the
+            # write goes on a fresh one.
+            monkeypatch.setattr(fw_rt, "IDLE_TIMEOUT", 0.1)
+            await fwd.put(COLL, "c", 3)  # its connection now times out on the leader
+            with anyio.fail_after(5):
+                while server.connections:
+                    await anyio.sleep(0.02)
+            assert (await fwd.put(COLL, "d", 4)).position is not None
+            assert fwd.stats["forward_pooled_failed"] == 1
+            assert "forward_failures" not in fwd.stats
+            assert fwd.stats["writes_forwarded"] == 4
+            # A batch over the frame limit is kept locally at once.
+            big = {f"k{i}": "x" * 1000 for i in range(100)}
+            kept = await fwd.put_many(COLL, big)
+            assert kept.position is None and kept.written == 100
+            assert fwd.stats["forward_too_large"] == 1
+            assert "forward_failures" not in fwd.stats
+            assert await server.store.get(COLL, "k0") is None
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_write_timed_out_but_committed_is_not_written_again_locally(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leader commits after the follower gave up waiting: asked again
+    with the same id, its dedupe table answers, and the follower does not
+    write the value locally with a newer HLC."""
+    monkeypatch.setattr(fw_rt, "FORWARD_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        async with forwarding_pair(tmp_path) as (fwd, server):
+            put = server.store.put
+
+            async def slow_put(name: str, key: str, value: Any) -> Any:
+                await anyio.sleep(0.6)
+                return await put(name, key, value)
+
+            server.store.put = slow_put  # type: ignore[method-assign]
+            written = await fwd.put(COLL, "k", {"n": 1})
+            assert written.status == OK and written.position is not None
+            assert fwd.stats["forward_resolved"] == 1
+            assert "writes_kept_locally" not in fwd.stats
+            assert await fwd.store.get(COLL, "k") is None  # only the stream brings it
+            assert server.store.log_head.seq == 1  # written once
 
     anyio.run(main, backend="trio")
 

@@ -40,7 +40,12 @@ Rules:
   has. At most :data:`MAX_PENDING` keys are remembered (the oldest go).
 * When the write cannot reach the leader within :data:`FORWARD_TIMEOUT`
   (role ``Edge``, leader unreachable, deposed, or not leader) it is written
-  locally as on any agent and its collection is marked unsent. Before the
+  locally as on any agent and its collection is marked unsent. If a request
+  went out and no answer came (the leader may have committed it), the same
+  request (same id) is sent once more first, for :data:`RESOLVE_TIMEOUT`
+  seconds: a committed one is answered from the leader's dedupe table and
+  not written again locally (``forward_resolved``). See docs/PROTOCOL.md for
+  the window that remains. Before the
   follower's next HELLO to a leader (and, while connected, every interval)
   the unsent collections are reconciled with the leader by Merkle sync
   (both ways, last writer wins), so what was written while away reaches the
@@ -97,6 +102,9 @@ log = logging.getLogger("hs_gossip.forwarding")
 
 #: seconds a forwarded write may take (connect, handshake, commit, answer)
 FORWARD_TIMEOUT = 5.0
+#: seconds a write whose outcome is unknown after FORWARD_TIMEOUT is asked
+#: about once more (same id) before it is written locally
+RESOLVE_TIMEOUT = 2.0
 #: seconds a read of a key written through the leader waits for it to apply
 READ_WAIT = 2.0
 #: keys whose forwarded position is remembered for read-your-writes
@@ -389,18 +397,22 @@ class Forwarding:
             return None
         # Random: another agent cannot guess it to pre-empt this write.
         id_ = self.rng.getrandbits(64)
+        #: the last request sent whose outcome is unknown (it may have been
+        #: committed: the answer was lost or is late)
+        unknown: Request | None = None
         with anyio.move_on_after(FORWARD_TIMEOUT):
             async with self._slots:
                 for _ in range(3):
                     epoch = max(self._epoch, self.upstream.epoch_seen())
+                    unknown = Request(epoch, self.node_id, id_, op, name, args)
                     try:
-                        ans = await self._exchange(target, Request(epoch, self.node_id, id_, op,
-                                                                   name, args))
+                        ans = await self._exchange(target, unknown)
                     except FAILURES as e:
                         _count(self.stats, "forward_failures")
                         log.debug("forwarding to %s: %s", target, e or type(e).__name__)
                         await anyio.sleep(0.05)
                         continue
+                    unknown = None
                     if ans.epoch < epoch or ans.status == NOT_LEADER:
                         # A deposed leader: nothing of ours is written there.
                         _count(self.stats, "forward_refused_stale_leader")
@@ -412,8 +424,27 @@ class Forwarding:
                         await self._see_epoch(ans.epoch)
                     _count(self.stats, "writes_forwarded")
                     return ans
+        if unknown is not None and (resolved := await self._resolve(target, unknown)):
+            return resolved
         _count(self.stats, "forward_gave_up")
         log.info("write to %s kept locally: leader %s did not take it", name, target)
+        return None
+
+    async def _resolve(self, target: HostPort, req: Request) -> Answer | None:
+        """Ask once more with the SAME request (id and epoch) before writing
+        locally: if the leader committed it (or is committing it), its dedupe
+        table answers, and the write is not made a second time locally with
+        a newer HLC (which could overwrite, by last writer wins, another
+        client's later write on the leader). None: still unknown."""
+        with anyio.move_on_after(RESOLVE_TIMEOUT):
+            async with self._slots:
+                try:
+                    ans = await self._exchange(target, req)
+                except FAILURES:
+                    return None
+                if ans.epoch == req.epoch and ans.status not in (WRONG_EPOCH, NOT_LEADER):
+                    _count(self.stats, "forward_resolved")
+                    return ans
         return None
 
     async def _see_epoch(self, epoch: int) -> None:
