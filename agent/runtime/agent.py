@@ -286,12 +286,10 @@ class Agent:
                                          cfg.tombstone_grace)
             self.sync.streams.update(self.forwarding.routes())
             self.closers.append(self.forwarding.close)
-            if not isinstance(self.replication, Replication):
-                self.replication.before_hello = self.forwarding.push
-            else:  # every follower it runs, after a promotion or stepping down too
-                self.replication.before_hello = self.forwarding.push
-                if self.replication.follower is not None:
-                    self.replication.follower.before_hello = self.forwarding.push
+            # Handed to every follower it runs (after a promotion or stepping down too).
+            self.replication.before_hello = self.forwarding.push
+            if isinstance(self.replication, Replication) and self.replication.follower is not None:
+                self.replication.follower.before_hello = self.forwarding.push
             tg.start_soon(self.replication.run)
             tg.start_soon(self.forwarding.run)
             tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain,

@@ -40,6 +40,7 @@ import anyio
 from agent.config import parse_host_port
 from agent.core.replication import TAG
 from agent.net.etcd import EtcdClient, EtcdError
+from agent.runtime.counters import count as _count
 from agent.runtime.election import Election, LeaderWatch, campaign_interval, leader_key
 from agent.runtime.replication import Follower, Leader, ReplicationView
 
@@ -54,10 +55,6 @@ if TYPE_CHECKING:
     from agent.store import Store
 
 log = logging.getLogger("hs_gossip.failover")
-
-
-def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
 
 
 class ElectedLeader(Leader):

@@ -87,6 +87,7 @@ from agent.core.forwarding import (
     request_digest,
 )
 from agent.net.stream import Framed, connect
+from agent.runtime.counters import count as _count
 from agent.runtime.sync_service import SESSION_ERRORS, long_lived, sync_once
 from agent.store import StoreError, encode_value
 from merkle.frames import SALT_LEN
@@ -122,10 +123,6 @@ POOL_IDLE = IDLE_TIMEOUT / 2
 SEAL_RESERVE = 64
 #: what a failed forwarding exchange raises
 FAILURES = (*SESSION_ERRORS, ProtocolError)
-
-
-def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
 
 
 def _value(data: bytes) -> Any:

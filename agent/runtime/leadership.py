@@ -69,6 +69,7 @@ from agent.core.replication import (
     promotion_refusal,
 )
 from agent.net.stream import StreamHandshakeError, connect
+from agent.runtime.counters import count as _count
 
 if TYPE_CHECKING:
     from agent.config import Config, HostPort
@@ -96,10 +97,6 @@ def _stream_errors(*more: type[Exception]) -> tuple[type[Exception], ...]:
     from agent.runtime.replication import STREAM_ERRORS
 
     return (*STREAM_ERRORS, *more)
-
-
-def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
 
 
 class PromotionRefused(Exception):

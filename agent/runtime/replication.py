@@ -96,6 +96,7 @@ from agent.core.replication import (
     epoch_ok,
 )
 from agent.net.stream import Framed, StreamHandshakeError, connect
+from agent.runtime.counters import count as _count
 from agent.runtime.sync_service import SESSION_ERRORS, long_lived, sync_once
 from agent.store.stream import SnapshotReader
 from merkle.frames import SALT_LEN
@@ -134,10 +135,6 @@ CONNECT_TIMEOUT = 5.0
 MAX_BACKOFF = 30.0
 #: failures a stream may end with (anything else is a bug and propagates)
 STREAM_ERRORS = (*SESSION_ERRORS, ProtocolError, ChainBroken, EntryInvalid)
-
-
-def _count(stats: dict[str, int], key: str, n: int = 1) -> None:
-    stats[key] = stats.get(key, 0) + n
 
 
 class SnapshotRefused(ProtocolError):
