@@ -50,3 +50,25 @@ def test_a_full_heap_sheds_moot_timers_before_wanted_ones() -> None:
     assert len(heap) == 1
     assert heap.due(1000.0) == ["probe"]
     assert heap.dropped == 0
+
+
+def test_a_timer_made_moot_while_the_loop_sleeps_does_not_wake_it_later() -> None:
+    async def main() -> None:
+        wanted = {"probe_timeout", "probe"}
+        heap: TimerHeap[str] = TimerHeap(live=lambda t: t in wanted)
+        now = anyio.current_time()
+        heap.add([(now + 0.4, "probe_timeout"), (now + 0.5, "probe")])
+        async with anyio.create_task_group() as tg:
+            async def ack_arrives() -> None:
+                await anyio.sleep(0.05)
+                wanted.discard("probe_timeout")  # the ACK came in
+                heap.prune()
+
+            tg.start_soon(ack_arrives)
+            await heap.wait(now + 10)  # woken early by prune, not at 0.4
+            assert anyio.current_time() - now < 0.3
+            second = await heap.wait(now + 10)  # now sleeps to the probe
+        assert abs(second - (now + 0.5)) < 1e-9
+        assert heap.due(anyio.current_time()) == ["probe"]
+
+    anyio.run(main, backend="trio")

@@ -550,6 +550,7 @@ class Agent:
             self._start_push_pull(pp)
         for ev in core.take_events():
             self._on_event(ev)
+        self.timers.prune()
 
     def _start_push_pull(self, pp: PushPull) -> None:
         if self._tg is None or self._push_pulls_running >= MAX_PUSH_PULLS:

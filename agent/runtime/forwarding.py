@@ -124,6 +124,9 @@ SEAL_RESERVE = 64
 #: what a failed forwarding exchange raises
 FAILURES = (*SESSION_ERRORS, ProtocolError)
 
+#: intervals between two looks for unsent local writes while not following
+IDLE_LOOK = 5
+
 
 def _value(data: bytes) -> Any:
     """A forwarded value: msgpack of a JSON value (no bin, no ext)."""
@@ -314,8 +317,12 @@ class Forwarding:
 
     async def run(self) -> None:
         """While following, push locally written collections every interval."""
+        target: HostPort | None = None
         while True:
-            await anyio.sleep(self.interval)
+            # Not following: look again only every IDLE_LOOK intervals (the
+            # push before each HELLO is what matters; this is the safety
+            # net), so an agent without a leader does not wake every interval.
+            await anyio.sleep(self.interval * (1 if target is not None else IDLE_LOOK))
             target = self.upstream.forward_target(anyio.current_time())
             if target is not None and self._unsent != {}:
                 try:

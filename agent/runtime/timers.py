@@ -69,6 +69,18 @@ class TimerHeap(Generic[T]):
             self._heap = heapq.nsmallest(self.max_timers, self._heap)
             heapq.heapify(self._heap)
 
+    def prune(self) -> None:
+        """Drop the timers at the top that the core no longer wants, and
+        wake the waiting loop when that moved its deadline: an ACK that
+        makes the probe's timeout moot then costs no wakeup half a second
+        later."""
+        live = self.live
+        if live is None or not self._heap or live(self._heap[0][2]):
+            return
+        while self._heap and not live(self._heap[0][2]):
+            heapq.heappop(self._heap)
+        self._wake.set()
+
     def due(self, now: float) -> list[T]:
         """Pop every timer whose deadline has passed, earliest first."""
         out: list[T] = []
