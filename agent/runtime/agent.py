@@ -596,6 +596,13 @@ class Agent:
             self.core.receive(data, src, anyio.current_time(), seal.sender(data))
             await self._flush()
 
+    def _publish_role(self, now: float) -> None:
+        """Our change-log streaming role (Leader, Follower, Edge) in gossip,
+        so every member lists it (agent.core.swim.Swim.set_role)."""
+        rv = self.replication.view(now) if self.replication is not None else None
+        if rv is not None and rv.role in wire.ROLES:
+            self.core.set_role(wire.ROLES.index(rv.role))
+
     async def _refresh_seeds(self) -> None:
         try:
             await self.seeds.refresh()
@@ -624,6 +631,7 @@ class Agent:
                 self.core.bump_lc()
                 self._save_identity()
                 self.seed_watch.update(*seed_state(self.core), now)
+                self._publish_role(now)
                 if (not self.core.joined and self.cfg.peers and not self._refreshing_seeds
                         and self._tg is not None):
                     # Its own task: a slow resolver must not stall the probes.
@@ -651,7 +659,10 @@ class Agent:
         elif isinstance(ev, MemberExpired):
             log.info("peer %s dropped (not confirmed alive for %.0fs)", nid, self.cfg.ttl)
         elif isinstance(ev, IncarnationRaised):
-            log.warning("refuting a suspicion: incarnation now %d", ev.incarnation)
+            if ev.reason == "refutation":
+                log.warning("refuting a suspicion: incarnation now %d", ev.incarnation)
+            else:
+                log.info("%s changed: incarnation now %d", ev.reason, ev.incarnation)
             self._ident_pending = ev.incarnation
             self._save_identity()
         elif isinstance(ev, DigestsChanged) and hasattr(self, "sync"):

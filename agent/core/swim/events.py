@@ -164,6 +164,8 @@ class IncarnationRaised:
     """We refuted (or changed our card); the shell persists the incarnation."""
 
     incarnation: int
+    #: "refutation", or what of our card changed ("role")
+    reason: str = "refutation"
 
 
 @dataclass(frozen=True)

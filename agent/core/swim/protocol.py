@@ -87,6 +87,7 @@ from agent.core.swim.codec import Alive, Card, Dead, Left, Suspect
 from agent.core.swim.events import (
     DropReason,
     Event,
+    IncarnationRaised,
     Send,
     SetTimer,
     Timer,
@@ -198,6 +199,20 @@ class Swim(Exchange):
         self.me.http_port = port
         if self._started and not self._leaving:
             self._raise_incarnation(self.me.incarnation)
+
+    def set_role(self, role: int) -> None:
+        """A new role (Edge, Leader, Follower: agent.core.wire.ROLES) spreads
+        as our ALIVE at a new incarnation, like a new HTTP port: every member
+        then shows it. Roles change when a coordinator comes or goes, so this
+        costs one incarnation per change, not per period."""
+        role = max(0, min(int(role), 255))
+        if role == self.me.role:
+            return
+        self.me.role = role
+        if self._started and not self._leaving and self.me.incarnation < JS_SAFE - 1:
+            self.me.incarnation += 1
+            self._events.append(IncarnationRaised(self.me.incarnation, "role"))
+            self._broadcast(self.me.node_id, codec.encode_update(self._own_alive()))
 
     def bump_lc(self) -> int:
         self.lc = min(self.lc + 1, JS_SAFE)
