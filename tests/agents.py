@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,8 +41,33 @@ def clean_environ() -> dict[str, str]:
             if not k.startswith("HS_GOSSIP_") and k not in systemd}
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_port_rng = random.Random()
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
+    """A port free for both TCP and UDP on every address, below the kernel's
+    ephemeral range: agents use one number for UDP gossip and TCP sync, and
+    their outgoing connections (push-pull, sync) take ephemeral ports, which
+    could otherwise land on a port a test is about to give an agent."""
+    high = min(_ephemeral_low(), 65536)
+    low = max(1024, high - 12000)
+    for _ in range(1000):
+        port = _port_rng.randrange(low, high)
+        try:
+            for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, k) as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return port
+    with socket.socket(socket.AF_INET, kind) as s:  # crowded: let the kernel pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
