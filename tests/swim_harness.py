@@ -8,6 +8,7 @@ every event, and lets a test crash, restart or partition members.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from collections import Counter
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.core.addr import Addr
-from agent.core.swim import Event, Params, SelfInfo, Swim, Timer
+from agent.core.swim import Event, Params, PushPull, SelfInfo, Swim, Timer
 
 PORT = 7946
 
@@ -50,6 +51,8 @@ class Net:
     drop: Callable[[Addr, Addr, bytes], bool] | None = None
     #: (src, dst) -> True to fail the push-pull exchange
     block_push_pull: Callable[[Addr, Addr], bool] | None = None
+    #: every push-pull asked for: (who asked, what)
+    push_pulls: list[tuple[Addr, PushPull]] = field(default_factory=list)
     #: drop timers the core says no longer matter (Swim.timer_pending), as
     #: the agent's timer heap does; counted in ``moot``
     drop_moot: bool = False
@@ -62,10 +65,10 @@ class Net:
         self.rng = random.Random(self.seed)
 
     def add(self, i: int, seeds: list[int] = (), incarnation: int = 0,  # type: ignore[assignment]
-            generation: int = 0) -> Swim:
+            generation: int = 0, sync_port: int = 0) -> Swim:
         a = addr_of(i)
         me = SelfInfo(node_id_of(i, generation), incarnation, f"n{i}", PORT, 8000 + i,
-                      host=a[0])
+                      host=a[0], sync_port=sync_port)
         core = Swim(me, self.params, random.Random(self.rng.random()), self.now)
         self.cores[a] = core
         self.down.discard(a)
@@ -101,6 +104,7 @@ class Net:
                 self._push(self.now + self.latency, s.addr, (a, s.data))
         for pp in core.take_push_pulls():
             busy = True
+            self.push_pulls.append((a, pp))
             other = self.cores.get(pp.addr)
             blocked = self.block_push_pull is not None and self.block_push_pull(a, pp.addr)
             reply = None
@@ -176,3 +180,13 @@ class Net:
 
     def count_by_type(self, since: float = 0.0) -> Counter[int]:
         return Counter(s.data[1] for s in self.sent if s.at >= since)
+
+
+def joined(n: int = 8, seed: int = 1, **params: object) -> Net:
+    """``n`` cores joined through core 1 and converged."""
+    net = Net(seed=seed, params=dataclasses.replace(Params.lan(), **params))  # type: ignore[arg-type]
+    net.add(1)
+    for i in range(2, n + 1):
+        net.add(i, seeds=[1])
+    net.run_until(lambda: net.converged(list(range(1, n + 1))), timeout=60)
+    return net

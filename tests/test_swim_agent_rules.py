@@ -6,8 +6,6 @@ are in test_swim_protocol.py."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from agent.core import wire
 from agent.core.swim import (
     ALIVE,
@@ -16,24 +14,18 @@ from agent.core.swim import (
     MemberFailed,
     MemberJoined,
     MemberRestarted,
-    Params,
     codec,
 )
 from agent.core.swim.codec import Alive, Card, Left, Packet
 from agent.core.wire import Digest
-from tests.swim_harness import PORT, Net, addr_of
+from tests.swim_harness import PORT, Net, addr_of, joined
 
 N = 8
 ALL = list(range(1, N + 1))
 
 
 def swarm(n: int = N, seed: int = 1, **params: object) -> Net:
-    net = Net(seed=seed, params=dataclasses.replace(Params.lan(), **params))  # type: ignore[arg-type]
-    net.add(1)
-    for i in range(2, n + 1):
-        net.add(i, seeds=[1])
-    net.run_until(lambda: net.converged(list(range(1, n + 1))), timeout=60)
-    return net
+    return joined(n, seed, **params)
 
 
 def clear_events(net: Net) -> None:

@@ -33,19 +33,14 @@ from agent.core.swim import (
 )
 from agent.core.swim.codec import Alive, Card, Packet, Suspect
 from agent.core.wire import Digest
-from tests.swim_harness import Net, addr_of, node_id_of
+from tests.swim_harness import Net, addr_of, joined, node_id_of
 
 N = 8
 ALL = list(range(1, N + 1))
 
 
 def swarm(n: int = N, seed: int = 1, **params: object) -> Net:
-    net = Net(seed=seed, params=dataclasses.replace(Params.lan(), **params))  # type: ignore[arg-type]
-    net.add(1)
-    for i in range(2, n + 1):
-        net.add(i, seeds=[1])
-    net.run_until(lambda: net.converged(list(range(1, n + 1))), timeout=60)
-    return net
+    return joined(n, seed, **params)
 
 
 def gossip_from(net: Net, i: int, *updates: codec.Update) -> bytes:
@@ -761,3 +756,16 @@ def test_datagrams_received_are_counted_by_type() -> None:
         # everything sent to 1 was delivered except what is still in flight
         assert delivered[t] - 3 <= stats[name] <= delivered[t], (name, stats[name], delivered[t])
     assert all(stats[n] > 0 for n in ("pings_in", "acks_in", "gossip_in", "leaves_in"))
+
+
+def test_periodic_push_pull_goes_to_the_members_sync_port() -> None:
+    """A member that serves sync (and so push-pull) on its own TCP port is
+    reached there: the core names the port, the shell does not look it up."""
+    net = Net(seed=3, params=Params.lan())
+    net.add(1, sync_port=9001)
+    net.add(2, seeds=[1])
+    net.run_until(lambda: net.converged([1, 2]), timeout=30)
+    net.push_pulls.clear()
+    net.run_until(lambda: any(a == addr_of(2) for a, _ in net.push_pulls), timeout=120)
+    periodic = [pp for a, pp in net.push_pulls if a == addr_of(2)]
+    assert periodic and all(pp.addr == addr_of(1) and pp.tcp_port == 9001 for pp in periodic)

@@ -561,9 +561,7 @@ class Agent:
 
     async def _push_pull(self, pp: PushPull) -> None:
         """One exchange the core asked for; its answer or failure goes back to it."""
-        host, port = pp.addr
-        port = next((m.sync_port for m in self.core.members.values()
-                     if m.addr == pp.addr and m.sync_port), port)
+        host, port = pp.addr[0], pp.tcp_port or pp.addr[1]
         try:
             local = None if self.cfg.bind in ("0.0.0.0", "::") else self.cfg.bind
             reply = await push_pull.exchange(host, port, pp.data, self._stream_keys(), local)

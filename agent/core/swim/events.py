@@ -68,11 +68,14 @@ class Send:
 
 @dataclass(frozen=True)
 class PushPull:
-    """Open a TCP exchange to ``addr``: send ``data``, hand the reply to
-    ``Swim.receive_push_pull_reply``, or call ``Swim.push_pull_failed(addr, now)``."""
+    """Open a TCP exchange to ``addr``'s host on ``tcp_port`` (0: the same
+    number as ``addr``'s gossip port, as for a seed): send ``data``, hand the
+    reply to ``Swim.receive_push_pull_reply``, or call
+    ``Swim.push_pull_failed(addr, now)``."""
 
     addr: Addr
     data: bytes
+    tcp_port: int = 0
 
 
 class DropReason(enum.Enum):

@@ -155,7 +155,9 @@ class Exchange(Table):
                                        for e in state.entries])
         if theirs != self._table_hash():
             self.stats["push_pull_mismatch"] += 1
-            self._push_pull_to(src, join=False)
+            # The answer's first entry is its sender's own: its sync port.
+            port = state.entries[0].alive.sync_port if state.entries else 0
+            self._push_pull_to(src, join=False, tcp_port=port)
 
     def _announce(self) -> None:
         """Once, when the first seed answered with its table: our ALIVE straight
@@ -257,7 +259,8 @@ class Exchange(Table):
                         m.app_healthy)))
         return codec.encode_state(codec.State(join, tuple(entries)), self.params.max_members)
 
-    def _push_pull_to(self, addr: Addr, join: bool, summary: bool = False) -> None:
+    def _push_pull_to(self, addr: Addr, join: bool, summary: bool = False,
+                      tcp_port: int = 0) -> None:
         if join:
             since = self._joining.get(addr)
             if since is not None and self._now - since < self.params.push_pull_timeout:
@@ -275,7 +278,7 @@ class Exchange(Table):
             data = self._summary_payload()
         else:
             data = self._state_payload(join)
-        self._push_pulls.append(PushPull(addr, data))
+        self._push_pulls.append(PushPull(addr, data, tcp_port))
         self.stats["push_pulls_out"] += 1
 
     def _push_pull_every(self) -> float:
@@ -288,8 +291,9 @@ class Exchange(Table):
         self._timer(self._next_push_pull, TimerKind.PUSH_PULL)
         alive = [m for m in self.members.values() if m.status == ALIVE]
         if alive:
-            self._push_pull_to(self.rng.choice(alive).addr, join=False,
-                               summary=self.params.push_pull_summary)
+            m = self.rng.choice(alive)
+            self._push_pull_to(m.addr, join=False, summary=self.params.push_pull_summary,
+                               tcp_port=m.sync_port)
 
     def _retry_join(self, now: float) -> None:
         if not self.seeds_reached:
