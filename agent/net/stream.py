@@ -84,6 +84,16 @@ class Framed:
     def encrypted(self) -> bool:
         return self.session is not None
 
+    def remote_addr(self) -> tuple[str, int]:
+        """Where the connection comes from (("", 0) when the stream cannot say)."""
+        try:
+            addr = self.stream.extra(SocketAttribute.remote_address)
+        except (OSError, anyio.TypedAttributeLookupError):
+            return ("", 0)
+        if isinstance(addr, tuple):
+            return (str(addr[0]), int(addr[1]))
+        return (str(addr), 0)
+
     # the security seam: one point per direction -------------------------------
 
     def seal(self, body: bytes) -> bytes:

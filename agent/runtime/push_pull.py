@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import SocketAttribute
 
 from agent.core import wire
 from agent.core.addr import Addr
@@ -52,17 +51,6 @@ async def exchange(host: str, port: int, data: bytes, keys: StreamKeys | None,
             return await conn.receive()
 
 
-def peer_addr(conn: Framed) -> Addr:
-    """The source address of an accepted connection (("", 0) if unknown)."""
-    try:
-        addr = conn.stream.extra(SocketAttribute.remote_address)
-        if isinstance(addr, tuple):
-            return (str(addr[0]), int(addr[1]))
-        return (str(addr), 0)
-    except (OSError, anyio.TypedAttributeLookupError, ValueError, TypeError):
-        return ("", 0)
-
-
 async def serve(conn: Framed, answer: Callable[[bytes, Addr], Awaitable[bytes | None]],
                 timeout: float = TIMEOUT) -> None:
     """Checkpoint. The listener's side, after the one-byte first frame: read
@@ -75,6 +63,6 @@ async def serve(conn: Framed, answer: Callable[[bytes, Addr], Awaitable[bytes | 
             data = await conn.receive()
         finally:
             conn.max_frame = limit
-        reply = await answer(data, peer_addr(conn))
+        reply = await answer(data, conn.remote_addr())
         if reply is not None:
             await conn.send(reply)

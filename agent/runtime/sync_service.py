@@ -54,7 +54,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.abc import SocketAttribute
 
 from agent.core.clock import COUNTER_BITS
 from agent.core.sync_plan import SyncPlanner
@@ -326,14 +325,6 @@ async def handle_connection(store: Store, conn: Framed, stats: dict[str, int],
 # --- the service wired into the agent ---------------------------------------------
 
 
-def _peer_host(conn: Framed) -> str:
-    """The source address of an accepted connection (the per-host cap's key)."""
-    try:
-        return str(conn.stream.extra(SocketAttribute.remote_address)[0])
-    except (OSError, anyio.TypedAttributeLookupError, IndexError, TypeError):
-        return conn.peer
-
-
 class SyncService:
     """Serves sync sessions and starts them when heartbeats show a difference."""
 
@@ -384,7 +375,8 @@ class SyncService:
 
     async def _serve_one(self, conn: Framed) -> None:
         """One incoming connection, within the session caps."""
-        host = _peer_host(conn)
+        # the source address is the per-host cap's key
+        host = conn.remote_addr()[0] or conn.peer
         if (sum(self.serving.values()) >= self.max_sessions
                 or self.serving.get(host, 0) >= SESSIONS_PER_HOST):
             self.stats["sync_refused_busy"] = self.stats.get("sync_refused_busy", 0) + 1
