@@ -221,7 +221,7 @@ class Agent:
         advertise = await self._resolve_advertise()
         if advertise:
             self.core.me.host = advertise
-        elif self.cfg.bind not in ("0.0.0.0", "::"):
+        elif self._bound_host is not None:
             # Bound to one address: that is where we are reached. (Bound to
             # all, peers take the address our datagrams come from.)
             self.core.me.host = normalize(self.cfg.bind)
@@ -535,6 +535,11 @@ class Agent:
             raise StartupError(f"cannot resolve HS_GOSSIP_ADVERTISE={adv!r}: {e}") from None
         return addrs[0][0]
 
+    @property
+    def _bound_host(self) -> str | None:
+        """The one address the agent is bound to (None: bound to all)."""
+        return None if self.cfg.bind in ("0.0.0.0", "::") else self.cfg.bind
+
     def _join(self, addrs: list[tuple[str, int]]) -> None:
         """Contact these addresses now (seeds, saved peers, discovery, the API)."""
         self.core.join(addrs, anyio.current_time())
@@ -563,8 +568,8 @@ class Agent:
         """One exchange the core asked for; its answer or failure goes back to it."""
         host, port = pp.addr[0], pp.tcp_port or pp.addr[1]
         try:
-            local = None if self.cfg.bind in ("0.0.0.0", "::") else self.cfg.bind
-            reply = await push_pull.exchange(host, port, pp.data, self._stream_keys(), local)
+            reply = await push_pull.exchange(host, port, pp.data, self._stream_keys(),
+                                             self._bound_host)
         except push_pull.FAILURES as e:
             log.debug("push-pull with %s:%d failed: %s", host, port, e or type(e).__name__)
             self.core.push_pull_failed(pp.addr, anyio.current_time())
