@@ -503,6 +503,48 @@ def test_a_forged_dead_kills_no_faster_than_the_suspicion_timeout(
     assert MemberFailed(M) not in s.events
 
 
+def test_a_dead_heard_on_a_corroborated_suspicion_takes_effect_at_once() -> None:
+    """Members 3 and 4 confirm 2's suspicion of M: a DEAD from any of them is
+    believed straight away, as memberlist does, instead of each agent waiting
+    out its own minimum (which made every agent's verdict as late as the last
+    one to hear the suspicion)."""
+    s, lo, _ = _with_members(10)
+    t0 = s.now
+    s.feed(pkt(codec.GOSSIP, node_id_of(3), [Suspect(M, 0, node_id_of(3))]), addr_of(3),
+           node_id_of(3))
+    s.feed(pkt(codec.GOSSIP, node_id_of(4), [Suspect(M, 0, node_id_of(4))]), addr_of(4),
+           node_id_of(4))
+    assert s.status() == SUSPECT
+    s.feed(pkt(codec.GOSSIP, node_id_of(5), [Dead(M, 0, node_id_of(5))]), addr_of(5),
+           node_id_of(5))
+    assert s.status() == DEAD and s.now - t0 < lo
+
+
+def test_a_dead_heard_before_corroboration_takes_effect_when_it_comes() -> None:
+    s, lo, _ = _with_members(10)
+    t0 = s.now
+    s.feed(pkt(codec.GOSSIP, node_id_of(3), [Dead(M, 0, node_id_of(3))]), addr_of(3),
+           node_id_of(3))
+    s.feed(pkt(codec.GOSSIP, node_id_of(4), [Suspect(M, 0, node_id_of(4))]), addr_of(4),
+           node_id_of(4))
+    assert s.status() == SUSPECT  # one confirmation of the two waited for
+    s.feed(pkt(codec.GOSSIP, node_id_of(5), [Suspect(M, 0, node_id_of(5))]), addr_of(5),
+           node_id_of(5))
+    assert s.status() == DEAD and s.now - t0 < lo
+    assert MemberFailed(M) in s.events
+
+
+@pytest.mark.parametrize("sender", [None, X], ids=["unauthenticated", "insider"])
+def test_accusers_that_are_not_members_do_not_corroborate_a_forged_dead(
+        sender: bytes | None) -> None:
+    s, lo, _ = _with_members(10)
+    t0 = s.now
+    forged = [Suspect(M, 0, bytes([0xE0 + i]) * 16) for i in range(5)]
+    s.feed(pkt(codec.GOSSIP, X, [Dead(M, 0, X), *forged]), ATTACKER, sender)
+    s.run_to(t0 + lo - 0.01, stop=lambda: s.status() == DEAD)
+    assert s.status() == SUSPECT
+
+
 # --- forged incarnations ------------------------------------------------------------
 
 

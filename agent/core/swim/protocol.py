@@ -32,8 +32,10 @@ Theory of operation (Das, Gupta, Motivala 2002; Lifeguard, Dadgar et al. 2018):
 * **Suspicion and death** (rules in ``table.py``): a SUSPECT lasts between
   min and max (``suspicion.py``), shortened by independent accusers, cut so
   a member is declared DEAD before ``ttl`` passes without a sign of life.
-  A DEAD heard from others starts or confirms our own suspicion unless ours
-  already ran its minimum: a forged DEAD kills no faster than a SUSPECT.
+  A DEAD heard from others starts or confirms our own suspicion and takes
+  effect once that suspicion is corroborated (the independent accusers it
+  waits for, all of them members) or ran its minimum: a lone accuser's DEAD
+  kills no faster than a SUSPECT.
   Suspects and the dead are told so first in every datagram we send them
   (Lifeguard's buddy system), so a living one refutes at once.
 * **Refutation.** Only a member raises its own incarnation (claim + 1,

@@ -79,7 +79,7 @@ def suspicion_timeout(min_s: float, max_s: float, confirmations: int, expected: 
 class Suspicion:
     """One running suspicion of one member: who accused it, who confirmed, when it ends."""
 
-    __slots__ = ("_confirmers", "accuser", "expected", "max_s", "min_s", "started")
+    __slots__ = ("_confirmers", "accuser", "dead_from", "expected", "max_s", "min_s", "started")
 
     def __init__(
         self, from_id: bytes, started: float, min_s: float, max_s: float, expected: int
@@ -92,6 +92,9 @@ class Suspicion:
         # Only the distinct confirmers are kept (at most `expected`), so memory
         # per suspicion is bounded whatever arrives.
         self._confirmers: set[bytes] = set()
+        #: the accuser of a DEAD heard while the suspicion was not yet
+        #: corroborated: it takes effect once it is
+        self.dead_from: bytes | None = None
 
     def confirm(self, from_id: bytes) -> bool:
         """Count ``from_id`` as an independent confirmation.
@@ -111,6 +114,12 @@ class Suspicion:
     @property
     def confirmations(self) -> int:
         return len(self._confirmers)
+
+    @property
+    def corroborated(self) -> bool:
+        """Every confirmation waited for is in: ``expected`` members besides the
+        accuser suspect the node independently (never true when none is expected)."""
+        return self.expected >= 1 and len(self._confirmers) >= self.expected
 
     @property
     def timeout(self) -> float:

@@ -174,20 +174,27 @@ class Table:
             self._suspect(m, u, now)
         elif isinstance(u, Dead):
             if m.status in (ALIVE, SUSPECT) and not self._death_due(m, u, now):
-                # Hearsay of a death: our own suspicion decides, so a forged
-                # DEAD kills no faster than a SUSPECT would. It still counts
-                # as one accuser's confirmation.
+                # Hearsay of a death counts as one accuser's confirmation; it
+                # takes effect once our suspicion is corroborated by the
+                # independent accusers it waits for (or ran its minimum), so
+                # a lone accuser, forged or just on a lossy link, kills no
+                # faster than a SUSPECT would.
                 self._suspect(m, Suspect(m.node_id, u.incarnation, u.accuser), now)
-            else:
-                self._gone(m, u, DEAD, now)
+                s = self._suspicions.get(m.node_id)
+                if s is None or m.incarnation != u.incarnation or not s.corroborated:
+                    if s is not None and m.incarnation == u.incarnation:
+                        s.dead_from = u.accuser
+                    return None
+            self._gone(m, u, DEAD, now)
         else:
             self._gone(m, u, LEFT, now)
 
     def _death_due(self, m: Member, u: Dead, now: float) -> bool:
-        """Whether our suspicion of M at the DEAD's incarnation ran its minimum."""
+        """Whether our suspicion of M at the DEAD's incarnation is corroborated
+        or ran its minimum."""
         s = self._suspicions.get(m.node_id)
         return (s is not None and m.status == SUSPECT and m.incarnation == u.incarnation
-                and now + EPS >= s.started + s.min_s)
+                and (s.corroborated or now + EPS >= s.started + s.min_s))
 
     def _gone(self, m: Member, u: Dead | Left, status: int, now: float) -> None:
         """M is DEAD or LEFT: report, gossip, and reap it after ttl without life."""
@@ -260,12 +267,15 @@ class Table:
             return self._drop(DropReason.DEAD_STAYS_DEAD)
         if m.status == SUSPECT and u.incarnation == m.incarnation:
             s = self._suspicions.get(m.node_id)
-            if s is not None and s.confirm(u.accuser):
+            known = u.accuser in self.members or u.accuser == self.me.node_id
+            if s is not None and known and s.confirm(u.accuser):
                 # An independent confirmation: the deadline moves earlier.
                 self.stats["suspicion_confirmations"] += 1
-                self._timer(self._suspect_deadline(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
                 self._broadcast(m.node_id, codec.encode_update(u))
-            return
+                if s.dead_from is not None and s.corroborated:
+                    return self._gone(m, Dead(m.node_id, m.incarnation, s.dead_from), DEAD, now)
+                self._timer(self._suspect_deadline(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
+            return None
         was = m.status
         self._set_status(m, SUSPECT, now, u.incarnation)
         n = len(self.members) + 1
