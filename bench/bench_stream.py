@@ -82,8 +82,8 @@ async def follower_main(port: int, data_dir: Path) -> None:
                  lambda: None, random.Random(3))
     apply = store.apply_stream
 
-    async def timed(entries: Any, last_hash: Any = None) -> Any:
-        out = await apply(entries, last_hash)
+    async def timed(entries: Any, last_hash: Any = None, hashed: bool = False) -> Any:
+        out = await apply(entries, last_hash, hashed)
         if entries:
             print(entries[-1].seq, len(entries), time.monotonic_ns(), flush=True)
         return out

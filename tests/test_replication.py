@@ -45,6 +45,7 @@ from agent.runtime import replication as replication_rt
 from agent.runtime.replication import Follower, Leader
 from agent.runtime.sync_service import SyncService
 from agent.store import Store
+from agent.store.log import RecentLog
 
 A, B = b"a" * 16, b"b" * 16
 #: what a client sees of a connection the leader closed
@@ -263,6 +264,55 @@ def test_a_tampered_reordered_or_missing_entry_is_refused_whole(tmp_path: Path) 
     anyio.run(main, backend="trio")
 
 
+def test_the_recent_log_answers_what_it_holds_within_its_bounds() -> None:
+    rows = [(seq, bytes([seq]) * 10) for seq in range(1, 11)]
+    recent = RecentLog(max_entries=6, max_bytes=1000)
+    recent.add(rows[:4])
+    recent.add(rows[4:])
+    assert recent.read(4, 100, 1 << 20) == rows[4:]  # the 6 newest are held
+    assert recent.read(3, 100, 1 << 20) is None  # entry 4 is gone: read the table
+    assert recent.read(10, 100, 1 << 20) is None  # nothing after the newest
+    assert recent.read(5, 2, 1 << 20) == rows[5:7]
+    assert recent.read(5, 100, 25) == rows[5:7]  # bytes bound; the first always comes
+    assert recent.read(5, 100, 1) == rows[5:6]
+    small = RecentLog(max_entries=100, max_bytes=35)
+    small.add(rows)
+    assert small.read(7, 100, 1 << 20) == rows[7:]  # 3 x 10 bytes held
+    assert small.read(6, 100, 1 << 20) is None
+    small.add([(20, b"x")])  # not the next entry (a gap): what was held goes
+    assert small.read(9, 10, 100) is None and small.read(19, 10, 100) == [(20, b"x")]
+
+
+def test_entries_a_rollback_undid_never_reach_the_recent_log(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path, A)
+        await store.put("vision", "a", 1)
+
+        def half_done(w: Any) -> None:
+            w.put("vision", "b", 2)  # appended to the log, then the operation fails
+            raise ValueError("fails after writing")
+
+        with pytest.raises(ValueError):
+            await store._call(half_done)
+        await store.put("vision", "c", 3)
+        held = store.recent_log.read(0, 100, 1 << 20)
+        assert held == await store.read_log_raw(0, 100, 1 << 20)
+        assert [changelog.decode(b).key for _, b in held or []] == ["a", "c"]
+        await store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_decode_refuses_an_op_or_format_that_only_equals_the_canonical_one() -> None:
+    e = (1, 5, H1, A, 7, "vision", "k")
+    ok = msgpack.packb([changelog.FORMAT, *e, 0, b"\x01"], use_bin_type=True)
+    assert changelog.decode(ok).op is changelog.Op.PUT
+    for fields in ([changelog.FORMAT, *e, True, None],  # True == 1 (TOMBSTONE)
+                   [1.0, *e, 0, b"\x01"]):  # 1.0 == FORMAT
+        with pytest.raises(changelog.EntryInvalid):
+            changelog.decode(msgpack.packb(fields, use_bin_type=True))
+
+
 def test_adopt_and_epochs_only_move_forward(tmp_path: Path) -> None:
     async def main() -> None:
         s = await Store.open(tmp_path, B)
@@ -324,6 +374,81 @@ def test_leader_streams_backlog_then_live_entries(tmp_path: Path) -> None:
             assert down.lag == 0 and down.node_id == B.hex()
             assert leader.stats["entries_streamed"] == head.seq
             assert leader.min_needed_seq() == head.seq + 1
+            tg.cancel_scope.cancel()
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_live_entries_are_streamed_from_memory_without_reading_the_log(
+        tmp_path: Path) -> None:
+    """Once a follower has the backlog, entries committed afterwards reach it
+    from the store's in-memory copy of its newest commits: no read of the
+    log table on the store thread per commit."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        leader_store.recent_log.clear()  # the backlog is read from the table
+        follower_store = await _open(tmp_path / "f", B)
+        reads = 0
+        real = leader_store.read_log_raw
+
+        async def counted(after: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
+            nonlocal reads
+            reads += 1
+            return await real(after, limit, max_bytes)
+
+        leader_store.read_log_raw = counted  # type: ignore[method-assign]
+        async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            await until(lambda: follower.applied == leader_store.log_head)
+            assert reads >= 1
+            backlog_reads = reads
+            for i in range(20):
+                await leader_store.put("vision", f"live{i}", i)
+                await until(lambda: follower.applied == leader_store.log_head)
+            assert reads == backlog_reads
+            tg.cancel_scope.cancel()
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_frames_that_arrive_while_a_batch_is_applied_are_applied_together(
+        tmp_path: Path) -> None:
+    """A follower busy applying keeps receiving: what arrived meanwhile goes
+    in one transaction (one apply, one ACK) rather than one per frame."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        calls: list[int] = []
+        hold = anyio.Event()
+        real = follower_store.apply_stream
+
+        async def slow(entries: Any, last_hash: Any = None, hashed: bool = False) -> Any:
+            calls.append(len(entries))
+            if len(calls) == 2:
+                await hold.wait()  # the second batch takes a while to apply
+            return await real(entries, last_hash, hashed)
+
+        follower_store.apply_stream = slow  # type: ignore[method-assign]
+        async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            await until(lambda: follower.applied == leader_store.log_head)
+            await leader_store.put("vision", "first", 0)
+            await until(lambda: len(calls) == 2)
+            for i in range(30):  # one commit, one frame each, while the store is busy
+                await leader_store.put("vision", f"k{i}", i)
+            await until(lambda: follower.stats.get("entries_received", 0)
+                        == leader_store.log_head.seq)
+            hold.set()
+            await until(lambda: follower.applied == leader_store.log_head)
+            assert calls[2:] == [30]
             tg.cancel_scope.cancel()
         assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
         await follower_store.close()
@@ -466,6 +591,7 @@ def test_a_tampered_batch_on_the_wire_is_refused_and_counted(tmp_path: Path) -> 
             return rows
 
         leader_store.read_log_raw = tamper  # type: ignore[method-assign]
+        leader_store.recent_log = RecentLog(0, 0)  # every entry is read (and tampered with)
         async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
             follower = follower_of(follower_store, addr)
             tg.start_soon(follower.run)

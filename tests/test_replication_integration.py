@@ -203,7 +203,10 @@ def test_a_tampered_entry_is_refused_and_turns_into_a_snapshot(swarm: Swarm) -> 
     follower.kill()
     write_batches(leader, 100, 200, per=100)
     # Alter one entry of the leader's log the follower has not had yet (its
-    # own canonical encoding, another value): the chain breaks after it.
+    # own canonical encoding, another value): the chain breaks after it. The
+    # leader is restarted so that it reads the entry from its file (a running
+    # leader streams its newest commits from memory).
+    leader.kill()
     [(data,)] = storehelp.query(leader.data_dir, "SELECT entry FROM log WHERE seq=150")
     e = changelog.decode(bytes(data))
     forged = changelog.encode(e.epoch, e.seq, e.prev_hash, e.origin, e.hlc, e.collection,
@@ -211,6 +214,7 @@ def test_a_tampered_entry_is_refused_and_turns_into_a_snapshot(swarm: Swarm) -> 
     with closing(sqlite3.connect(leader.data_dir / DB_FILE, timeout=10)) as db:
         db.execute("UPDATE log SET entry=? WHERE seq=150", (forged,))
         db.commit()
+    leader.start()
     follower.start()
     wait_for(lambda: caught_up(leader, [follower]), timeout=30, what="caught up after it")
     assert metric(follower, "hs_gossip_replication_chain_refused") == 1

@@ -254,12 +254,22 @@ def test_a_snapshot_cut_off_midway_resumes_and_verifies(tmp_path: Path,
         leader_store = await _filled_leader(tmp_path / "l")
         await leader_store.compact_log(Retention(10, None))
         follower_store = await _open(tmp_path / "f", B)
+        apply_chunk = follower_store.apply_chunk
+
+        async def three_chunks(*args: Any) -> Any:
+            # The first run stops after three chunks, however fast the rest would come.
+            if follower.stats.get("snapshot_chunks", 0) >= 3:
+                await anyio.sleep_forever()
+            return await apply_chunk(*args)
+
+        follower_store.apply_chunk = three_chunks  # type: ignore[method-assign]
         async with serving(leader_store) as (leader, addr):
             follower = follower_of(follower_store, addr)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(follower.run)
                 await until(lambda: follower.stats.get("snapshot_chunks", 0) >= 3)
                 tg.cancel_scope.cancel()
+            follower_store.apply_chunk = apply_chunk  # type: ignore[method-assign]
             first = follower.stats["snapshot_items"]
             assert first < 301 and await follower_store.snapshot_progress() is not None
             # meanwhile the leader changes an item the first run already sent

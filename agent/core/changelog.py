@@ -49,6 +49,8 @@ class Op(enum.IntEnum):
 
 
 _OPS = frozenset(int(op) for op in Op)
+#: op number -> Op, a lookup cheaper than calling the enum (decode runs per entry)
+_OP_OF = {int(op): op for op in Op}
 
 
 class Retention(NamedTuple):
@@ -131,9 +133,13 @@ class ChainBroken(ValueError):
 def encode(epoch: int, seq: int, prev_hash: bytes, origin: bytes, hlc: int,
            collection: str, key: str, op: int, value: bytes | None) -> bytes:
     """The canonical bytes of an entry (what its hash covers)."""
-    return msgpack.packb(  # type: ignore[no-any-return]
-        [FORMAT, epoch, seq, prev_hash, origin, hlc, collection, key, int(op), value],
-        use_bin_type=True)
+    return _pack([FORMAT, epoch, seq, prev_hash, origin, hlc, collection, key, int(op), value])
+
+
+def _pack(obj: object) -> bytes:
+    # A fresh Packer per call: msgpack.packb's own way, without its keyword
+    # parsing (a shared Packer would not be safe across threads).
+    return msgpack.Packer(use_bin_type=True).pack(obj)  # type: ignore[no-any-return]
 
 
 class EntryInvalid(ValueError):
@@ -149,7 +155,8 @@ def decode(data: bytes) -> LogEntry:
                                  max_array_len=16, max_map_len=0, max_ext_len=0)
     except Exception as e:
         raise EntryInvalid(f"not msgpack: {e}") from None
-    if type(fields) is not list or len(fields) != 10 or fields[0] != FORMAT:
+    if type(fields) is not list or len(fields) != 10 or type(fields[0]) is not int \
+            or fields[0] != FORMAT:
         raise EntryInvalid("not an entry of format 1")
     _, epoch, seq, prev, origin, hlc, coll, key, op, value = fields
     # Bounded so that whatever is stored fits SQLite's integers (agent.core.fields).
@@ -157,12 +164,13 @@ def decode(data: bytes) -> LogEntry:
             and 0 <= epoch <= JS_SAFE and 1 <= seq <= JS_SAFE and 0 <= hlc <= MAX_HLC
             and type(prev) is bytes and len(prev) == HASH_LEN
             and type(origin) is bytes and type(coll) is str and type(key) is str
-            and op in _OPS and (value is None or type(value) is bytes)):
+            and type(op) is int and op in _OPS
+            and (value is None or type(value) is bytes)):
         raise EntryInvalid("malformed entry fields")
-    if encode(epoch, seq, prev, origin, hlc, coll, key, op, value) != data:
+    if _pack(fields) != data:  # the fields as checked above, FORMAT first
         raise EntryInvalid("not the canonical encoding")
-    return LogEntry(epoch, seq, prev, blake3(data).digest(), origin, hlc, coll, key, Op(op),
-                    value)
+    return LogEntry(epoch, seq, prev, blake3(data).digest(), origin, hlc, coll, key,
+                    _OP_OF[op], value)
 
 
 def entry_hash(epoch: int, seq: int, prev_hash: bytes, origin: bytes, hlc: int,
@@ -172,11 +180,13 @@ def entry_hash(epoch: int, seq: int, prev_hash: bytes, origin: bytes, hlc: int,
 
 
 def verify_chain(entries: Iterable[LogEntry], prev_hash: bytes,
-                 prev_seq: int | None = None) -> bytes:
+                 prev_seq: int | None = None, rehash: bool = True) -> bytes:
     """Check that ``entries`` follow a position whose hash is ``prev_hash``
     (and seq ``prev_seq`` if given) with nothing missing, reordered or
     altered. Returns the hash of the last entry (``prev_hash`` if none);
-    raises :class:`ChainBroken` at the first entry that does not fit."""
+    raises :class:`ChainBroken` at the first entry that does not fit.
+    ``rehash=False`` skips recomputing each entry's hash from its fields:
+    only for entries just made by :func:`decode`, which hashed their bytes."""
     expect_seq = prev_seq
     for e in entries:
         if expect_seq is not None and e.seq != expect_seq + 1:
@@ -185,8 +195,8 @@ def verify_chain(entries: Iterable[LogEntry], prev_hash: bytes,
             raise ChainBroken(e.seq, "prev_hash is not the hash of the entry before")
         if e.op not in _OPS or (e.op == Op.TOMBSTONE) != (e.value is None):
             raise ChainBroken(e.seq, "op and value disagree")
-        if entry_hash(e.epoch, e.seq, e.prev_hash, e.origin, e.hlc, e.collection, e.key,
-                      e.op, e.value) != e.hash:
+        if rehash and entry_hash(e.epoch, e.seq, e.prev_hash, e.origin, e.hlc, e.collection,
+                                 e.key, e.op, e.value) != e.hash:
             raise ChainBroken(e.seq, "hash does not match its contents")
         prev_hash = e.hash
         expect_seq = e.seq

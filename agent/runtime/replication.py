@@ -16,9 +16,15 @@ Rules:
   commit: it wakes on the store's commit notification, never by polling,
   and sends a keepalive when it sent nothing for one interval. It sends no
   more than :data:`WINDOW_ENTRIES` entries and :data:`WINDOW_BYTES` bytes
-  beyond the follower's last ACK; entries are read from the store per batch,
-  so the leader holds at most one batch per follower in memory, and commits
-  never wait for a follower (a slow one only slows its own task).
+  beyond the follower's last ACK. Live entries come from the store's
+  in-memory copy of its newest commits (agent.store.log.RecentLog, bounded),
+  older ones are read from the store per batch, so the leader holds at most
+  one batch per follower besides that copy, and commits never wait for a
+  follower (a slow one only slows its own task).
+* A follower receives frames apart from applying them: what arrived while
+  a batch was being applied is applied together, in one transaction, then
+  acknowledged with one ACK, so a follower that fell behind catches up in
+  a few commits rather than one per frame.
 * The leader keeps each follower's acknowledged position; the oldest one
   holds log compaction back (bounded in size by agent.store.log.hold_bound),
   unless that follower is stalled: entries unacknowledged and no ACK
@@ -63,6 +69,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Coroutine
@@ -70,6 +77,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from agent.core import changelog
 from agent.core.changelog import GENESIS, ChainBroken, EntryInvalid, Position
@@ -133,13 +141,35 @@ MAX_FOLLOWERS = 256
 CONNECT_TIMEOUT = 5.0
 #: the longest wait between two connection attempts
 MAX_BACKOFF = 30.0
+#: ENTRIES frames a follower holds received and not yet applied (the leader's
+#: window bounds what they hold; they are applied together)
+FOLLOW_QUEUE = 64
+#: seconds a follower may wait to acknowledge what it applied (ACKs of
+#: several frames go as one); a keepalive is answered at once
+ACK_DELAY = 0.005
 #: failures a stream may end with (anything else is a bug and propagates)
 STREAM_ERRORS = (*SESSION_ERRORS, ProtocolError, ChainBroken, EntryInvalid)
+
+
+#: an ENTRIES frame as received: its entries, decoded, and its last hash
+_Frame = tuple[list[changelog.LogEntry], bytes]
 
 
 class SnapshotRefused(ProtocolError):
     """A snapshot chunk or its roots did not verify: nothing of it is
     recorded as applied, and the follower asks for a new one."""
+
+
+async def _until_done(work: Coroutine[Any, Any, None], scope: anyio.CancelScope,
+                      failed: list[BaseException]) -> None:
+    """Run one of a stream's two tasks: the first to end ends the other (its
+    error is kept in ``failed``, to be raised outside the task group)."""
+    try:
+        await work
+    except STREAM_ERRORS as e:
+        failed.append(e)
+    finally:
+        scope.cancel()
 
 
 # --- what the view shows ------------------------------------------------------------
@@ -318,8 +348,8 @@ class Leader:
         # error is kept and raised here, outside the task group).
         failed: list[BaseException] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._until_done, self._acks(conn, d, epoch), tg.cancel_scope, failed)
-            await self._until_done(self._send(conn, d, epoch), tg.cancel_scope, failed)
+            tg.start_soon(_until_done, self._acks(conn, d, epoch), tg.cancel_scope, failed)
+            await _until_done(self._send(conn, d, epoch), tg.cancel_scope, failed)
         if failed:
             raise failed[0]
 
@@ -375,16 +405,6 @@ class Leader:
         if not isinstance(f, ChunkAck) or f.epoch != epoch or f.index != index:
             raise ProtocolError(f"expected CHUNK_ACK {index} of this epoch")
 
-    @staticmethod
-    async def _until_done(work: Coroutine[Any, Any, None], scope: anyio.CancelScope,
-                          failed: list[BaseException]) -> None:
-        try:
-            await work
-        except STREAM_ERRORS as e:
-            failed.append(e)
-        finally:
-            scope.cancel()
-
     async def _send(self, conn: Framed, d: _Downstream, epoch: int) -> None:
         last_sent = anyio.current_time()
         while True:
@@ -392,9 +412,12 @@ class Leader:
             d.event = anyio.Event()
             room_entries, room_bytes = d.window.room()
             if room_entries and d.window.sent_seq < self.store.log_head.seq:
-                rows = await self.store.read_log_raw(
-                    d.window.sent_seq, min(room_entries, BATCH_ENTRIES),
-                    min(room_bytes, BATCH_BYTES))
+                limit, max_bytes = min(room_entries, BATCH_ENTRIES), min(room_bytes, BATCH_BYTES)
+                # Live entries are in memory (the store keeps the newest
+                # committed ones); older ones are read from the table.
+                rows = self.store.recent_log.read(d.window.sent_seq, limit, max_bytes)
+                if rows is None:
+                    rows = await self.store.read_log_raw(d.window.sent_seq, limit, max_bytes)
                 if not rows or rows[0][0] != d.window.sent_seq + 1:
                     # Compacted away meanwhile: the follower asks again and
                     # gets a snapshot.
@@ -431,7 +454,8 @@ class Leader:
                 d.progress_at = now
             d.window.acked(f.position.seq)
             d.acked = f.position
-            d.event.set()
+            if d.window.sent_seq < self.store.log_head.seq:
+                d.event.set()  # entries wait: the window may have held them back
             if d.stalled(now, self.stall_limit):
                 _count(self.stats, "followers_stalled")
                 log.warning("follower %s acknowledged nothing new for %.0fs: its stream ends "
@@ -685,6 +709,25 @@ class Follower:
         return p
 
     async def _follow(self, conn: Framed, epoch: int) -> None:
+        """Receive ENTRIES frames and apply them. Receiving runs apart from
+        applying: frames that arrive while a batch is being applied wait in
+        a bounded queue and are applied together in the next transaction, so
+        a follower that fell behind (a pause, a busy core) catches up in a
+        few large commits instead of one commit per frame. The first to end
+        (error or not) ends both; its error is raised here, as it was raised."""
+        send, recv = anyio.create_memory_object_stream[_Frame](FOLLOW_QUEUE)
+        failed: list[BaseException] = []
+        async with anyio.create_task_group() as tg, send, recv:
+            tg.start_soon(_until_done, self._receive(conn, epoch, send), tg.cancel_scope,
+                          failed)
+            await _until_done(self._apply(conn, epoch, recv), tg.cancel_scope, failed)
+        if failed:
+            raise failed[0]
+
+    async def _receive(self, conn: Framed, epoch: int,
+                       out: MemoryObjectSendStream[_Frame]) -> None:
+        """Frames in, decoded and checked against their own last hash; a
+        keepalive is queued as an empty batch (it is acknowledged too)."""
         while True:
             # The leader sends at least a keepalive every interval; the slack
             # covers a leader whose store is busy with a large write.
@@ -696,10 +739,46 @@ class Follower:
             if f.epoch != epoch:
                 raise ProtocolError("ENTRIES of another epoch in one stream")
             self._heard()
-            if f.entries:
-                entries = [changelog.decode(b) for b in f.entries]
-                self.applied, refused = await self.store.apply_stream(entries, f.last_hash)
+            entries = [changelog.decode(b) for b in f.entries]
+            _count(self.stats, "entries_received", len(entries))
+            if entries and entries[-1].hash != f.last_hash:
+                raise ChainBroken(entries[-1].seq,
+                                  "the batch does not end at the hash the leader sent")
+            await out.send((entries, f.last_hash))
+
+    async def _apply(self, conn: Framed, epoch: int,
+                     inbox: MemoryObjectReceiveStream[_Frame]) -> None:
+        """Apply whatever has arrived in one transaction, then acknowledge it:
+        at once after a keepalive or when the last ACK is :data:`ACK_DELAY`
+        old, else within ACK_DELAY (a follower applying a frame per commit
+        does not answer each with a frame of its own)."""
+        acked_at = float("-inf")
+        owed = False
+        while True:
+            batches: list[_Frame] = []
+            if owed:
+                with anyio.move_on_after(acked_at + ACK_DELAY - anyio.current_time()):
+                    batches.append(await inbox.receive())
+            else:
+                batches.append(await inbox.receive())
+            with contextlib.suppress(anyio.WouldBlock):
+                while True:
+                    batches.append(inbox.receive_nowait())
+            entries = [e for b, _ in batches for e in b]
+            if entries:
+                # Each frame's entries were hashed from their bytes when decoded
+                # (and checked against the frame's last hash): the store checks
+                # that they chain from its applied position without hashing
+                # them again.
+                self.applied, refused = await self.store.apply_stream(
+                    entries, entries[-1].hash, hashed=True)
                 _count(self.stats, "entries_applied", len(entries))
                 if refused:
                     _count(self.stats, "entries_refused", refused)
-            await conn.send(encode(Ack(epoch, self.applied)))
+            now = anyio.current_time()
+            keepalive = not batches or any(not b for b, _ in batches)
+            if keepalive or now - acked_at >= ACK_DELAY:
+                await conn.send(encode(Ack(epoch, self.applied)))
+                acked_at, owed = now, False
+            else:
+                owed = True

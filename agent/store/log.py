@@ -24,6 +24,12 @@ Rules:
   blake3 of them, recomputed when read (never stored, so it cannot disagree).
 * Each row records ``at``, the wall time (Unix ms) it was appended, for the
   age limit. It is local bookkeeping: not part of the entry, not hashed.
+* What a transaction appended is also kept in memory, (seq, bytes), until
+  the store takes it after COMMIT (:meth:`ChangeLog.take_appended`); a
+  rollback drops what it undid (:meth:`ChangeLog.reload`). The store hands
+  it to the event loop's :class:`RecentLog`, the newest entries within a
+  bound, from which a leader streams live entries without a read on the
+  store thread.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ class ChangeLog:
         self.epoch = 1
         self.head = Position(1, 0, GENESIS)
         self.floor = Position(1, 0, GENESIS)
+        #: (seq, canonical bytes) appended since the last take_appended()
+        self.appended: list[tuple[int, bytes]] = []
         self.reload(conn)
 
     def reload(self, conn: sqlite3.Connection) -> None:
@@ -87,6 +95,14 @@ class ChangeLog:
             self.floor = Position(epoch, seq, hash_)
         row = conn.execute("SELECT entry FROM log ORDER BY seq DESC LIMIT 1").fetchone()
         self.head = decode(row[0]).position if row else self.floor
+        # A rollback undid the newest appends: they were never committed.
+        while self.appended and self.appended[-1][0] > self.head.seq:
+            self.appended.pop()
+
+    def take_appended(self) -> list[tuple[int, bytes]]:
+        """What was appended since the last call (call after COMMIT)."""
+        out, self.appended = self.appended, []
+        return out
 
     def append(self, conn: sqlite3.Connection, collection: str,
                changes: Sequence[ChangeRow]) -> None:
@@ -112,6 +128,7 @@ class ChangeLog:
             prev = blake3(data).digest()
         conn.executemany("INSERT INTO log VALUES (?,?,?)", rows)
         self.head = Position(epoch, seq, prev)
+        self.appended.extend((r[0], r[1]) for r in rows)
 
     def read(self, conn: sqlite3.Connection, after_seq: int, limit: int) -> list[LogEntry]:
         """Up to ``limit`` (at most READ_MAX) entries after ``after_seq``, in order.
@@ -151,3 +168,66 @@ class ChangeLog:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('log_floor', ?)",
                      (msgpack.packb(list(self.floor)),))
         return cut - floor
+
+
+#: entries and bytes a :class:`RecentLog` keeps at most
+RECENT_ENTRIES = 8192
+RECENT_BYTES = 4 << 20
+
+
+class RecentLog:
+    """The newest committed entries, (seq, canonical bytes), in memory: the
+    event loop's copy, fed by the store after each commit, read by the
+    leader without a round trip to the store thread. Holds at most
+    ``max_entries`` entries and ``max_bytes`` bytes (the oldest go first);
+    a read it cannot answer whole answers None (read the table instead)."""
+
+    def __init__(self, max_entries: int = RECENT_ENTRIES, max_bytes: int = RECENT_BYTES) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        # A list read by index from ``_start`` (dropping the oldest moves the
+        # start; the list is cut when half of it is dropped ones).
+        self._rows: list[tuple[int, bytes]] = []
+        self._start = 0
+        self._bytes = 0
+
+    def add(self, rows: list[tuple[int, bytes]]) -> None:
+        """Entries just committed, in log order."""
+        if not rows:
+            return
+        held = self._rows
+        if len(held) > self._start and rows[0][0] != held[-1][0] + 1:
+            self.clear()  # not a continuation of what is held: start again
+            held = self._rows
+        held.extend(rows)
+        self._bytes += sum(len(r[1]) for r in rows)
+        while len(held) - self._start > self.max_entries or self._bytes > self.max_bytes:
+            self._bytes -= len(held[self._start][1])
+            self._start += 1
+        if self._start > len(held) // 2:
+            del held[:self._start]
+            self._start = 0
+
+    def clear(self) -> None:
+        self._rows = []
+        self._start = 0
+        self._bytes = 0
+
+    def read(self, after_seq: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]] | None:
+        """As agent.store.stream.read_raw: the entries after ``after_seq``, at
+        most ``limit`` and, beyond the first, ``max_bytes`` bytes in all;
+        None if the first of them is not held."""
+        held, start = self._rows, self._start
+        if len(held) <= start or limit <= 0:
+            return None
+        i = start + after_seq + 1 - held[start][0]
+        if not start <= i < len(held):
+            return None
+        out: list[tuple[int, bytes]] = []
+        size = 0
+        for row in held[i:i + limit]:
+            size += len(row[1])
+            if out and size > max_bytes:
+                break
+            out.append(row)
+        return out

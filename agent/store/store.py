@@ -23,6 +23,8 @@ Rules:
   was queued) but nothing is left half-done.
 * :meth:`Store.digests` answers from the state of the last commit, without a
   query, so the event loop can read it at any time.
+* So does :attr:`Store.recent_log`: the newest committed log entries
+  (agent.store.log.RecentLog), handed to the event loop after each commit.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from agent.core.clock import HLC
 from agent.store import stream
 from agent.store.check import CheckResult, check_at_start, is_corrupt, is_full, set_aside
 from agent.store.checkpoint import WAL_SAFETY_PAGES, Checkpointer
-from agent.store.log import COMPACT_BATCH
+from agent.store.log import COMPACT_BATCH, RecentLog
 from agent.store.schema import DB_FILE
 from agent.store.tree import SqliteTree
 from agent.store.values import CollectionInfo, StoreError
@@ -150,6 +152,10 @@ class Store:
         self.commit_listeners: list[Callable[[], None]] = []
         #: the change log's head as of the last commit (no query)
         self.log_head: Position = self._writer.log.head
+        #: the newest committed log entries, for the event loop (no query)
+        self.recent_log = RecentLog()
+        #: what the last batch committed to the log, for _notify (store thread)
+        self._fresh: list[tuple[int, bytes]] = []
         #: the last write failed for lack of space (cleared by the next commit)
         self.full = False
         self.corrupt_reads = 0
@@ -184,6 +190,7 @@ class Store:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
+            self._fresh = []
             try:
                 self._run_batch(batch)
             except BaseException as e:  # the thread must live on: callers wait on it
@@ -214,6 +221,8 @@ class Store:
             if w.conn.in_transaction:
                 w.conn.execute("ROLLBACK")
             w.reload()
+            w.log.take_appended()  # nothing of it was committed
+            self._fresh = []
             self._digests = w.infos()
             self.log_head = w.log.head
         except BaseException as again:
@@ -259,6 +268,7 @@ class Store:
                     conn.execute(f"RELEASE op{i}")
             w.save_clock()
             conn.execute("COMMIT")
+            self._fresh = w.log.take_appended()
         except sqlite3.Error as e:
             # Disk full, I/O error: nothing of this batch was kept.
             with contextlib.suppress(sqlite3.Error):
@@ -272,6 +282,7 @@ class Store:
                     o.error = err
             if conn.total_changes != start:  # else no mirror moved (a full disk at BEGIN)
                 w.reload()
+            w.log.take_appended()  # nothing of it was committed
         else:
             if self.full:
                 self.full = False
@@ -334,10 +345,12 @@ class Store:
         events = [o.event for o in batch if o.event is not None]
         callback = self.on_change
         listeners = list(self.commit_listeners) if any(not o.read for o in batch) else []
+        fresh = self._fresh
         if self._wake is None:
             return
 
         def wake() -> None:
+            self.recent_log.add(fresh)
             for ev in events:
                 ev.set()
             if callback is not None:
@@ -441,13 +454,14 @@ class Store:
         highest leader epoch seen); ((0, 0, GENESIS), 0) before any."""
         return await self._call(lambda w: stream.position(w.conn), read=True)
 
-    async def apply_stream(self, entries: list[LogEntry],
-                           last_hash: bytes | None = None) -> tuple[Position, int]:
+    async def apply_stream(self, entries: list[LogEntry], last_hash: bytes | None = None,
+                           hashed: bool = False) -> tuple[Position, int]:
         """Verify a batch of the leader's entries against the applied
         position and apply it in one transaction that also records the new
         position; returns (it, entries the store refused). ChainBroken:
-        nothing was applied."""
-        return await self._call(lambda w: stream.apply(w, entries, last_hash))
+        nothing was applied. ``hashed``: every entry comes straight from
+        agent.core.changelog.decode, so its hash is that of its bytes."""
+        return await self._call(lambda w: stream.apply(w, entries, last_hash, hashed))
 
     async def adopt_stream_position(self, pos: Position) -> None:
         """Record ``pos`` as applied (after catching up by Merkle sync)."""

@@ -314,15 +314,18 @@ class SnapshotReader:
         self.conn.close()
 
 
-def apply(w: Writer, entries: list[LogEntry],
-          last_hash: bytes | None = None) -> tuple[Position, int]:
+def apply(w: Writer, entries: list[LogEntry], last_hash: bytes | None = None,
+          hashed: bool = False) -> tuple[Position, int]:
     """Verify and apply a batch of the leader's entries; returns (the new
     applied position, how many entries the store refused). Raises
-    ChainBroken (nothing applied) if they do not continue the chain."""
+    ChainBroken (nothing applied) if they do not continue the chain.
+    ``hashed``: the entries come straight from
+    :func:`agent.core.changelog.decode`, which computed each hash from the
+    entry's bytes, so the chain check need not hash them again."""
     pos, seen = position(w.conn)
     if not entries:
         return pos, 0
-    end = verify_chain(entries, pos.hash, pos.seq)
+    end = verify_chain(entries, pos.hash, pos.seq, rehash=not hashed)
     if last_hash is not None and end != last_hash:
         raise ChainBroken(entries[-1].seq, "the batch does not end at the hash the leader sent")
     refused = 0
