@@ -189,13 +189,27 @@ def _n(v: int, hi: int = JS_SAFE) -> int:
     return min(max(int(v), 0), hi)
 
 
+#: memo of host strings and their packed form (both ways); the same few
+#: addresses are encoded and decoded over and over, and ipaddress is slow.
+#: Cleared when full, so it stays bounded.
+_IP_MEMO: dict[str, bytes] = {}
+_HOST_MEMO: dict[bytes, str] = {}
+_MEMO_MAX = 8192
+
+
 def _ip(host: str) -> bytes:
     if not host:
         return b""
-    try:
-        return ipaddress.ip_address(host).packed
-    except ValueError:
-        return b""
+    packed = _IP_MEMO.get(host)
+    if packed is None:
+        try:
+            packed = ipaddress.ip_address(host).packed
+        except ValueError:
+            packed = b""
+        if len(_IP_MEMO) >= _MEMO_MAX:
+            _IP_MEMO.clear()
+        _IP_MEMO[host] = packed
+    return packed
 
 
 def _digest_fields(d: Digest) -> list[Any]:
@@ -413,12 +427,20 @@ def _host(v: Any) -> str:
     b = _bytes(v, 0, 16)
     if not b:
         return ""
+    host = _HOST_MEMO.get(b)
+    if host is not None:
+        return host
     if len(b) == 4:
-        return str(ipaddress.IPv4Address(b))
-    if len(b) == 16:
+        host = str(ipaddress.IPv4Address(b))
+    elif len(b) == 16:
         a = ipaddress.IPv6Address(b)
-        return str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
-    raise SwimDecodeError(_FIELD)
+        host = str(a.ipv4_mapped) if a.ipv4_mapped else str(a)
+    else:
+        raise SwimDecodeError(_FIELD)
+    if len(_HOST_MEMO) >= _MEMO_MAX:
+        _HOST_MEMO.clear()
+    _HOST_MEMO[b] = host
+    return host
 
 
 def _digest(v: Any) -> Digest:
@@ -431,8 +453,32 @@ def _digests(v: Any) -> tuple[Digest, ...]:
     return tuple(_digest(d) for d in _list(v))
 
 
+#: memo of decoded ALIVE updates by their raw fields: one member's ALIVE is
+#: heard from many senders (gossip repeats it), and validating it field by
+#: field is most of the cost of a datagram. Only valid ones are kept;
+#: cleared when full.
+_ALIVE_MEMO: dict[tuple[Any, ...], Alive] = {}
+
+
 def _alive(f: list[Any]) -> Alive:
     """Alive fields from f[0:8] (node_id .. name)."""
+    key = tuple(f[0:8])
+    try:
+        hit = _ALIVE_MEMO.get(key)
+    except TypeError:  # an unhashable field (a list): invalid anyway
+        raise SwimDecodeError(_FIELD) from None
+    # True == 1 and 1.0 == 1 as keys: a hit counts only with exact ints
+    if hit is not None and type(key[1]) is int and type(key[3]) is int \
+            and type(key[4]) is int and type(key[5]) is int and type(key[6]) is int:
+        return hit
+    a = _alive_fields_checked(f)
+    if len(_ALIVE_MEMO) >= _MEMO_MAX:
+        _ALIVE_MEMO.clear()
+    _ALIVE_MEMO[key] = a
+    return a
+
+
+def _alive_fields_checked(f: list[Any]) -> Alive:
     return Alive(_id(f[0]), _int(f[1]), _host(f[2]), _int(f[3], 65535), _int(f[4], 65535),
                  _int(f[5], 65535), _int(f[6], 255), _str(f[7], 0, MAX_NAME * 4))
 

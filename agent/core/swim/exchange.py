@@ -13,11 +13,11 @@ Rules:
   doubling to ``join_retry_max`` until one answers (a seed whose answer is
   still awaited, for up to ``push_pull_timeout``, is not asked again); once joined, seeds that
   are not members are retried every ``join_retry_max`` (groups that formed
-  apart merge). When the first seed answers we send our ALIVE straight to
-  every member, once (members that gossip passes by under loss learn of us
-  at once), and schedule one catch-up push-pull ``join_catch_up`` later:
-  members that joined at the same time are missing from each other's seed
-  tables.
+  apart merge). Nothing is sent to every member (memberlist): the seed
+  gossips our ALIVE on after merging it, as does our own queue. When the
+  first seed answers we schedule one catch-up push-pull ``join_catch_up``
+  later: members that joined at the same time are missing from each
+  other's seed tables.
 * **Periodic.** Every ``push_pull_interval``, scaled like memberlist
   (x ceil(log2(N/32)) + 1 above 32 members) so the swarm's total stays flat,
   with one random ALIVE member. It opens with a *summary* (our own entry and
@@ -160,21 +160,19 @@ class Exchange(Table):
             self._push_pull_to(src, join=False, tcp_port=port)
 
     def _announce(self) -> None:
-        """Once, when the first seed answered with its table: our ALIVE straight
-        to every member (as leave tells every member), so members that gossip
-        passes by under loss still learn of us at once. O(N), once per start."""
+        """Once, when the first seed answered with its table. Nothing goes to
+        every member (memberlist): the seed merged our entry and gossips our
+        ALIVE on, and so does our own queue (``start``); a joiner that told
+        every member directly would cost O(N) datagrams per join, O(N^2) for
+        a swarm restarting at once. Members that joined at about the same
+        time missed each other in their seeds' tables and rely on gossip; one
+        early push-pull with a random member catches up with whatever gossip
+        lost meanwhile."""
         self._announced = True
-        # Members that joined at about the same time missed each other in
-        # their seeds' tables and rely on gossip; one early push-pull with a
-        # random member catches up with whatever gossip lost meanwhile.
         catch_up = self._now + self.params.join_catch_up
         if catch_up < self._next_push_pull:
             self._next_push_pull = catch_up
             self._timer(catch_up, TimerKind.PUSH_PULL)
-        item = codec.encode_update(self._own_alive())
-        for m in self.members.values():
-            if m.status in (ALIVE, SUSPECT):
-                self._send(m.addr, codec.GOSSIP, m, first=[item], piggyback=False)
         self.stats["announced"] += 1
 
     def push_pull_failed(self, addr: Addr, now: float) -> None:

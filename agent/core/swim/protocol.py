@@ -7,9 +7,9 @@ timers (:meth:`Swim.take_timers`) and outcome events
 (:meth:`Swim.take_events`). Time is a float from the shell's monotonic clock;
 randomness comes from the ``rng`` given to the constructor, so the same
 inputs give the same outputs. Work per call is proportional to what happened:
-only push-pull, leave, the seed retry, the one announcement after joining
-and the reshuffle of the probe order (once per round of N probes) walk the
-table. The class is built in three layers: :class:`~agent.core.swim.table.Table`
+only push-pull, leave, the seed retry and the reshuffle of the probe order
+(once per round of N probes) walk the table. The class is built in three
+layers: :class:`~agent.core.swim.table.Table`
 (members and the rules that change them), :class:`~agent.core.swim.exchange.Exchange`
 (joining and push-pull) and :class:`Swim` here (probes, datagrams, timers).
 
@@ -37,7 +37,10 @@ Theory of operation (Das, Gupta, Motivala 2002; Lifeguard, Dadgar et al. 2018):
   waits for, all of them members) or ran its minimum: a lone accuser's DEAD
   kills no faster than a SUSPECT.
   Suspects and the dead are told so first in every datagram we send them
-  (Lifeguard's buddy system), so a living one refutes at once.
+  (Lifeguard's buddy system), so a living one refutes at once. An
+  uncorroborated suspicion checks the suspect (direct and through helpers)
+  one period before its verdict: a refutation that gossip lost on its way
+  to us arrives on the suspect's answer.
 * **Refutation.** Only a member raises its own incarnation (claim + 1,
   gossiped as ALIVE, IncarnationRaised for the shell to save). A member we
   reaped as dead that speaks to us again is told it is dead (in our reply, or
@@ -59,8 +62,8 @@ Theory of operation (Das, Gupta, Motivala 2002; Lifeguard, Dadgar et al. 2018):
   gossiped as DIGESTS updates, ordered by (incarnation, version), so a change
   reaches members that never exchange a datagram with the owner.
 * **Join and push-pull** (``exchange.py``): seeds get our table over TCP
-  until one answers; then our ALIVE goes straight to every member once, and
-  one catch-up push-pull follows; every ``push_pull_interval`` (scaled up
+  until one answers; the seed and our own queue gossip our ALIVE (nothing
+  goes to every member), and one catch-up push-pull follows; every ``push_pull_interval`` (scaled up
   with N) a full table is exchanged with one random member, merged with the
   gossip rules.
 * **Table** (``table.py``): members stay in :attr:`Swim.members` in every
@@ -104,9 +107,11 @@ from agent.core.wire import JS_SAFE, Digest
 #: a digest list this small rides in the reply itself; a larger one gets its
 #: own datagrams
 SMALL_DIGESTS = 600
-#: direct pings re-sent after the probe timeout (at the timeout, and halfway
-#: from there to the end of the period)
-DIRECT_RETRIES = 2
+#: direct pings re-sent after the probe timeout (at the timeout, then each
+#: halfway from the last one to the end of the period): at 20 % loss a round
+#: trip fails 36 % of the time, and every probe that fails for nothing costs
+#: a suspicion gossiped to the whole swarm
+DIRECT_RETRIES = 3
 
 
 #: stats counter of each datagram type received (decoded, before any check
@@ -150,6 +155,8 @@ class Swim(Exchange):
         self._relays: dict[int, _Relay] = {}
         self._asked: dict[Addr, float] = {}
         self._next_probe = math.inf
+        #: last checks of suspects before the verdict: seq -> (suspect, helpers)
+        self._checks: dict[int, tuple[bytes, frozenset[bytes]]] = {}
         #: a DEAD about the sender of the datagram (or push-pull) being handled
         self._tell_dead = b""
 
@@ -301,7 +308,9 @@ class Swim(Exchange):
             self._on_ack(p.seq, card.node_id, now)
         elif p.type == codec.NACK:
             pr = self._probe
-            if pr is None or pr.seq != p.seq or pr.done:
+            if p.seq in self._checks:
+                pass  # a last check waits for an ACK only
+            elif pr is None or pr.seq != p.seq or pr.done:
                 self._drop(DropReason.UNKNOWN_PROBE)
             elif card.node_id not in pr.helpers:
                 self._drop(DropReason.WRONG_ACKER)
@@ -401,6 +410,13 @@ class Swim(Exchange):
             del self._relays[seq]
             self._send(relay.requester, codec.ACK, None, seq=relay.seq)
             return
+        check = self._checks.get(seq)
+        if check is not None:
+            if acker != check[0] and acker not in check[1]:
+                return self._drop(DropReason.WRONG_ACKER)
+            del self._checks[seq]
+            self._check_answered(check[0], now)
+            return
         if pr is None or pr.seq != seq:
             self._drop(DropReason.UNKNOWN_PROBE)
 
@@ -447,7 +463,7 @@ class Swim(Exchange):
             if pr is not None and pr.seq == key and not pr.done:
                 self._finish_probe(now)
         elif kind == TimerKind.SUSPECT_TIMEOUT and isinstance(key, bytes):
-            self._suspect_timeout(key, now)
+            self._suspect_or_check(key, now)
         elif kind == TimerKind.REAP and isinstance(key, bytes):
             self._reap(key, now)
         elif kind == TimerKind.PUSH_PULL:
@@ -472,7 +488,7 @@ class Swim(Exchange):
             return False
         pr = self._probe
         if kind == TimerKind.PROBE_TIMEOUT:
-            if key in self._relays:
+            if key in self._relays or key in self._checks:
                 return True
             return pr is not None and pr.seq == key and not pr.acked and not pr.done
         if kind == TimerKind.PROBE_END:
@@ -512,15 +528,24 @@ class Swim(Exchange):
             # NACK), which shows them their own link to us works.
             self._send(relay.requester, codec.NACK, None, seq=relay.seq)
             return
+        check = self._checks.get(seq)
+        if check is not None:
+            # The suspect did not answer our last check yet: one more direct try.
+            m = self.members.get(check[0])
+            if m is not None and m.status == SUSPECT:
+                self._send(m.addr, codec.PING, m, seq=seq, target=m.node_id)
+            return
         pr = self._probe
         if pr is None or pr.seq != seq or pr.acked or pr.done:
             return
         target = self.members.get(pr.node_id)
         if pr.indirect:
-            # Halfway to the period's end: one last direct try.
+            # Halfway from the last try to the period's end: another direct try.
             if pr.retries < DIRECT_RETRIES:
                 pr.retries += 1
                 self._send(pr.addr, codec.PING, target, seq=seq, target=pr.node_id)
+                if pr.retries < DIRECT_RETRIES:
+                    self._timer(now + (pr.end - now) / 2, TimerKind.PROBE_TIMEOUT, seq)
             return
         pr.indirect = True
         helpers = self._random_members(self.params.indirect_checks, exclude=pr.node_id,
@@ -552,6 +577,62 @@ class Swim(Exchange):
             # Suspect it, or confirm a suspicion others started (Lifeguard).
             self._apply(Suspect(m.node_id, m.incarnation, self.me.node_id), now)
 
+    def _suspect_or_check(self, node_id: bytes, now: float) -> None:
+        """A suspicion is about to run out. Unless independent accusers
+        corroborated it, the suspect gets a last check one probe period
+        before the verdict (Lifeguard's re-probe of a suspect): a PING that
+        tells it it is suspected, the same through ``indirect_checks``
+        helpers, and a direct retry. A suspect that refuted when the rest of
+        the swarm heard it, but whose refutation gossip passed us by (at 20 %
+        loss a few members in a thousand), answers with its new incarnation
+        on its card; one that had not heard answers after refuting. The
+        verdict on a member that really failed comes no later: the check
+        runs inside the suspicion, not after it."""
+        m = self.members.get(node_id)
+        s = self._suspicions.get(node_id)
+        if m is None or s is None or m.status != SUSPECT:
+            return
+        if s.checked or s.corroborated:
+            if now + EPS >= self._suspect_deadline(m, s):
+                self._forget_checks(node_id)
+            return self._suspect_timeout(node_id, now)
+        if now + EPS < self._suspect_wake(m, s):
+            return  # re-armed later (or a stale timer)
+        s.checked = True
+        deadline = self._suspect_deadline(m, s)
+        wait = self.params.probe_interval
+        # The verdict leaves the check at least half a period to be answered.
+        self._timer(max(deadline, now + wait / 2), TimerKind.SUSPECT_TIMEOUT, node_id)
+        if len(self._checks) >= self.params.max_relays:
+            self._checks.clear()  # answers that never came: bounded
+        seq = self._next_seq()
+        helpers = self._random_members(self.params.indirect_checks, exclude=node_id,
+                                       statuses=(ALIVE,))
+        self._checks[seq] = (node_id, frozenset(h.node_id for h in helpers))
+        self.stats["suspect_checks"] += 1
+        self._send(m.addr, codec.PING, m, seq=seq, target=node_id)
+        for h in helpers:
+            self._send(h.addr, codec.PING_REQ, h, seq=seq, target=node_id, target_addr=m.addr)
+        self._timer(now + min(self._aware.scale(self.params.probe_timeout), wait / 2),
+                    TimerKind.PROBE_TIMEOUT, seq)
+
+    def _check_answered(self, node_id: bytes, now: float) -> None:
+        """The suspect (or a helper for it) answered our last check: it lives.
+        Had it refuted, its card already cleared the suspicion; if not, the
+        suspicion starts over (our ping told it, so it refutes)."""
+        self.stats["suspect_checks_answered"] += 1
+        m = self.members.get(node_id)
+        s = self._suspicions.get(node_id)
+        if m is None or s is None or m.status != SUSPECT:
+            return
+        s.started, s.checked = now, False
+        m.last_alive = max(m.last_alive, now)
+        self._timer(self._suspect_wake(m, s), TimerKind.SUSPECT_TIMEOUT, node_id)
+
+    def _forget_checks(self, node_id: bytes) -> None:
+        for seq in [q for q, c in self._checks.items() if c[0] == node_id]:
+            del self._checks[seq]
+
     def _gossip(self, now: float) -> None:
         self._gossip_due = math.inf
         if not self._bq:
@@ -569,6 +650,7 @@ class Swim(Exchange):
         any probe of ours in flight."""
         while True:
             seq = self.rng.randint(1, wire.MAX_AGE_MS)
-            if seq not in self._relays and (self._probe is None or self._probe.seq != seq):
+            if seq not in self._relays and seq not in self._checks and (
+                    self._probe is None or self._probe.seq != seq):
                 return seq
 

@@ -79,7 +79,8 @@ def suspicion_timeout(min_s: float, max_s: float, confirmations: int, expected: 
 class Suspicion:
     """One running suspicion of one member: who accused it, who confirmed, when it ends."""
 
-    __slots__ = ("_confirmers", "accuser", "dead_from", "expected", "max_s", "min_s", "started")
+    __slots__ = ("_confirmers", "accuser", "checked", "dead_from", "expected", "max_s", "min_s",
+                 "started")
 
     def __init__(
         self, from_id: bytes, started: float, min_s: float, max_s: float, expected: int
@@ -95,6 +96,9 @@ class Suspicion:
         #: the accuser of a DEAD heard while the suspicion was not yet
         #: corroborated: it takes effect once it is
         self.dead_from: bytes | None = None
+        #: the suspect was asked directly (and through helpers) one period
+        #: before the verdict (see agent.core.swim.protocol)
+        self.checked = False
 
     def confirm(self, from_id: bytes) -> bool:
         """Count ``from_id`` as an independent confirmation.

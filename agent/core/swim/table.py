@@ -274,7 +274,7 @@ class Table:
                 self._broadcast(m.node_id, codec.encode_update(u))
                 if s.dead_from is not None and s.corroborated:
                     return self._gone(m, Dead(m.node_id, m.incarnation, s.dead_from), DEAD, now)
-                self._timer(self._suspect_deadline(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
+                self._timer(self._suspect_wake(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
             return None
         was = m.status
         self._set_status(m, SUSPECT, now, u.incarnation)
@@ -288,12 +288,21 @@ class Table:
         if was == ALIVE:
             self._events.append(MemberSuspected(m.node_id))
         self._broadcast(m.node_id, codec.encode_update(u))
-        self._timer(self._suspect_deadline(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
+        self._timer(self._suspect_wake(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
 
     def _suspect_deadline(self, m: Member, s: Suspicion) -> float:
         # Declared dead before ttl passes without a sign of life.
         cap = m.last_alive + self.params.ttl - self.params.probe_interval
         return max(s.started, min(s.deadline, cap))
+
+    def _suspect_wake(self, m: Member, s: Suspicion) -> float:
+        """When the SUSPECT_TIMEOUT timer is due: at the deadline, or one
+        probe period before it while the suspect still gets a last check
+        (an uncorroborated suspicion, see Swim)."""
+        deadline = self._suspect_deadline(m, s)
+        if s.checked or s.corroborated:
+            return deadline
+        return max(s.started, deadline - self.params.probe_interval)
 
     def _set_status(self, m: Member, status: int, now: float, incarnation: int) -> None:
         m.incarnation = incarnation
