@@ -33,6 +33,7 @@ per applied batch (``last_seq count monotonic_ns``).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import random
@@ -108,8 +109,9 @@ class Bench:
         self.port = free_port()
         self.procs: list[anyio.abc.Process] = []
         self.leader_stats: dict[str, int] = {}
-        #: per follower: applied seq -> monotonic ns of its commit
-        self.applied: list[dict[int, int]] = []
+        #: per follower: (last seq, monotonic ns) of each batch it committed,
+        #: in order (an entry's commit time is its batch's: :meth:`committed_at`)
+        self.applied: list[tuple[list[int], list[int]]] = []
         self.heads: list[int] = []
         #: (seq, monotonic ns) of every snapshot a follower installed
         self.snapshots: list[tuple[int, int]] = []
@@ -127,7 +129,7 @@ class Bench:
 
     async def follower(self, tg: Any, name: str) -> int:
         i = len(self.applied)
-        self.applied.append({})
+        self.applied.append(([], []))
         self.heads.append(0)
         proc = await anyio.open_process(
             [sys.executable, __file__, "_follower", str(self.port), str(self.tmp / name)],
@@ -146,9 +148,14 @@ class Bench:
                 seq, n, t = map(int, line.split())
                 if n == 0:
                     self.snapshots.append((seq, t))
-                for s in range(seq - n + 1, seq + 1):
-                    self.applied[i][s] = t
+                self.applied[i][0].append(seq)
+                self.applied[i][1].append(t)
                 self.heads[i] = seq
+
+    def committed_at(self, i: int, seq: int) -> int:
+        """When follower ``i`` committed the batch holding entry ``seq``."""
+        seqs, times = self.applied[i]
+        return times[bisect.bisect_left(seqs, seq)]
 
     async def until(self, followers: list[int], seq: int, timeout: float = 600) -> float:
         with anyio.fail_after(timeout):
@@ -209,7 +216,7 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
                     await anyio.sleep(delay)
             rate = count / (time.monotonic() - (nxt - count * period))
             await b.until(fs, store.log_head.seq, timeout=60)
-            lags = [(b.applied[i][s] - t) / 1e6 for i in fs for s, t in committed.items()
+            lags = [(b.committed_at(i, s) - t) / 1e6 for i in fs for s, t in committed.items()
                     if s >= first]
             lags.sort()
             out["lag"] = {

@@ -266,6 +266,9 @@ def test_a_tampered_reordered_or_missing_entry_is_refused_whole(tmp_path: Path) 
 
 def test_the_recent_log_answers_what_it_holds_within_its_bounds() -> None:
     rows = [(seq, bytes([seq]) * 10) for seq in range(1, 11)]
+    idle = RecentLog()  # holds nothing until told to (only a leader reads it)
+    idle.add(rows)
+    assert idle.read(0, 100, 1 << 20) is None
     recent = RecentLog(max_entries=6, max_bytes=1000)
     recent.add(rows[:4])
     recent.add(rows[4:])
@@ -286,6 +289,7 @@ def test_the_recent_log_answers_what_it_holds_within_its_bounds() -> None:
 def test_entries_a_rollback_undid_never_reach_the_recent_log(tmp_path: Path) -> None:
     async def main() -> None:
         store = await _open(tmp_path, A)
+        store.recent_log.keep()
         await store.put("vision", "a", 1)
 
         def half_done(w: Any) -> None:
@@ -389,7 +393,6 @@ def test_live_entries_are_streamed_from_memory_without_reading_the_log(
     log table on the store thread per commit."""
     async def main() -> None:
         leader_store = await _filled_leader(tmp_path / "l")
-        leader_store.recent_log.clear()  # the backlog is read from the table
         follower_store = await _open(tmp_path / "f", B)
         reads = 0
         real = leader_store.read_log_raw
@@ -591,7 +594,8 @@ def test_a_tampered_batch_on_the_wire_is_refused_and_counted(tmp_path: Path) -> 
             return rows
 
         leader_store.read_log_raw = tamper  # type: ignore[method-assign]
-        leader_store.recent_log = RecentLog(0, 0)  # every entry is read (and tampered with)
+        # every entry is read (and tampered with): none is held in memory
+        leader_store.recent_log.keep = lambda *_: None  # type: ignore[method-assign]
         async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
             follower = follower_of(follower_store, addr)
             tg.start_soon(follower.run)

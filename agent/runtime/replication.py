@@ -240,6 +240,7 @@ class Leader:
         #: shows a higher epoch than ours: we are deposed
         self.on_higher_epoch: Callable[[int, str], None] | None = None
         store.commit_listeners.append(self.wake)
+        store.recent_log.keep()  # live entries are streamed from memory
 
     @property
     def epoch(self) -> int:

@@ -179,10 +179,16 @@ class RecentLog:
     """The newest committed entries, (seq, canonical bytes), in memory: the
     event loop's copy, fed by the store after each commit, read by the
     leader without a round trip to the store thread. Holds at most
-    ``max_entries`` entries and ``max_bytes`` bytes (the oldest go first);
-    a read it cannot answer whole answers None (read the table instead)."""
+    ``max_entries`` entries and ``max_bytes`` bytes (the oldest go first;
+    none until :meth:`keep` says how many: only a leader needs them); a read
+    it cannot answer whole answers None (read the table instead)."""
 
-    def __init__(self, max_entries: int = RECENT_ENTRIES, max_bytes: int = RECENT_BYTES) -> None:
+    def __init__(self, max_entries: int = 0, max_bytes: int = 0) -> None:
+        self.keep(max_entries, max_bytes)
+
+    def keep(self, max_entries: int = RECENT_ENTRIES, max_bytes: int = RECENT_BYTES) -> None:
+        """Hold up to this many entries and bytes from the next commit on."""
+        self.clear()
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         # A list read by index from ``_start`` (dropping the oldest moves the
@@ -193,7 +199,7 @@ class RecentLog:
 
     def add(self, rows: list[tuple[int, bytes]]) -> None:
         """Entries just committed, in log order."""
-        if not rows:
+        if not rows or not self.max_entries:
             return
         held = self._rows
         if len(held) > self._start and rows[0][0] != held[-1][0] + 1:
