@@ -119,10 +119,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("hs_gossip.replication")
 
 #: entries and bytes a leader sends one follower beyond its last ACK
-WINDOW_ENTRIES = 8192
+WINDOW_ENTRIES = 16384
 WINDOW_BYTES = 8 << 20
 #: one ENTRIES frame at most (a single larger entry still goes alone)
-BATCH_ENTRIES = 2048
+BATCH_ENTRIES = 4096
 BATCH_BYTES = 1 << 20
 #: one snapshot CHUNK at most (items; bytes of keys and values)
 SNAPSHOT_ITEMS = 512

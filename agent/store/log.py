@@ -171,7 +171,7 @@ class ChangeLog:
 
 
 #: entries and bytes a :class:`RecentLog` keeps at most
-RECENT_ENTRIES = 8192
+RECENT_ENTRIES = 16_384
 RECENT_BYTES = 4 << 20
 
 
