@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,6 +349,11 @@ def encode_packet(p: Packet, budget: int = wire.PAYLOAD_BUDGET) -> bytes:
     return assemble(p, first=[encode_update(u) for u in p.updates], budget=budget)
 
 
+def entry_bytes(e: Entry) -> bytes:
+    """One push-pull entry, encoded (what :func:`encode_state` joins)."""
+    return _entry_bytes(e)
+
+
 def _entry_bytes(e: Entry) -> bytes:
     fields = [*_alive_fields(e.alive), _n(e.status, 3), _n(e.lc)]
     return (_array_header(len(fields) + 1) + b"".join(_pack(x) for x in fields)
@@ -358,15 +363,22 @@ def _entry_bytes(e: Entry) -> bytes:
 def encode_state(s: State, max_members: int, limit: int = MAX_PUSH_PULL) -> bytes:
     """A push-pull payload: entries in order, as many as fit ``limit`` bytes
     and ``max_members + 1`` entries (the sender's own entry first)."""
-    summary = s.table_hash is not None
+    return encode_state_parts(s.join, (_entry_bytes(e) for e in s.entries[: max_members + 1]),
+                              max_members, s.table_hash, limit)
+
+
+def encode_state_parts(join: bool, entries: Iterable[bytes], max_members: int,
+                       table_hash: bytes | None = None, limit: int = MAX_PUSH_PULL) -> bytes:
+    """:func:`encode_state` from entries already encoded by :func:`entry_bytes`
+    (the sender's own first), with the same bounds."""
+    summary = table_hash is not None
     prefix = (bytes([VERSION, PUSH_PULL_MSG]) + _array_header(3 if summary else 2)
-              + _pack(s.join))
-    suffix = _pack(s.table_hash[:TABLE_HASH_LEN]) if s.table_hash is not None else b""
+              + _pack(join))
+    suffix = _pack(table_hash[:TABLE_HASH_LEN]) if table_hash is not None else b""
     room = limit - len(prefix) - len(suffix) - 5
     parts: list[bytes] = []
-    for e in s.entries[: max_members + 1]:
-        b = _entry_bytes(e)
-        if len(b) > room:
+    for b in entries:
+        if len(b) > room or len(parts) > max_members:
             break
         parts.append(b)
         room -= len(b)

@@ -17,7 +17,7 @@ Rules:
   gossips our ALIVE on after merging it, as does our own queue. When the
   first seed answers we schedule one catch-up push-pull ``join_catch_up``
   later: members that joined at the same time are missing from each
-  other's seed tables.
+  other's seed tables; the seed holds them all by then.
 * **Periodic.** Every ``push_pull_interval``, scaled like memberlist
   (x ceil(log2(N/32)) + 1 above 32 members) so the swarm's total stays flat,
   with one random ALIVE member. It opens with a *summary* (our own entry and
@@ -65,6 +65,8 @@ class Exchange(Table):
         self._next_push_pull = math.inf
         self._next_join = math.inf
         self._announced = False
+        #: the seed our first table came from, for the catch-up push-pull
+        self._catch_up_with: Addr | None = None
         #: a DEAD entry about the push-pull peer being answered (reaped here)
         self._dead_sender: codec.Entry | None = None
         self._push_pulls: list[PushPull] = []
@@ -142,7 +144,7 @@ class Exchange(Table):
         if src in self._seeds:
             self.seeds_reached = True
             if not self._announced:
-                self._announce()
+                self._announce(src)
         if not summary:
             return
         # We opened with a summary. A summary back: we agreed (or the tables
@@ -159,16 +161,19 @@ class Exchange(Table):
             port = state.entries[0].alive.sync_port if state.entries else 0
             self._push_pull_to(src, join=False, tcp_port=port)
 
-    def _announce(self) -> None:
+    def _announce(self, seed: Addr) -> None:
         """Once, when the first seed answered with its table. Nothing goes to
         every member (memberlist): the seed merged our entry and gossips our
         ALIVE on, and so does our own queue (``start``); a joiner that told
         every member directly would cost O(N) datagrams per join, O(N^2) for
         a swarm restarting at once. Members that joined at about the same
         time missed each other in their seeds' tables and rely on gossip; one
-        early push-pull with a random member catches up with whatever gossip
-        lost meanwhile."""
+        early push-pull with the seed that answered catches up: every joiner
+        exchanged tables with it, so a few seconds later it holds whoever
+        joined since (a random member would hold only what gossip brought it,
+        which in a swarm starting at once is a queue of N fresh updates)."""
         self._announced = True
+        self._catch_up_with = seed
         catch_up = self._now + self.params.join_catch_up
         if catch_up < self._next_push_pull:
             self._next_push_pull = catch_up
@@ -246,16 +251,24 @@ class Exchange(Table):
                                   self.params.max_members)
 
     def _state_payload(self, join: bool, dead: codec.Entry | None = None) -> bytes:
-        entries = [codec.Entry(self._own_alive(), ALIVE, self.lc, self._own_digests())]
+        entries = [codec.entry_bytes(
+            codec.Entry(self._own_alive(), ALIVE, self.lc, self._own_digests()))]
         if dead is not None:
-            entries.append(dead)
+            entries.append(codec.entry_bytes(dead))
         for m in self.members.values():
-            entries.append(codec.Entry(
-                self._alive_of(m), m.status, m.lc,
-                Digests(m.node_id, max(m.digests_version[0], 0),
-                        max(m.digests_version[1], 0), m.held_dhash, m.digests,
-                        m.app_healthy)))
-        return codec.encode_state(codec.State(join, tuple(entries)), self.params.max_members)
+            # Encoded again only when something it is encoded from changed.
+            key = (m.incarnation, m.status, m.lc, m.digests_version, m.held_dhash,
+                   m.app_healthy, m.host, m.port, m.http_port, m.sync_port, m.role, m.name)
+            cached = m.entry_cache
+            if cached is None or cached[0] != key:
+                cached = (key, codec.entry_bytes(codec.Entry(
+                    self._alive_of(m), m.status, m.lc,
+                    Digests(m.node_id, max(m.digests_version[0], 0),
+                            max(m.digests_version[1], 0), m.held_dhash, m.digests,
+                            m.app_healthy))))
+                m.entry_cache = cached
+            entries.append(cached[1])
+        return codec.encode_state_parts(join, entries, self.params.max_members)
 
     def _push_pull_to(self, addr: Addr, join: bool, summary: bool = False,
                       tcp_port: int = 0) -> None:
@@ -287,6 +300,13 @@ class Exchange(Table):
     def _periodic_push_pull(self, now: float) -> None:
         self._next_push_pull = now + self._push_pull_every()
         self._timer(self._next_push_pull, TimerKind.PUSH_PULL)
+        seed, self._catch_up_with = self._catch_up_with, None
+        if seed is not None:
+            # Its TCP port, once it is a member (O(N), once per join, like the exchange).
+            port = next((m.sync_port for m in self.members.values() if m.addr == seed), 0)
+            self._push_pull_to(seed, join=False, summary=self.params.push_pull_summary,
+                               tcp_port=port)
+            return
         alive = [m for m in self.members.values() if m.status == ALIVE]
         if alive:
             m = self.rng.choice(alive)

@@ -69,6 +69,10 @@ class Member:
     #: when we last asked it for, or sent it, a full digest list
     digests_asked: float = -1e18
     digests_sent: float = -1e18
+    #: its push-pull entry as last encoded, with the fields it was encoded
+    #: from: a table is sent whole many times and changes little in between
+    entry_cache: tuple[tuple[object, ...], bytes] | None = field(
+        default=None, repr=False, compare=False)
 
     @property
     def healthy(self) -> bool:

@@ -58,7 +58,8 @@ class Params:
     push_pull_timeout: float = 10.0
     #: one early push-pull this long after the first seed answered: members
     #: that joined at the same time are missing from each other's seed tables
-    #: and would otherwise wait for gossip or the next full push-pull.
+    #: and would otherwise wait for gossip or the next full push-pull. It goes
+    #: to the seed that answered, which every joiner exchanged tables with.
     join_catch_up: float = 5.0
     #: a member not alive and not confirmed alive for ttl is removed; its
     #: tombstone stays another ttl (HS_GOSSIP_TTL)
