@@ -106,3 +106,27 @@ def test_discovery_socket_goes_through_the_same_seal(refused: bool) -> None:
     assert ("open", Kind.DISCOVERY, b"S" + announce) in seal.calls
     assert all(kind == Kind.DISCOVERY for _, kind, _ in seal.calls)
     assert found == ([] if refused else [("127.0.0.1", 7000)])
+
+
+def test_gossip_socket_sends_without_yielding_and_yields_for_a_queued_datagram() -> None:
+    """An idle agent's CPU is mostly the cost of its event loop passes: a send
+    takes none, a datagram that was already queued takes exactly one (so a
+    flood cannot starve the other tasks)."""
+    from trio.testing import assert_checkpoints, assert_no_checkpoints
+
+    async def main() -> None:
+        a = await GossipSocket.bind("127.0.0.1", 0)
+        b = await GossipSocket.bind("127.0.0.1", 0)
+        try:
+            with assert_no_checkpoints():
+                await a.send(b"one", ("127.0.0.1", b.local_port))
+                await a.send(b"two", ("127.0.0.1", b.local_port))
+            with anyio.fail_after(5):
+                assert (await b.receive())[0] == b"one"
+            with assert_checkpoints():
+                assert (await b.receive())[0] == b"two"
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+    anyio.run(main, backend="trio")

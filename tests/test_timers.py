@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import anyio
 
-from agent.runtime.timers import TimerHeap
+from agent.runtime.timers import Rounds, TimerHeap
 
 
 def test_a_timer_the_core_no_longer_wants_does_not_wake_the_loop() -> None:
@@ -52,7 +52,7 @@ def test_a_full_heap_sheds_moot_timers_before_wanted_ones() -> None:
     assert heap.dropped == 0
 
 
-def test_a_timer_made_moot_while_the_loop_sleeps_does_not_wake_it_later() -> None:
+def test_a_timer_made_moot_while_the_loop_sleeps_does_not_wake_it() -> None:
     async def main() -> None:
         wanted = {"probe_timeout", "probe"}
         heap: TimerHeap[str] = TimerHeap(live=lambda t: t in wanted)
@@ -65,10 +65,46 @@ def test_a_timer_made_moot_while_the_loop_sleeps_does_not_wake_it_later() -> Non
                 heap.prune()
 
             tg.start_soon(ack_arrives)
-            await heap.wait(now + 10)  # woken early by prune, not at 0.4
-            assert anyio.current_time() - now < 0.3
-            second = await heap.wait(now + 10)  # now sleeps to the probe
-        assert abs(second - (now + 0.5)) < 1e-9
+            # The sleep moves to the probe: no wakeup at 0.4, none at prune.
+            deadline = await heap.wait(now + 10)
+            assert anyio.current_time() - now >= 0.49
+        assert abs(deadline - (now + 0.5)) < 1e-9
         assert heap.due(anyio.current_time()) == ["probe"]
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_round_wakes_a_sleeper_before_its_own_timer() -> None:
+    async def main() -> None:
+        rounds = Rounds(slack=0.05)
+        woke: list[float] = []
+        now = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            async def sleeper() -> None:
+                await rounds.sleep(0.4)
+                woke.append(anyio.current_time() - now)
+
+            tg.start_soon(sleeper)
+            await anyio.sleep(0.1)
+            rounds.tick(anyio.current_time())  # not due yet: sleeps on
+            await anyio.sleep(0.2)
+            assert not woke
+            await anyio.sleep(0.07)
+            rounds.tick(anyio.current_time())  # within slack of its deadline
+        # woken by the round at ~0.37, before its deadline; its own timer
+        # would only have fired at 0.4 + 0.2
+        assert 0.3 < woke[0] < 0.4
+        assert len(rounds) == 0
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_sleeper_wakes_on_its_own_when_rounds_stop() -> None:
+    async def main() -> None:
+        rounds = Rounds(slack=0.05)
+        now = anyio.current_time()
+        with anyio.fail_after(2):
+            await rounds.sleep(0.2)
+        assert 0.2 <= anyio.current_time() - now < 0.5
 
     anyio.run(main, backend="trio")

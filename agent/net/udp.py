@@ -12,17 +12,22 @@
 * A failed sendto (unreachable network, full buffer) is counted, not raised.
 * Every datagram crosses the seal (agent.net.seal) on its way out and in; one
   that the seal refuses to open is counted (``drop_unopened``) and dropped.
+* Idle cost: an idle agent's CPU is mostly the event loop's cost per wakeup,
+  so the non-blocking socket is driven directly: a send is one sendto with no
+  yield (it waits only while the socket buffer is full), and a receive waits
+  for readability only when nothing is queued. A datagram that was already
+  queued is returned after one yield, so a flood cannot starve other tasks.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections import Counter
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import UDPSocket
 
 from agent.core.addr import Addr
 from agent.net.seal import CLEARTEXT, Kind, Seal
@@ -52,8 +57,11 @@ def _make_socket(bind: str, port: int) -> socket.socket:
     return s
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize(host: str) -> str:
-    """Plain IPv4 for mapped addresses, drop any IPv6 scope id."""
+    """Plain IPv4 for mapped addresses, drop any IPv6 scope id. Cached: it
+    runs on every received datagram, and parsing an address costs more than
+    the rest of the receive path; the few addresses a swarm uses repeat."""
     host = host.split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(host)
@@ -72,61 +80,92 @@ def only_os_errors(e: BaseException) -> None:
 
 
 class GossipSocket:
-    def __init__(self, sock: UDPSocket, family: int, seal: Seal = CLEARTEXT) -> None:
+    def __init__(self, sock: socket.socket, seal: Seal = CLEARTEXT) -> None:
+        sock.setblocking(False)
         self._sock = sock
-        self._family = family
+        self._family = sock.family
         self._seal = seal
         self.stats: Counter[str] = Counter()
-        # anyio sockets refuse concurrent senders; the receive and tick loops both send.
+        # Only one task may wait for writability at a time (the receive and
+        # tick loops both send); the common path takes no lock.
         self._send_lock = anyio.Lock()
 
     @classmethod
     async def bind(cls, bind: str, port: int, seal: Seal = CLEARTEXT) -> GossipSocket:
-        raw = _make_socket(bind, port)
-        family = raw.family
-        return cls(await UDPSocket.from_socket(raw), family, seal)
+        return cls(_make_socket(bind, port), seal)
 
     @property
     def local_port(self) -> int:
-        return int(self._sock.extra(anyio.abc.SocketAttribute.local_port))
+        return int(self._sock.getsockname()[1])
 
     def _dest(self, host: str) -> str | None:
         if ":" in host:
-            # An IPv4 socket cannot reach an IPv6 peer (anyio would mark the
-            # socket broken); gossip through dual-stack peers still links them.
+            # An IPv4 socket cannot reach an IPv6 peer; gossip through
+            # dual-stack peers still links them.
             return host if self._family == socket.AF_INET6 else None
         return "::ffff:" + host if self._family == socket.AF_INET6 else host
 
     async def send(self, data: bytes, addr: Addr) -> None:
-        """Checkpoint. Never raises OSError: failures are counted."""
+        """Never raises OSError: failures are counted. Yields only while the
+        socket buffer is full (so a burst of sends does not spin)."""
         dest = self._dest(addr[0])
         if dest is None:
             self.stats["send_family_unreachable"] += 1
             return
         datagram = self._seal.seal(data, Kind.GOSSIP)
+        target = (dest, addr[1])
         try:
-            async with self._send_lock:
-                await self._sock.sendto(datagram, dest, addr[1])
-        except (OSError, anyio.BrokenResourceError) as e:
-            only_os_errors(e)
+            self._sock.sendto(datagram, target)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:
             self.stats["send_errors"] += 1
+            return
+        async with self._send_lock:
+            while True:
+                await anyio.wait_writable(self._sock)
+                try:
+                    self._sock.sendto(datagram, target)
+                    return
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.stats["send_errors"] += 1
+                    return
 
     async def receive(self) -> tuple[bytes, Addr]:
-        """The next opened datagram and its numeric source address."""
+        """Checkpoint. The next opened datagram and its numeric source address."""
+        waited = False
         while True:
+            if self._sock.fileno() < 0:
+                raise anyio.ClosedResourceError
             try:
-                datagram, (host, port) = await self._sock.receive()
-            except (OSError, anyio.BrokenResourceError) as e:
+                datagram, src = self._sock.recvfrom(65535)
+            except BlockingIOError:
+                await anyio.wait_readable(self._sock)
+                waited = True
+                continue
+            except OSError:
                 # ICMP errors from an earlier send can surface here.
-                only_os_errors(e)
                 self.stats["receive_errors"] += 1
                 await anyio.lowlevel.checkpoint()
+                waited = True
                 continue
+            if not waited:
+                # Queued already: let the other tasks run before handling it.
+                await anyio.lowlevel.checkpoint()
+                waited = True
             data = self._seal.open(datagram, Kind.GOSSIP)
             if data is None:
                 self.stats["drop_unopened"] += 1
+                waited = False  # a flood of forgeries must yield too
                 continue
-            return data, (normalize(host), port)
+            host = src[0] if self._family == socket.AF_INET else normalize(src[0])
+            return data, (host, src[1])
 
     async def aclose(self) -> None:
-        await self._sock.aclose()
+        if self._sock.fileno() >= 0:
+            anyio.notify_closing(self._sock)
+            self._sock.close()
+        await anyio.lowlevel.checkpoint()

@@ -71,7 +71,7 @@ from agent.runtime.joining import SeedWatch, join
 from agent.runtime.rng import Seed
 from agent.runtime.sdnotify import Notifier
 from agent.runtime.seeds import Seeds, resolve
-from agent.runtime.timers import TimerHeap
+from agent.runtime.timers import Rounds, TimerHeap
 from agent.runtime.view import (
     AgentView,
     ApiServer,
@@ -122,6 +122,8 @@ class Agent:
     ticks: int = 0
     #: the deadlines the membership core asked for
     timers: TimerHeap[Timer] = field(init=False)
+    #: slow loops sleep until a round (agent.runtime.timers.Rounds)
+    rounds: Rounds = field(init=False)
     _refreshing_seeds: bool = False
     _push_pulls_running: int = 0
     _tg: TaskGroup | None = None
@@ -157,6 +159,8 @@ class Agent:
     _ident_pending: int | None = None
     _ident_saved_at: float = float("-inf")
     _ident_save_failing: bool = False
+    #: the store's digest list last handed to the core (see _publish_digests)
+    _published_infos: object = None
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -174,6 +178,7 @@ class Agent:
         self.seeds = Seeds(self._join, cfg.peers)
         self.lag = supervision.LagMeter(self._record_loop_lag)
         self.timers = TimerHeap(live=self.core.timer_pending)
+        self.rounds = Rounds(slack=cfg.interval / 2)
 
     # --- the view the face reads -------------------------------------------
 
@@ -257,9 +262,9 @@ class Agent:
             tg.start_soon(self._timer_loop)
             tg.start_soon(self._signal_loop)
             tg.start_soon(maintenance.snapshot_loop, cfg.interval, cfg.data_dir,
-                          self._snapshot_rows, lambda: self.core.lc)
+                          self._snapshot_rows, lambda: self.core.lc, self.rounds.sleep)
             tg.start_soon(maintenance.tombstone_loop, cfg.interval, store, self.core,
-                          cfg.tombstone_grace, wall_ms)
+                          cfg.tombstone_grace, wall_ms, self.rounds.sleep)
             # change-log streaming: leader, follower or neither (agent.runtime.replication);
             # with HS_GOSSIP_ETCD the leader is elected (agent.runtime.failover); a
             # follower's API writes go through the leader (agent.runtime.forwarding)
@@ -293,15 +298,16 @@ class Agent:
             tg.start_soon(self.replication.run)
             tg.start_soon(self.forwarding.run)
             tg.start_soon(maintenance.log_compaction_loop, cfg.interval, store, cfg.log_retain,
-                          self.replication.min_needed_seq)
+                          self.replication.min_needed_seq, self.rounds.sleep)
             tg.start_soon(supervision.trim_memory)
             self._start_optional_services(tg)
             for svc in self.services:
                 tg.start_soon(svc, self)
+            supervision.freeze_startup()
             self.notifier.notify("READY=1", "STATUS=" + self.status_line())
             if self.notifier.enabled:
                 tg.start_soon(supervision.systemd_loop, self.notifier, self.status_line,
-                              lambda: self.last_tick, cfg.interval)
+                              lambda: self.last_tick, cfg.interval, self.rounds.sleep)
             task_status.started()
             await self._shutdown.wait()
             self.notifier.notify("STOPPING=1", "STATUS=leaving the swarm")
@@ -385,6 +391,7 @@ class Agent:
                                 cfg.sync_concurrency, cfg.max_value, cfg.tombstone_grace,
                                 rng=self.seed.rng_for("sync"),
                                 keys=self._stream_keys)
+        self.sync.rounds = self.rounds
         if cfg.sync_port is not None:
             self.core.me.sync_port = cfg.sync_port
         self._publish_digests()
@@ -392,10 +399,16 @@ class Agent:
 
     def _publish_digests(self) -> None:
         if self.store is not None:
+            infos = self.store.digests()
+            # The store hands out a new list on each commit that changed
+            # it: the same list again means nothing to hash or spread.
+            if infos is self._published_infos:
+                return
+            self._published_infos = infos
             before = self.core.digests
             self.core.set_digests([
                 wire.Digest(c.name, c.state_hash, c.count, c.horizon >> clock.COUNTER_BITS)
-                for c in self.store.digests()])
+                for c in infos])
             if self.core.digests != before and hasattr(self, "sync"):
                 self.sync.poke()
 
@@ -630,6 +643,7 @@ class Agent:
             if now >= next_round:
                 next_round = now + interval
                 self.ticks += 1
+                self.rounds.tick(now)
                 self._publish_digests()
                 self.core.bump_lc()
                 self._save_identity()

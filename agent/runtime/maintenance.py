@@ -4,12 +4,14 @@ agent state; each ``async def`` sleeps between rounds and is cancelled with
 the agent's task group (a cancelled round leaves nothing half-written: the
 snapshot is replaced atomically, a purge is one store transaction and log
 compaction moves its floor in the transaction that deletes the entries).
+Each sleeps through ``sleep`` (the agent passes agent.runtime.timers.Rounds.sleep,
+so their rounds cost an idle agent no wakeup of their own).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -35,6 +37,8 @@ LOG_COMPACT_EVERY_INTERVALS = 30
 
 #: (node_id hex, host, gossip port, wall time last seen)
 Row = tuple[str, str, int, float]
+#: how a loop sleeps between rounds
+Sleep = Callable[[float], Awaitable[None]]
 
 
 def snapshot_rows(core: Swim, wall_time_of: Callable[[float], float]) -> list[Row]:
@@ -52,11 +56,11 @@ def write_snapshot(data_dir: Path, rows: list[Row], lc: int) -> None:
 
 
 async def snapshot_loop(interval: float, data_dir: Path, rows: Callable[[], list[Row]],
-                        lc: Callable[[], int]) -> None:
+                        lc: Callable[[], int], sleep: Sleep = anyio.sleep) -> None:
     saved: set[tuple[str, str, int]] = set()
     saved_at = -SNAPSHOT_REFRESH
     while True:
-        await anyio.sleep(SNAPSHOT_EVERY_INTERVALS * interval)
+        await sleep(SNAPSHOT_EVERY_INTERVALS * interval)
         taken = rows()
         members = {r[:3] for r in taken}
         now = anyio.current_time()
@@ -67,10 +71,10 @@ async def snapshot_loop(interval: float, data_dir: Path, rows: Callable[[], list
 
 
 async def tombstone_loop(interval: float, store: Store, core: Swim, grace: float,
-                         wall_ms: Callable[[], int]) -> None:
+                         wall_ms: Callable[[], int], sleep: Sleep = anyio.sleep) -> None:
     """Purge tombstones when agent.core.tombstones says it is safe."""
     while True:
-        await anyio.sleep(TOMBSTONE_EVERY_INTERVALS * interval)
+        await sleep(TOMBSTONE_EVERY_INTERVALS * interval)
         # Replicas in sight: every member but those that left. A member that
         # left said goodbye and is out of the peer listing at once, but the
         # core keeps its entry (unhealthy) until it is reaped a TTL later;
@@ -92,12 +96,13 @@ def no_follower_needs() -> int | None:
 
 
 async def log_compaction_loop(interval: float, store: Store, retain: Retention,
-                              min_needed: Callable[[], int | None] = no_follower_needs) -> None:
+                              min_needed: Callable[[], int | None] = no_follower_needs,
+                              sleep: Sleep = anyio.sleep) -> None:
     """Compact the change log to HS_GOSSIP_LOG_RETAIN. ``min_needed``: the
     oldest seq a connected follower still needs (None: no follower), which
     holds compaction back up to agent.store.log.hold_bound."""
     while True:
-        await anyio.sleep(LOG_COMPACT_EVERY_INTERVALS * interval)
+        await sleep(LOG_COMPACT_EVERY_INTERVALS * interval)
         gone = await store.compact_log(retain, min_needed())
         if gone:
             log.debug("compacted %d change log entries", gone)

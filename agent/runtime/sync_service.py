@@ -66,6 +66,7 @@ from agent.net.stream import (
     listen,
 )
 from agent.runtime.errors import StartupError
+from agent.runtime.timers import Rounds
 from agent.store import Store, StoreError, check_name
 from merkle import frames
 from merkle.frames import SALT_LEN, Done, Frame, Hello, Items, ProtocolError
@@ -350,6 +351,8 @@ class SyncService:
         self.stats: dict[str, int] = {}
         self.refused = RefusalLog(self.stats)
         self._poked = anyio.Event()
+        #: the agent's rounds: the idle plan waits for one (None: a timer)
+        self.rounds: Rounds | None = None
         #: other kinds of connection on this listener, by first byte
         self.routes: dict[int, Route] = {}
         #: long-lived kinds (the change-log stream): no session deadline, no
@@ -422,8 +425,14 @@ class SyncService:
                 # next interval (sessions in flight, pairs cooling down).
                 in_step = not plan and all(p[3] == ours for p in current)
                 self._poked = anyio.Event()
-                with anyio.move_on_after(self.interval * (IDLE_PLAN_INTERVALS if in_step
-                                                          else 1)):
+                wait = self.interval * (IDLE_PLAN_INTERVALS if in_step else 1)
+                if in_step and self.rounds is not None:
+                    # The safety-net plan rides on the agent's round (no
+                    # wakeup of its own); a timer a little later covers for
+                    # rounds that stop.
+                    self.rounds.wake_at(anyio.current_time() + wait, self._poked)
+                    wait += self.interval
+                with anyio.move_on_after(wait):
                     await self._poked.wait()
 
     async def _one(self, key: str, host: str, port: int, name: str, horizon_ms: int) -> None:

@@ -4,9 +4,11 @@ Rules: a core says "call me back at this deadline with this timer" and never
 cancels; a timer that no longer applies is ignored by the core when it fires.
 So the heap only grows by what the core asked for and shrinks as deadlines
 pass, and :meth:`TimerHeap.due` costs O(log n) per fired timer. The task
-that waits on it sleeps until the earliest deadline, or until an earlier one
-is added (:meth:`wait` returns then, so the caller recomputes). A timer the
-core says it no longer wants is dropped before the wait instead of waking it.
+that waits on it sleeps until the earliest deadline. A timer added or
+dropped while it sleeps moves the deadline of that sleep instead of waking
+the task to recompute it (an idle agent's CPU is mostly the cost of its
+wakeups). A timer the core says it no longer wants is dropped before the
+wait instead of waking it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ class TimerHeap(Generic[T]):
                  max_timers: int = MAX_TIMERS) -> None:
         self._heap: list[tuple[float, int, T]] = []
         self._seq = 0
-        self._wake = anyio.Event()
+        #: the sleep in progress (its deadline is moved as timers come and go)
+        self._scope: anyio.CancelScope | None = None
+        self._until = float("inf")
+        #: an event nobody sets, made on the loop that waits on it
+        self._never_set: anyio.Event | None = None
         self.live = live
         self.max_timers = max_timers
         self.dropped = 0
@@ -50,11 +56,21 @@ class TimerHeap(Generic[T]):
         for deadline, timer in items:
             self._seq += 1
             heapq.heappush(self._heap, (deadline, self._seq, timer))
-            if deadline < earliest:
-                earliest = deadline
-                self._wake.set()
         if len(self._heap) > self.max_timers:
             self._shed()
+        if self._heap and self._heap[0][0] < earliest:
+            self._retarget()
+
+    def _never(self) -> anyio.Event:
+        if self._never_set is None:
+            self._never_set = anyio.Event()
+        return self._never_set
+
+    def _retarget(self) -> None:
+        """Move the sleep in progress to the deadline the heap asks for now."""
+        scope = self._scope
+        if scope is not None:
+            scope.deadline = min(self._heap[0][0], self._until) if self._heap else self._until
 
     def _shed(self) -> None:
         live = self.live
@@ -71,15 +87,15 @@ class TimerHeap(Generic[T]):
 
     def prune(self) -> None:
         """Drop the timers at the top that the core no longer wants, and
-        wake the waiting loop when that moved its deadline: an ACK that
-        makes the probe's timeout moot then costs no wakeup half a second
-        later."""
+        move the sleep in progress to the next one: an ACK that makes the
+        probe's timeout moot then costs no wakeup, neither now nor half a
+        second later."""
         live = self.live
         if live is None or not self._heap or live(self._heap[0][2]):
             return
         while self._heap and not live(self._heap[0][2]):
             heapq.heappop(self._heap)
-        self._wake.set()
+        self._retarget()
 
     def due(self, now: float) -> list[T]:
         """Pop every timer whose deadline has passed, earliest first."""
@@ -90,16 +106,57 @@ class TimerHeap(Generic[T]):
 
     async def wait(self, until: float) -> float:
         """Checkpoint. Sleep until the earliest deadline but not past
-        ``until``, or until an earlier timer is added. Timers at the top
-        that ``live`` says no longer matter are dropped first, so a
-        cancelled timer costs no wakeup. Returns the deadline it slept
-        towards (to tell how late the loop woke)."""
-        self._wake = anyio.Event()
+        ``until`` (timers added or pruned meanwhile move that deadline).
+        Timers at the top that ``live`` says no longer matter are dropped
+        first, so a cancelled timer costs no wakeup. Returns the deadline it
+        slept towards (to tell how late the loop woke)."""
         live = self.live
         if live is not None:
             while self._heap and not live(self._heap[0][2]):
                 heapq.heappop(self._heap)
+        self._until = until
         deadline = min(self._heap[0][0], until) if self._heap else until
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            await self._wake.wait()
-        return deadline
+        with anyio.CancelScope(deadline=deadline) as scope:
+            self._scope = scope
+            try:
+                # Never set: the scope's deadline ends the wait. (Not
+                # sleep_forever, which nests a cancel scope of its own.)
+                await self._never().wait()
+            finally:
+                self._scope = None
+        return scope.deadline
+
+
+class Rounds:
+    """Slow periodic work (snapshots, purges, the idle sync plan, watchdog
+    pings) woken by the agent's round, which itself rides on the probe
+    timer's wakeup, instead of by timers of its own: each such timer costs
+    an idle process a wakeup. :meth:`tick` is called on every round;
+    :meth:`sleep` returns on the first round within ``slack`` of its
+    deadline, or on its own timer a little later should rounds stop."""
+
+    def __init__(self, slack: float) -> None:
+        self.slack = slack
+        self._waiting: list[tuple[float, int, anyio.Event]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def wake_at(self, deadline: float, event: anyio.Event) -> None:
+        """Set ``event`` on the first round within ``slack`` of ``deadline``."""
+        self._seq += 1
+        heapq.heappush(self._waiting, (deadline, self._seq, event))
+
+    def tick(self, now: float) -> None:
+        while self._waiting and self._waiting[0][0] <= now + self.slack:
+            heapq.heappop(self._waiting)[2].set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Checkpoint. Sleep about ``seconds``: until a round wakes it, at
+        most ``min(seconds / 2, 4 * slack)`` late when rounds stop."""
+        event = anyio.Event()
+        self.wake_at(anyio.current_time() + seconds, event)
+        with anyio.move_on_after(seconds + min(seconds / 2, 4 * self.slack)):
+            await event.wait()
+
