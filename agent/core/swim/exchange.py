@@ -12,9 +12,11 @@ Rules:
 * **Join.** Seeds get our table by push-pull, retried every ``join_retry``
   doubling to ``join_retry_max`` until one answers (a seed whose answer is
   still awaited, for up to ``push_pull_timeout``, is not asked again); once joined, seeds that
-  are not members are retried every ``join_retry_max`` (groups that formed
-  apart merge). Nothing is sent to every member (memberlist): the seed
-  gossips our ALIVE on after merging it, as does our own queue. When the
+  are not members are retried every 0.5-1 x ``join_retry_max`` (jittered; groups that formed
+  apart merge). Our ALIVE goes straight to at most ``join_announce``
+  random members (every member of a small swarm), never to every member of
+  a large one (memberlist sends to none): the seed gossips it on after
+  merging it, as does our own queue. When the
   first seed answers we schedule one catch-up push-pull ``join_catch_up``
   later: members that joined at the same time are missing from each
   other's seed tables; the seed holds them all by then.
@@ -162,11 +164,13 @@ class Exchange(Table):
             self._push_pull_to(src, join=False, tcp_port=port)
 
     def _announce(self, seed: Addr) -> None:
-        """Once, when the first seed answered with its table. Nothing goes to
-        every member (memberlist): the seed merged our entry and gossips our
-        ALIVE on, and so does our own queue (``start``); a joiner that told
-        every member directly would cost O(N) datagrams per join, O(N^2) for
-        a swarm restarting at once. Members that joined at about the same
+        """Once, when the first seed answered with its table: our ALIVE
+        straight to at most ``join_announce`` random members (all of a small
+        swarm, where gossip's few retransmissions can pass one by). Not to
+        every member (memberlist sends to none): the seed merged our entry
+        and gossips our ALIVE on, and so does our own queue (``start``); a
+        joiner that told every member directly would cost O(N) datagrams per
+        join, O(N^2) for a swarm restarting at once. Members that joined at about the same
         time missed each other in their seeds' tables and rely on gossip; one
         early push-pull with the seed that answered catches up: every joiner
         exchanged tables with it, so a few seconds later it holds whoever
@@ -174,6 +178,12 @@ class Exchange(Table):
         which in a swarm starting at once is a queue of N fresh updates)."""
         self._announced = True
         self._catch_up_with = seed
+        k = self.params.join_announce
+        live = [m for m in self.members.values() if m.status in (ALIVE, SUSPECT)] \
+            if len(self.members) <= k else self._random_members(k, b"", (ALIVE, SUSPECT))
+        item = codec.encode_update(self._own_alive())
+        for m in live[:k]:
+            self._send(m.addr, codec.GOSSIP, m, first=[item], piggyback=False)
         catch_up = self._now + self.params.join_catch_up
         if catch_up < self._next_push_pull:
             self._next_push_pull = catch_up
@@ -325,7 +335,11 @@ class Exchange(Table):
             for addr in self._seeds:
                 if addr not in known:
                     self._push_pull_to(addr, join=True)
-            self._next_join = now + self.params.join_retry_max
+            # Jittered, at most join_retry_max: members that joined within
+            # the same few seconds would otherwise retry in step for ever,
+            # and after a partition heals the first retry (the merge) could
+            # wait almost a whole interval.
+            self._next_join = now + self.params.join_retry_max * self.rng.uniform(0.5, 1.0)
         if self._seeds:
             self._timer(self._next_join, TimerKind.JOIN)
         else:

@@ -61,6 +61,14 @@ class Params:
     #: and would otherwise wait for gossip or the next full push-pull. It goes
     #: to the seed that answered, which every joiner exchanged tables with.
     join_catch_up: float = 5.0
+    #: once its first seed answered, a joiner sends its ALIVE straight to
+    #: this many random members (every member of a swarm this small): with
+    #: 4 x ceil(log10(N + 1)) transmissions per update, gossip alone can pass a
+    #: member of a small swarm by for seconds. Above it the seed's gossip
+    #: spreads the joiner and a join costs the same whatever N (memberlist
+    #: sends nothing directly; a swarm restarting at once would otherwise
+    #: cost N^2 datagrams).
+    join_announce: int = 64
     #: a member not alive and not confirmed alive for ttl is removed; its
     #: tombstone stays another ttl (HS_GOSSIP_TTL)
     ttl: float = 30.0
