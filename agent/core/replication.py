@@ -24,9 +24,11 @@ Rules:
   one; an empty ENTRIES is a keepalive. The follower checks the chain from
   its applied position (``verify_chain``) and that it ends at that hash,
   applies the batch and answers ACK with its new applied position
-  (cumulative: it acknowledges every entry up to it). It answers every
-  ENTRIES frame, keepalives too, so each side hears from the other at least
-  once per interval.
+  (cumulative: it acknowledges every entry up to it). Frames that arrive
+  while it applies are applied and acknowledged together, and an ACK may
+  wait a few milliseconds to cover more (agent.runtime.replication); a
+  keepalive is answered at once, so each side hears from the other at
+  least once per interval.
 * The leader sends no more than a :class:`Window` of unacknowledged entries
   and bytes; an ACK that does not fit what was sent is a protocol error.
 * SNAPSHOT (the follower's position is below the compaction floor, it asked

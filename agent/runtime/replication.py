@@ -442,7 +442,7 @@ class Leader:
 
     async def _acks(self, conn: Framed, d: _Downstream, epoch: int) -> None:
         while True:
-            # The follower answers every frame, keepalives included.
+            # The follower acknowledges within ACK_DELAY, keepalives at once.
             with anyio.fail_after(3 * self.interval + CONNECT_TIMEOUT):
                 f = decode(await conn.receive())
             if isinstance(f, Ack) and f.epoch > epoch:
