@@ -43,8 +43,9 @@ from agent.core.forwarding import (
 )
 from agent.net.stream import listen
 from agent.runtime import forwarding as fw_rt
-from agent.runtime.forwarding import Forwarding, ForwardServer
+from agent.runtime.forwarding import IDLE_LOOK, Forwarding, ForwardServer
 from agent.runtime.sync_service import SyncService
+from agent.runtime.timers import Rounds
 from agent.store import Store
 from tests.agents import AgentProc, Swarm, wait_for
 
@@ -406,6 +407,50 @@ def test_a_follower_fills_in_the_value_a_deduplicated_answer_lacks(tmp_path: Pat
                           WrittenItem("k", 5, ORIGIN, False, None))
             written = fwd._answered(COLL, "k", lean, _v({"n": 1}))
             assert written.item is not None and written.item.value == _v({"n": 1})
+        finally:
+            await store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_the_idle_look_for_unsent_writes_waits_for_a_round(tmp_path: Path) -> None:
+    """Not following, the loop looks for unsent writes on the agent's rounds,
+    never on a timer of its own (each costs an idle agent a wakeup)."""
+    class Nowhere:
+        looks = 0
+
+        def leader_epoch(self) -> int | None:
+            return None
+
+        def forward_target(self, now: float) -> None:
+            Nowhere.looks += 1
+            return None
+
+        def epoch_seen(self) -> int:
+            return 0
+
+    interval = 0.2
+
+    async def main() -> None:
+        store = await Store.open(tmp_path, bytes(16))
+        rounds = Rounds(slack=interval / 2)
+        try:
+            fwd = Forwarding(store, Nowhere(), ORIGIN, 1 << 20, lambda: None,
+                             random.Random(1), interval, sleep=rounds.sleep)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fwd.run)
+                with anyio.fail_after(5):
+                    while len(rounds) == 0:
+                        await anyio.sleep(0.005)
+                # Past the idle look's time but before its fallback: no look ...
+                await anyio.sleep(IDLE_LOOK * interval + interval / 2)
+                assert Nowhere.looks == 0
+                # ... until a round comes.
+                rounds.tick(anyio.current_time())
+                with anyio.fail_after(5):
+                    while Nowhere.looks == 0:
+                        await anyio.sleep(0.005)
+                tg.cancel_scope.cancel()
         finally:
             await store.close()
 

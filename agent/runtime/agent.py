@@ -288,7 +288,7 @@ class Agent:
             self.forwarding = Forwarding(store, upstream, self.ident.node_id.bytes,
                                          self.sync.max_frame, self._stream_keys,
                                          self.seed.rng_for("forwarding"), cfg.interval,
-                                         cfg.tombstone_grace)
+                                         cfg.tombstone_grace, self.rounds.sleep)
             self.sync.streams.update(self.forwarding.routes())
             self.closers.append(self.forwarding.close)
             # Handed to every follower it runs (after a promotion or stepping down too).

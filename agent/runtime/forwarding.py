@@ -287,8 +287,12 @@ class Forwarding:
 
     def __init__(self, store: Store, upstream: Upstream, node_id: bytes, max_frame: int,
                  keys: Callable[[], StreamKeys | None], rng: random.Random, interval: float,
-                 tombstone_grace: float = 604800.0) -> None:
+                 tombstone_grace: float = 604800.0,
+                 sleep: Callable[[float], Awaitable[None]] = anyio.sleep) -> None:
         self.store = store
+        #: how run() waits between looks: the agent's rounds, so an idle
+        #: agent spends no wakeup of its own on this loop
+        self._sleep = sleep
         self.upstream = upstream
         self.node_id = node_id
         self.max_frame = max_frame
@@ -322,7 +326,7 @@ class Forwarding:
             # Not following: look again only every IDLE_LOOK intervals (the
             # push before each HELLO is what matters; this is the safety
             # net), so an agent without a leader does not wake every interval.
-            await anyio.sleep(self.interval * (1 if target is not None else IDLE_LOOK))
+            await self._sleep(self.interval * (1 if target is not None else IDLE_LOOK))
             target = self.upstream.forward_target(anyio.current_time())
             if target is not None and self._unsent != {}:
                 try:
