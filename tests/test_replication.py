@@ -460,6 +460,33 @@ def test_frames_that_arrive_while_a_batch_is_applied_are_applied_together(
     anyio.run(main, backend="trio")
 
 
+@pytest.mark.parametrize("bound", ["WINDOW_ENTRIES", "WINDOW_BYTES"])
+def test_a_follower_refuses_a_leader_that_sends_beyond_the_window(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound: str) -> None:
+    """What a follower holds received and not yet applied is bounded by the
+    window, not by what a leader chooses to send: a leader that overruns it
+    (here one whose window is larger than the follower's) ends the stream
+    before the follower queues it."""
+    monkeypatch.setattr(replication_rt, bound, 50 if bound == "WINDOW_ENTRIES" else 2000)
+
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        async with serving(leader_store, window_entries=100_000,
+                           window_bytes=64 << 20) as (_, addr), \
+                anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            await until(lambda: follower.stats.get("connect_failures", 0) >= 1)
+            assert follower.stats.get("entries_received", 0) == 0
+            assert follower.applied.seq == 0
+            tg.cancel_scope.cancel()
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
 def test_only_a_connection_that_becomes_a_stream_gives_back_its_sync_slot(
         tmp_path: Path) -> None:
     """A route of the shared listener holds its sync slot (and the session

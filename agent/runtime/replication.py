@@ -142,7 +142,8 @@ CONNECT_TIMEOUT = 5.0
 #: the longest wait between two connection attempts
 MAX_BACKOFF = 30.0
 #: ENTRIES frames a follower holds received and not yet applied (the leader's
-#: window bounds what they hold; they are applied together)
+#: window bounds what they hold, and the follower holds it to that: a frame
+#: that would queue more than the window is a protocol error)
 FOLLOW_QUEUE = 64
 #: seconds a follower may wait to acknowledge what it applied (ACKs of
 #: several frames go as one); a keepalive is answered at once
@@ -151,8 +152,21 @@ ACK_DELAY = 0.005
 STREAM_ERRORS = (*SESSION_ERRORS, ProtocolError, ChainBroken, EntryInvalid)
 
 
-#: an ENTRIES frame as received: its entries, decoded, and its last hash
-_Frame = tuple[list[changelog.LogEntry], bytes]
+#: an ENTRIES frame as received: its entries, decoded, its last hash and its
+#: entries' size in bytes
+_Frame = tuple[list[changelog.LogEntry], bytes, int]
+
+
+@dataclass
+class _Queued:
+    """What a follower holds received and not yet applied."""
+
+    entries: int = 0
+    size: int = 0
+
+    def add(self, entries: int, size: int) -> None:
+        self.entries += entries
+        self.size += size
 
 
 class SnapshotRefused(ProtocolError):
@@ -718,17 +732,21 @@ class Follower:
         (error or not) ends both; its error is raised here, as it was raised."""
         send, recv = anyio.create_memory_object_stream[_Frame](FOLLOW_QUEUE)
         failed: list[BaseException] = []
+        queued = _Queued()
         async with anyio.create_task_group() as tg, send, recv:
-            tg.start_soon(_until_done, self._receive(conn, epoch, send), tg.cancel_scope,
-                          failed)
-            await _until_done(self._apply(conn, epoch, recv), tg.cancel_scope, failed)
+            tg.start_soon(_until_done, self._receive(conn, epoch, send, queued),
+                          tg.cancel_scope, failed)
+            await _until_done(self._apply(conn, epoch, recv, queued), tg.cancel_scope, failed)
         if failed:
             raise failed[0]
 
-    async def _receive(self, conn: Framed, epoch: int,
-                       out: MemoryObjectSendStream[_Frame]) -> None:
+    async def _receive(self, conn: Framed, epoch: int, out: MemoryObjectSendStream[_Frame],
+                       queued: _Queued) -> None:
         """Frames in, decoded and checked against their own last hash; a
-        keepalive is queued as an empty batch (it is acknowledged too)."""
+        keepalive is queued as an empty batch (it is acknowledged too). What
+        waits to be applied stays within the leader's window: the leader
+        sends nothing beyond it until an ACK, and this side acknowledges
+        only what it applied, so a frame that would hold more is refused."""
         while True:
             # The leader sends at least a keepalive every interval; the slack
             # covers a leader whose store is busy with a large write.
@@ -740,15 +758,24 @@ class Follower:
             if f.epoch != epoch:
                 raise ProtocolError("ENTRIES of another epoch in one stream")
             self._heard()
+            size = sum(map(len, f.entries))
+            # Beyond the window only a single entry larger than the room left
+            # may go (as agent.core.replication.Window lets the leader send).
+            if queued.entries + len(f.entries) > WINDOW_ENTRIES or (
+                    f.entries and (queued.size >= WINDOW_BYTES or (
+                        queued.size + size > WINDOW_BYTES and len(f.entries) > 1))):
+                raise ProtocolError("ENTRIES beyond the window: the leader sent more than "
+                                    "it may before an ACK")
             entries = [changelog.decode(b) for b in f.entries]
             _count(self.stats, "entries_received", len(entries))
             if entries and entries[-1].hash != f.last_hash:
                 raise ChainBroken(entries[-1].seq,
                                   "the batch does not end at the hash the leader sent")
-            await out.send((entries, f.last_hash))
+            queued.add(len(entries), size)
+            await out.send((entries, f.last_hash, size))
 
-    async def _apply(self, conn: Framed, epoch: int,
-                     inbox: MemoryObjectReceiveStream[_Frame]) -> None:
+    async def _apply(self, conn: Framed, epoch: int, inbox: MemoryObjectReceiveStream[_Frame],
+                     queued: _Queued) -> None:
         """Apply whatever has arrived in one transaction, then acknowledge it:
         at once after a keepalive or when the last ACK is :data:`ACK_DELAY`
         old, else within ACK_DELAY (a follower applying a frame per commit
@@ -765,7 +792,7 @@ class Follower:
             with contextlib.suppress(anyio.WouldBlock):
                 while True:
                     batches.append(inbox.receive_nowait())
-            entries = [e for b, _ in batches for e in b]
+            entries = [e for b, _, _ in batches for e in b]
             if entries:
                 # Each frame's entries were hashed from their bytes when decoded
                 # (and checked against the frame's last hash): the store checks
@@ -776,8 +803,10 @@ class Follower:
                 _count(self.stats, "entries_applied", len(entries))
                 if refused:
                     _count(self.stats, "entries_refused", refused)
+                # Applied: no longer held (and the leader hears of it by the next ACK).
+                queued.add(-len(entries), -sum(n for _, _, n in batches))
             now = anyio.current_time()
-            keepalive = not batches or any(not b for b, _ in batches)
+            keepalive = not batches or any(not b for b, _, _ in batches)
             if keepalive or now - acked_at >= ACK_DELAY:
                 await conn.send(encode(Ack(epoch, self.applied)))
                 acked_at, owed = now, False
