@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import anyio
 
-from agent.runtime.timers import Rounds, TimerHeap
+from agent.runtime.timers import SWEEP_MIN, Rounds, TimerHeap
 
 
 def test_a_timer_the_core_no_longer_wants_does_not_wake_the_loop() -> None:
@@ -106,5 +106,28 @@ def test_a_sleeper_wakes_on_its_own_when_rounds_stop() -> None:
         with anyio.fail_after(2):
             await rounds.sleep(0.2)
         assert 0.2 <= anyio.current_time() - now < 0.5
+
+    anyio.run(main, backend="trio")
+
+
+def test_waiters_woken_before_their_round_do_not_pile_up() -> None:
+    """An idle plan poked again and again (each time a new event on a round
+    seconds away), sleepers woken by their own timer or cancelled: the
+    entries they leave are swept, the live one stays."""
+    async def main() -> None:
+        rounds = Rounds(slack=0.05)
+        now = anyio.current_time()
+        live = anyio.Event()
+        rounds.wake_at(now + 5, live)
+        for _ in range(10_000):
+            poked = anyio.Event()
+            rounds.wake_at(now + 5, poked)
+            poked.set()
+        with anyio.move_on_after(0.01):
+            await rounds.sleep(5)  # cancelled
+        await rounds.sleep(0.01)  # woken by its own timer
+        assert len(rounds) <= 2 * SWEEP_MIN
+        rounds.tick(now + 5)
+        assert live.is_set()
 
     anyio.run(main, backend="trio")

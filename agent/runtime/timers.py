@@ -127,24 +127,36 @@ class TimerHeap(Generic[T]):
         return scope.deadline
 
 
+#: waiting entries of :class:`Rounds` before the first sweep of moot ones
+SWEEP_MIN = 64
+
+
 class Rounds:
     """Slow periodic work (snapshots, purges, the idle sync plan, watchdog
     pings) woken by the agent's round, which itself rides on the probe
     timer's wakeup, instead of by timers of its own: each such timer costs
     an idle process a wakeup. :meth:`tick` is called on every round;
     :meth:`sleep` returns on the first round within ``slack`` of its
-    deadline, or on its own timer a little later should rounds stop."""
+    deadline, or on its own timer a little later should rounds stop.
+    Entries whose event was set meanwhile (a sleeper woken by its own timer,
+    an idle plan poked early) are dropped when they pile up, so a waiter
+    woken often before its round holds no more than the live ones."""
 
     def __init__(self, slack: float) -> None:
         self.slack = slack
         self._waiting: list[tuple[float, int, anyio.Event]] = []
         self._seq = 0
+        self._sweep_at = SWEEP_MIN
 
     def __len__(self) -> int:
         return len(self._waiting)
 
     def wake_at(self, deadline: float, event: anyio.Event) -> None:
         """Set ``event`` on the first round within ``slack`` of ``deadline``."""
+        if len(self._waiting) >= self._sweep_at:
+            self._waiting = [w for w in self._waiting if not w[2].is_set()]
+            heapq.heapify(self._waiting)
+            self._sweep_at = max(SWEEP_MIN, 2 * len(self._waiting))
         self._seq += 1
         heapq.heappush(self._waiting, (deadline, self._seq, event))
 
@@ -157,6 +169,9 @@ class Rounds:
         most ``min(seconds / 2, 4 * slack)`` late when rounds stop."""
         event = anyio.Event()
         self.wake_at(anyio.current_time() + seconds, event)
-        with anyio.move_on_after(seconds + min(seconds / 2, 4 * self.slack)):
-            await event.wait()
+        try:
+            with anyio.move_on_after(seconds + min(seconds / 2, 4 * self.slack)):
+                await event.wait()
+        finally:
+            event.set()  # its entry is moot now (see wake_at)
 
