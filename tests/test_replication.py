@@ -460,6 +460,60 @@ def test_frames_that_arrive_while_a_batch_is_applied_are_applied_together(
     anyio.run(main, backend="trio")
 
 
+def test_frames_received_before_the_leader_went_away_are_still_applied(
+        tmp_path: Path) -> None:
+    """Frames queued behind a slow apply when the stream ends (a leader that
+    closed, crashed or stepped down) are applied, as they were when a
+    follower read one frame at a time, not dropped with the connection."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        calls: list[int] = []
+        hold = anyio.Event()
+        real = follower_store.apply_stream
+
+        async def slow(entries: Any, last_hash: Any = None, hashed: bool = False) -> Any:
+            calls.append(len(entries))
+            if len(calls) == 2:
+                await hold.wait()
+            return await real(entries, last_hash, hashed)
+
+        follower_store.apply_stream = slow  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            async with serving(leader_store) as (_, addr):
+                follower = follower_of(follower_store, addr)
+                receive = follower._receive
+                received_all = anyio.Event()
+
+                async def receive_until_the_end(*args: Any) -> None:
+                    try:
+                        await receive(*args)
+                    finally:
+                        received_all.set()
+
+                follower._receive = receive_until_the_end  # type: ignore[method-assign]
+                tg.start_soon(follower.run)
+                await until(lambda: follower.applied == leader_store.log_head)
+                await leader_store.put("vision", "first", 0)
+                await until(lambda: len(calls) == 2)
+                for i in range(30):
+                    await leader_store.put("vision", f"k{i}", i)
+                await until(lambda: follower.stats.get("entries_received", 0)
+                            == leader_store.log_head.seq)
+            # The leader's listener and connections are gone: nothing more comes.
+            with anyio.fail_after(5):
+                await received_all.wait()
+            hold.set()
+            await until(lambda: follower.applied == leader_store.log_head, timeout=5)
+            assert calls[2:] == [30]
+            tg.cancel_scope.cancel()
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
 @pytest.mark.parametrize("bound", ["WINDOW_ENTRIES", "WINDOW_BYTES"])
 def test_a_follower_refuses_a_leader_that_sends_beyond_the_window(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound: str) -> None:

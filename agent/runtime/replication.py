@@ -163,6 +163,8 @@ class _Queued:
 
     entries: int = 0
     size: int = 0
+    #: receiving has ended: what is left is applied, nothing acknowledged
+    ended: bool = False
 
     def add(self, entries: int, size: int) -> None:
         self.entries += entries
@@ -728,17 +730,32 @@ class Follower:
         applying: frames that arrive while a batch is being applied wait in
         a bounded queue and are applied together in the next transaction, so
         a follower that fell behind (a pause, a busy core) catches up in a
-        few large commits instead of one commit per frame. The first to end
-        (error or not) ends both; its error is raised here, as it was raised."""
+        few large commits instead of one commit per frame. When receiving
+        ends (the leader closed or went silent, a bad frame), what it queued
+        before is still applied, as it would have been one frame at a time;
+        when applying ends, receiving ends with it. The first error is
+        raised here, as it was raised."""
         send, recv = anyio.create_memory_object_stream[_Frame](FOLLOW_QUEUE)
         failed: list[BaseException] = []
         queued = _Queued()
-        async with anyio.create_task_group() as tg, send, recv:
-            tg.start_soon(_until_done, self._receive(conn, epoch, send, queued),
-                          tg.cancel_scope, failed)
+        async with anyio.create_task_group() as tg, recv:
+            tg.start_soon(self._receive_then_close, conn, epoch, send, queued, failed)
             await _until_done(self._apply(conn, epoch, recv, queued), tg.cancel_scope, failed)
         if failed:
             raise failed[0]
+
+    async def _receive_then_close(self, conn: Framed, epoch: int,
+                                  out: MemoryObjectSendStream[_Frame], queued: _Queued,
+                                  failed: list[BaseException]) -> None:
+        """:meth:`_receive`, then close the queue: the apply task ends once
+        it has applied what is in it (EndOfStream, after this error)."""
+        async with out:
+            try:
+                await self._receive(conn, epoch, out, queued)
+            except STREAM_ERRORS as e:
+                failed.append(e)
+            finally:
+                queued.ended = True
 
     async def _receive(self, conn: Framed, epoch: int, out: MemoryObjectSendStream[_Frame],
                        queued: _Queued) -> None:
@@ -789,7 +806,9 @@ class Follower:
                     batches.append(await inbox.receive())
             else:
                 batches.append(await inbox.receive())
-            with contextlib.suppress(anyio.WouldBlock):
+            # (EndOfStream: receiving has ended; the next receive() says so
+            # once what was taken here is applied)
+            with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
                 while True:
                     batches.append(inbox.receive_nowait())
             entries = [e for b, _, _ in batches for e in b]
@@ -805,6 +824,8 @@ class Follower:
                     _count(self.stats, "entries_refused", refused)
                 # Applied: no longer held (and the leader hears of it by the next ACK).
                 queued.add(-len(entries), -sum(n for _, _, n in batches))
+            if queued.ended:
+                continue  # the stream is over: apply what is left, acknowledge nothing
             now = anyio.current_time()
             keepalive = not batches or any(not b for b, _, _ in batches)
             if keepalive or now - acked_at >= ACK_DELAY:
