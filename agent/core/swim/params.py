@@ -68,7 +68,7 @@ class Params:
     #: spreads the joiner and a join costs the same whatever N (memberlist
     #: sends nothing directly; a swarm restarting at once would otherwise
     #: cost N^2 datagrams).
-    join_announce: int = 64
+    join_announce: int = 128
     #: a member not alive and not confirmed alive for ttl is removed; its
     #: tombstone stays another ttl (HS_GOSSIP_TTL)
     ttl: float = 30.0
