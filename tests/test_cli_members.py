@@ -48,8 +48,11 @@ def cli(a: AgentProc, *args: str, token: str | None = None) -> Any:
 
 
 def test_members_lists_itself_and_peers_with_statuses_and_filters(tmp_path: Path) -> None:
-    # A short TTL so a killed agent goes suspect, then dead, within the test.
-    sw = Swarm(tmp_path, interval=0.2, HS_GOSSIP_TTL="3")
+    # A short TTL so a killed agent goes suspect, then dead, within the test;
+    # not so short that it is reaped before the CLI, a process of its own,
+    # has listed it dead (the suspicion lasts at least 2 s, then the member
+    # stays dead until TTL after it was last alive).
+    sw = Swarm(tmp_path, interval=0.2, HS_GOSSIP_TTL="6")
     try:
         a0 = sw.add()
         a1 = sw.add(seeds=[a0])
