@@ -421,6 +421,23 @@ def test_live_entries_are_streamed_from_memory_without_reading_the_log(
     anyio.run(main, backend="trio")
 
 
+def _slow_second_apply(store: Store) -> tuple[list[int], anyio.Event]:
+    """Make the store's second stream apply wait for the returned event; the
+    list gets the size of every batch applied."""
+    calls: list[int] = []
+    hold = anyio.Event()
+    real = store.apply_stream
+
+    async def slow(entries: Any, last_hash: Any = None, hashed: bool = False) -> Any:
+        calls.append(len(entries))
+        if len(calls) == 2:
+            await hold.wait()  # the second batch takes a while to apply
+        return await real(entries, last_hash, hashed)
+
+    store.apply_stream = slow  # type: ignore[method-assign]
+    return calls, hold
+
+
 def test_frames_that_arrive_while_a_batch_is_applied_are_applied_together(
         tmp_path: Path) -> None:
     """A follower busy applying keeps receiving: what arrived meanwhile goes
@@ -428,17 +445,7 @@ def test_frames_that_arrive_while_a_batch_is_applied_are_applied_together(
     async def main() -> None:
         leader_store = await _filled_leader(tmp_path / "l")
         follower_store = await _open(tmp_path / "f", B)
-        calls: list[int] = []
-        hold = anyio.Event()
-        real = follower_store.apply_stream
-
-        async def slow(entries: Any, last_hash: Any = None, hashed: bool = False) -> Any:
-            calls.append(len(entries))
-            if len(calls) == 2:
-                await hold.wait()  # the second batch takes a while to apply
-            return await real(entries, last_hash, hashed)
-
-        follower_store.apply_stream = slow  # type: ignore[method-assign]
+        calls, hold = _slow_second_apply(follower_store)
         async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
             follower = follower_of(follower_store, addr)
             tg.start_soon(follower.run)
@@ -468,17 +475,7 @@ def test_frames_received_before_the_leader_went_away_are_still_applied(
     async def main() -> None:
         leader_store = await _filled_leader(tmp_path / "l")
         follower_store = await _open(tmp_path / "f", B)
-        calls: list[int] = []
-        hold = anyio.Event()
-        real = follower_store.apply_stream
-
-        async def slow(entries: Any, last_hash: Any = None, hashed: bool = False) -> Any:
-            calls.append(len(entries))
-            if len(calls) == 2:
-                await hold.wait()
-            return await real(entries, last_hash, hashed)
-
-        follower_store.apply_stream = slow  # type: ignore[method-assign]
+        calls, hold = _slow_second_apply(follower_store)
         async with anyio.create_task_group() as tg:
             async with serving(leader_store) as (_, addr):
                 follower = follower_of(follower_store, addr)

@@ -503,6 +503,11 @@ def test_a_forged_dead_kills_no_faster_than_the_suspicion_timeout(
     assert MemberFailed(M) not in s.events
 
 
+def _from(s: Solo, i: int, update: codec.Update) -> None:
+    """Member i, authenticated, gossips ``update``."""
+    s.feed(pkt(codec.GOSSIP, node_id_of(i), [update]), addr_of(i), node_id_of(i))
+
+
 def test_a_dead_heard_on_a_corroborated_suspicion_takes_effect_at_once() -> None:
     """Members 3 and 4 confirm 2's suspicion of M: a DEAD from any of them is
     believed straight away, as memberlist does, instead of each agent waiting
@@ -510,26 +515,20 @@ def test_a_dead_heard_on_a_corroborated_suspicion_takes_effect_at_once() -> None
     one to hear the suspicion)."""
     s, lo, _ = _with_members(10)
     t0 = s.now
-    s.feed(pkt(codec.GOSSIP, node_id_of(3), [Suspect(M, 0, node_id_of(3))]), addr_of(3),
-           node_id_of(3))
-    s.feed(pkt(codec.GOSSIP, node_id_of(4), [Suspect(M, 0, node_id_of(4))]), addr_of(4),
-           node_id_of(4))
+    _from(s, 3, Suspect(M, 0, node_id_of(3)))
+    _from(s, 4, Suspect(M, 0, node_id_of(4)))
     assert s.status() == SUSPECT
-    s.feed(pkt(codec.GOSSIP, node_id_of(5), [Dead(M, 0, node_id_of(5))]), addr_of(5),
-           node_id_of(5))
+    _from(s, 5, Dead(M, 0, node_id_of(5)))
     assert s.status() == DEAD and s.now - t0 < lo
 
 
 def test_a_dead_heard_before_corroboration_takes_effect_when_it_comes() -> None:
     s, lo, _ = _with_members(10)
     t0 = s.now
-    s.feed(pkt(codec.GOSSIP, node_id_of(3), [Dead(M, 0, node_id_of(3))]), addr_of(3),
-           node_id_of(3))
-    s.feed(pkt(codec.GOSSIP, node_id_of(4), [Suspect(M, 0, node_id_of(4))]), addr_of(4),
-           node_id_of(4))
+    _from(s, 3, Dead(M, 0, node_id_of(3)))
+    _from(s, 4, Suspect(M, 0, node_id_of(4)))
     assert s.status() == SUSPECT  # one confirmation of the two waited for
-    s.feed(pkt(codec.GOSSIP, node_id_of(5), [Suspect(M, 0, node_id_of(5))]), addr_of(5),
-           node_id_of(5))
+    _from(s, 5, Suspect(M, 0, node_id_of(5)))
     assert s.status() == DEAD and s.now - t0 < lo
     assert MemberFailed(M) in s.events
 
