@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,8 +31,33 @@ CLONE_NEWNET = 0x40000000
 IP_UDP_HEADERS = 28  # IPv4 (20) + UDP (8): nftables counts whole IP packets
 
 
+_given: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
+    """A port free for TCP and UDP, below the kernel's ephemeral range and
+    never handed out before in this run: a port the kernel picks is in that
+    range, where an agent's outgoing connection (push-pull, sync) can take it
+    before the agent it was meant for binds it, and a second agent answering
+    on "its" API port fools every poll."""
+    try:
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        high = 32768
+    low = max(1024, high - 12000)
+    for _ in range(1000):
+        port = random.randrange(low, high)
+        if port in _given:
+            continue
+        try:
+            for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, k) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        _given.add(port)
+        return port
+    with socket.socket(socket.AF_INET, kind) as s:  # crowded: let the kernel pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
