@@ -421,6 +421,32 @@ def test_live_entries_are_streamed_from_memory_without_reading_the_log(
     anyio.run(main, backend="trio")
 
 
+def test_commits_in_quick_succession_share_a_frame(tmp_path: Path) -> None:
+    """Single-item commits one after another go to a follower in a few
+    frames, not one frame each (a frame costs the follower a receive and a
+    transaction of its own), and every one of them arrives."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        follower_store = await _open(tmp_path / "f", B)
+        async with serving(leader_store) as (leader, addr), anyio.create_task_group() as tg:
+            follower = follower_of(follower_store, addr)
+            tg.start_soon(follower.run)
+            await until(lambda: follower.applied == leader_store.log_head)
+            frames = leader.stats.get("entry_frames_streamed", 0)
+            commits = 100
+            for i in range(commits):
+                await leader_store.put("vision", f"live{i}", i)
+            await until(lambda: follower.applied == leader_store.log_head)
+            sent = leader.stats["entry_frames_streamed"] - frames
+            assert sent * 2 <= commits, f"{sent} frames for {commits} commits"
+            tg.cancel_scope.cancel()
+        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
+        await follower_store.close()
+        await leader_store.close()
+
+    anyio.run(main, backend="trio")
+
+
 def _slow_second_apply(store: Store) -> tuple[list[int], anyio.Event]:
     """Make the store's second stream apply wait for the returned event; the
     list gets the size of every batch applied."""

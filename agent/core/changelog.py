@@ -169,8 +169,14 @@ def decode(data: bytes) -> LogEntry:
         raise EntryInvalid("malformed entry fields")
     if _pack(fields) != data:  # the fields as checked above, FORMAT first
         raise EntryInvalid("not the canonical encoding")
-    return LogEntry(epoch, seq, prev, blake3(data).digest(), origin, hlc, coll, key,
+    return LogEntry(epoch, seq, prev, bytes_hash(data), origin, hlc, coll, key,
                     _OP_OF[op], value)
+
+
+def bytes_hash(data: bytes) -> bytes:
+    """The hash of the entry whose canonical bytes are ``data`` (as
+    :func:`decode` would give it, without decoding)."""
+    return blake3(data).digest()
 
 
 def entry_hash(epoch: int, seq: int, prev_hash: bytes, origin: bytes, hlc: int,

@@ -139,7 +139,9 @@ class Store:
             self._writer = Writer(self.path, self.hlc, origin, max_value, max_skew, self._wall)
         self._writer.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_SAFETY_PAGES}")
         self._checkpointer = Checkpointer(self.path)
-        self._queue: queue.Queue[_Op | None] = queue.Queue()
+        # SimpleQueue: put and get are C, no Condition to notify in Python
+        # (a hand-over each way per write: its cost is per write).
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._digests: list[CollectionInfo] = self._writer.infos()
         self._wake: Callable[[Callable[[], None]], None] | None = None
         self._thread = threading.Thread(target=self._run, name="hs-gossip-store", daemon=True)
