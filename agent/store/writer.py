@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 
 from agent.core.changelog import LogEntry, Position, Retention
-from agent.core.clock import HLC, MAX_HLC
+from agent.core.clock import HLC, MAX_HLC, physical_ms
 from agent.store.changes import (
     Change,
     Collection,
@@ -171,7 +171,9 @@ class Writer:
 
     # --- items from peers -------------------------------------------------------
 
-    def validate_remote(self, item: Item) -> None:
+    def validate_remote(self, item: Item, ahead_limit: int | None = None) -> None:
+        """Refuse an item a peer could not have made. ``ahead_limit``: the
+        newest physical time (ms) accepted, computed once per batch."""
         if type(item.key) is not str or type(item.hlc) is not int:
             raise ItemRejected("malformed item")
         check_key(item.key)
@@ -188,7 +190,9 @@ class Writer:
                 msgpack.unpackb(item.value, raw=False)
             except Exception:
                 raise ItemRejected("value is not msgpack") from None
-        if self.hlc.too_far_ahead(item.hlc, self.max_skew):
+        if ahead_limit is None:
+            ahead_limit = self.hlc.ahead_limit(self.max_skew)
+        if physical_ms(item.hlc) > ahead_limit:
             raise ItemRejected("hlc too far in the future (HS_GOSSIP_MAX_SKEW)")
 
     def apply_remote(self, name: str, items: list[Item]) -> tuple[list[Change], int]:
@@ -199,9 +203,10 @@ class Writer:
         rejected = behind = 0
         coll = self.colls.get(name)
         horizon = coll.horizon if coll is not None else 0
+        ahead = self.hlc.ahead_limit(self.max_skew)
         for it in items:
             try:
-                self.validate_remote(it)
+                self.validate_remote(it, ahead)
             except (ItemRejected, StoreError) as e:
                 rejected += 1
                 log.warning("rejected item %r in %s: %s", getattr(it, "key", "?")[:80], name, e)
