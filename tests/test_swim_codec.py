@@ -192,6 +192,19 @@ def test_push_pull_payload_stays_under_its_limit() -> None:
     assert e.value.reason == DropReason.DECODE_TYPE
 
 
+def test_an_entry_heard_again_is_not_decoded_again() -> None:
+    """Whole tables arrive at every exchange, mostly byte for byte what an
+    earlier one carried: each distinct entry is validated once."""
+    s = codec.State(False, tuple(entry(i) for i in range(1, 6)))
+    first = codec.decode_state(codec.encode_state(s, 100), 100)
+    again = codec.decode_state(codec.encode_state(s, 100), 100)
+    assert again == s and all(a is b for a, b in zip(first.entries, again.entries, strict=True))
+    data = codec.encode_state(s, 100)
+    for bad in (data + b"\x00", data[:-1], data[:2] + b"\x92\xc3\x90"):
+        with pytest.raises(SwimDecodeError):  # trailing, truncated, no entries
+            codec.decode_state(bad, 100)
+
+
 def test_a_digest_list_larger_than_a_datagram_goes_in_parts() -> None:
     many = tuple(Digest(f"collection-{i:03d}" * 4, bytes([i]) * 32, 10**9, 0) for i in range(50))
     u = Digests(B, 1, 3, codec.digest_hash(many), many, True)

@@ -361,3 +361,20 @@ def test_parts_read_no_clock_randomness_or_socket() -> None:
         src = (root / name).read_text()
         assert not re.search(r"^\s*(import|from)\s+(time|random|socket|os)\b", src, re.M), name
         assert not re.search(r"\b(time|random|socket)\.", src), name
+
+
+def test_a_refinement_keeps_the_send_count_of_what_it_replaces() -> None:
+    """A suspicion's confirmation goes on with what is left of the suspicion's
+    sends (keep_count); news replacing news starts again at 0."""
+    q = BroadcastQueue(retransmit_mult=1, max_items=100)  # limit 2 at n = 10
+    q.put(A, b"suspect")
+    assert q.take(1000, 10) == [b"suspect"]  # one send of two
+    q.put(A, b"confirmed", keep_count=True)
+    assert q.take(1000, 10) == [b"confirmed"]
+    assert q.take(1000, 10) == [] and len(q) == 0  # the limit counted both
+    q.put(B, b"suspect")
+    assert q.take(1000, 10) == [b"suspect"]
+    q.put(B, b"alive")  # new news: two more sends
+    assert q.take(1000, 10) == [b"alive"]
+    assert q.take(1000, 10) == [b"alive"]
+    assert len(q) == 0

@@ -816,3 +816,43 @@ def test_periodic_push_pull_goes_to_the_members_sync_port() -> None:
     net.run_until(lambda: any(a == addr_of(2) for a, _ in net.push_pulls), timeout=120)
     periodic = [pp for a, pp in net.push_pulls if a == addr_of(2)]
     assert periodic and all(pp.addr == addr_of(1) and pp.tcp_port == 9001 for pp in periodic)
+
+
+def test_a_first_join_asks_one_seed_then_the_next_when_it_fails() -> None:
+    """Every seed answers a join with its whole table: asking all k at once
+    costs a swarm (re)starting together k * N^2 entries, of which one table
+    per joiner is used. One random seed first; the next only on failure."""
+    a = addr_of(1)
+    core = Swim(SelfInfo(node_id_of(1), 0, "n1", a[1], 8001, host=a[0]), Params.lan(),
+                random.Random(1), 0.0)
+    seeds = [addr_of(2), addr_of(3), addr_of(4)]
+    core.start(0.0, seeds)
+    (first,) = [pp.addr for pp in core.take_push_pulls()]
+    assert first in seeds
+    core.push_pull_failed(first, 0.01)
+    (second,) = [pp.addr for pp in core.take_push_pulls()]
+    assert second in seeds and second != first
+    core.push_pull_failed(second, 0.02)
+    (third,) = [pp.addr for pp in core.take_push_pulls()]
+    assert {first, second, third} == set(seeds)
+    core.push_pull_failed(third, 0.03)
+    assert core.take_push_pulls() == []  # every seed tried: the JOIN timer retries
+    core.handle_timer(Timer(TimerKind.JOIN), core.params.join_retry + 0.01)
+    assert sorted(pp.addr for pp in core.take_push_pulls()) == sorted(seeds)
+
+
+def test_seed_retries_once_joined_open_with_a_summary() -> None:
+    """While a partition lasts every member retries the seeds on the other
+    side: a whole table per retry would cost O(N) for a connect that fails."""
+    net = swarm(seed=2)
+    core = net.core(2)
+    far = addr_of(99)
+    core.join([far], net.now)
+    core.take_push_pulls()
+    core.push_pull_failed(far, net.now)
+    now = net.now + core.params.join_retry_max + 1
+    core.handle_timer(Timer(TimerKind.JOIN), now)
+    pps = [pp for pp in core.take_push_pulls() if pp.addr == far]
+    assert pps
+    state = codec.decode_state(pps[0].data, 4096)
+    assert state.table_hash is not None and len(state.entries) == 1

@@ -8,7 +8,9 @@ Rules:
 * **One update per member.** An item is the encoded update about one node;
   putting a new item about the same node replaces the queued one (the newer
   news supersedes it: alive after suspect, dead after alive...), and its send
-  count starts again at 0.
+  count starts again at 0, unless the caller says the item only refines the
+  queued one (``keep_count``: a suspicion's confirmation), which then goes on
+  with the send count it had.
 * **Order: least-sent first, then newest first.** Fresh news spreads before
   news most members already heard; among equals the newest wins because it
   is the most likely to change someone's table. memberlist breaks ties by size
@@ -90,13 +92,19 @@ class BroadcastQueue:
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._live
 
-    def put(self, node_id: bytes, item: bytes) -> None:
-        """Queue ``item`` about ``node_id``, replacing any queued item about it."""
+    def put(self, node_id: bytes, item: bytes, keep_count: bool = False) -> None:
+        """Queue ``item`` about ``node_id``, replacing any queued item about it.
+
+        ``keep_count``: the new item inherits the send count of the one it
+        replaces (a refinement of news still spreading, not new news)."""
         old = self._live.get(node_id)
+        transmits = 0
         if old is not None:
             old.live = False
+            if keep_count:
+                transmits = old.transmits
         self._seq += 1
-        self._push(_Entry(node_id, item, 0, self._seq))
+        self._push(_Entry(node_id, item, transmits, self._seq))
         while len(self._live) > self.max_items:
             self._evict_one()
         self._maybe_compact()

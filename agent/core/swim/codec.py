@@ -575,30 +575,78 @@ def decode_packet(data: bytes) -> Packet:
         raise SwimDecodeError(_FIELD) from None
 
 
-def decode_state(data: bytes, max_members: int) -> State:
-    """A push-pull payload: at most MAX_PUSH_PULL bytes, of which the first
-    ``max_members + 1`` entries (the sender's own and its table) are decoded
-    and the rest counted in ``truncated``. Raises SwimDecodeError only."""
-    mtype = _envelope(data, MAX_PUSH_PULL)
-    if mtype != PUSH_PULL_MSG:
-        raise SwimDecodeError(DropReason.DECODE_TYPE)
-    # An entry takes more than MIN_ENTRY bytes: no list can be longer than this.
-    body = _unpack(data[2:], MAX_PUSH_PULL, MAX_PUSH_PULL // MIN_ENTRY)
+#: memo of decoded push-pull entries by their encoded bytes. A table
+#: arrives whole at every exchange and most of its entries are byte for byte
+#: what an earlier table (from this peer or another that agrees) carried:
+#: each distinct entry is validated once, not once per table. Only valid
+#: entries are kept; cleared when full.
+_ENTRY_MEMO: dict[bytes, Entry] = {}
+_ENTRY_MEMO_MAX = 16384
+
+
+def _entry(raw: bytes) -> Entry:
+    hit = _ENTRY_MEMO.get(raw)
+    if hit is not None:
+        return hit
+    e = _list(_unpack(raw, MAX_PUSH_PULL, MAX_PUSH_PULL // MIN_ENTRY), 11)
     try:
-        f = _list(body, 2, 2**31)
-        if type(f[0]) is not bool:
-            raise SwimDecodeError(_FIELD)
-        raw = _list(f[1], 1, 2**31)
-        entries = []
-        for v in raw[: max_members + 1]:
-            e = _list(v, 11)
-            entries.append(Entry(_alive(e[0:8]), _int(e[8], 3), _int(e[9]),
-                                 _digests_update(_list(e[10], 7)[1:9])))
-        thash = None
-        if len(f) > 2 and f[2] is not None:
-            thash = _bytes(f[2], TABLE_HASH_LEN, TABLE_HASH_LEN)
-        return State(f[0], tuple(entries), max(len(raw) - max_members - 1, 0), thash)
+        entry = Entry(_alive(e[0:8]), _int(e[8], 3), _int(e[9]),
+                      _digests_update(_list(e[10], 7)[1:9]))
     except SwimDecodeError:
         raise
     except (ValueError, TypeError, IndexError):
+        raise SwimDecodeError(_FIELD) from None
+    if len(_ENTRY_MEMO) >= _ENTRY_MEMO_MAX:
+        _ENTRY_MEMO.clear()
+    _ENTRY_MEMO[raw] = entry
+    return entry
+
+
+def decode_state(data: bytes, max_members: int) -> State:
+    """A push-pull payload: at most MAX_PUSH_PULL bytes, of which the first
+    ``max_members + 1`` entries (the sender's own and its table) are decoded
+    and the rest counted in ``truncated``. Raises SwimDecodeError only.
+
+    The entries are cut out of the payload as raw bytes (msgpack skips them
+    without building objects) and decoded through :data:`_ENTRY_MEMO`."""
+    mtype = _envelope(data, MAX_PUSH_PULL)
+    if mtype != PUSH_PULL_MSG:
+        raise SwimDecodeError(DropReason.DECODE_TYPE)
+    body = data[2:]
+    # An entry takes more than MIN_ENTRY bytes: no list can be longer than this.
+    up = msgpack.Unpacker(
+        raw=False, use_list=True, strict_map_key=True, max_buffer_size=MAX_PUSH_PULL,
+        max_bin_len=MAX_PUSH_PULL, max_str_len=MAX_PUSH_PULL,
+        max_array_len=MAX_PUSH_PULL // MIN_ENTRY, max_map_len=0, max_ext_len=0)
+    up.feed(body)
+    try:
+        n_fields = up.read_array_header()
+        if n_fields < 2:
+            raise SwimDecodeError(_FIELD)
+        join = up.unpack()
+        if type(join) is not bool:
+            raise SwimDecodeError(_FIELD)
+        n = up.read_array_header()
+        if n < 1:
+            raise SwimDecodeError(_FIELD)
+        entries = []
+        for i in range(n):
+            at = up.tell()
+            up.skip()
+            if i <= max_members:
+                entries.append(_entry(body[at:up.tell()]))
+        thash = None
+        if n_fields > 2:
+            h = up.unpack()
+            if h is not None:
+                thash = _bytes(h, TABLE_HASH_LEN, TABLE_HASH_LEN)
+            for _ in range(n_fields - 3):
+                up.skip()
+        if up.tell() != len(body):
+            raise SwimDecodeError(_FIELD)  # trailing bytes
+        return State(join, tuple(entries), max(n - max_members - 1, 0), thash)
+    except SwimDecodeError:
+        raise
+    except (ValueError, msgpack.UnpackException, TypeError, UnicodeDecodeError,
+            RecursionError, IndexError, msgpack.OutOfData):
         raise SwimDecodeError(_FIELD) from None

@@ -9,7 +9,10 @@ talks to seeds and exchanges whole tables; the shell runs the TCP side
 
 Rules:
 
-* **Join.** Seeds get our table by push-pull, retried every ``join_retry``
+* **Join.** Seeds get our table by push-pull: the first join asks one
+  random seed and moves on to the next only when that one fails (refused,
+  timed out), as a seed answers with its whole table and one is all a joiner
+  needs; unreached seeds are then all retried every ``join_retry``
   doubling to ``join_retry_max`` until one answers (a seed whose answer is
   still awaited, for up to ``push_pull_timeout``, is not asked again); once joined, seeds that
   are not members are retried every 0.5-1 x ``join_retry_max`` (jittered; groups that formed
@@ -25,8 +28,8 @@ Rules:
   with one random ALIVE member. It opens with a *summary* (our own entry and
   the hash of our table's (node id, incarnation, status) rows): a peer that
   agrees answers with its own summary; one that does not answers with its
-  whole table, and if we still differ after merging it, ours follows. Joins
-  are always whole tables. Answering a summary costs the peer a hash of its
+  whole table, and if we still differ after merging it, ours follows. A first join
+  is always a whole table. Answering a summary costs the peer a hash of its
   table (rate limited per address like every answer).
 * **Merge** with the gossip rules of ``table.py``: a peer's DEAD counts as a
   SUSPECT (we check for ourselves), LEFT is taken, digests by version. ALIVE
@@ -76,6 +79,8 @@ class Exchange(Table):
         self._summaries: dict[Addr, bool] = {}
         #: seeds with a join exchange in flight, and since when (at most max_seeds)
         self._joining: dict[Addr, float] = {}
+        #: seeds asked one after the other by the first join (see join)
+        self._join_tried: set[Addr] = set()
 
     def join(self, addrs: list[Addr], now: float) -> None:
         """Push-pull with each address; unreached ones are retried (JOIN timer).
@@ -88,12 +93,32 @@ class Exchange(Table):
         tried = list(self.seeds_tried)
         self.seeds_tried = tuple(self._bounded(tried + [a for a in given if a not in tried]))
         kept = set(self._seeds)
-        for addr in given:
-            if addr in kept:
+        targets = [a for a in given if a in kept]
+        if not self.seeds_reached and len(targets) > 1:
+            # The first join asks one seed, the next only if that one fails
+            # (see _join_one): every seed answers a join with its whole table,
+            # so asking all k seeds at once costs k tables per joiner, k * N^2
+            # entries for a swarm (re)starting at once, of which one is used.
+            self._join_tried.clear()
+            self._join_one(targets)
+        else:
+            for addr in targets:
                 self._push_pull_to(addr, join=True)
         if self._seeds and self._next_join == math.inf:
             self._next_join = now + self._join_backoff
             self._timer(self._next_join, TimerKind.JOIN)
+
+    def _join_one(self, addrs: list[Addr]) -> None:
+        """A join exchange with one random seed of ``addrs`` not yet tried in
+        this round and not in flight; none left: the JOIN timer retries all."""
+        now = self._now
+        left = [a for a in addrs if a not in self._join_tried and not (
+            a in self._joining and now - self._joining[a] < self.params.push_pull_timeout)]
+        if not left:
+            return
+        addr = left[self.rng.randrange(len(left))]
+        self._join_tried.add(addr)
+        self._push_pull_to(addr, join=True)
 
     def _bounded(self, addrs: list[Addr]) -> list[Addr]:
         """The first quarter of ``max_seeds`` addresses ever given (configured
@@ -193,8 +218,11 @@ class Exchange(Table):
     def push_pull_failed(self, addr: Addr, now: float) -> None:
         self._now = now
         self._summaries.pop(addr, None)
-        self._joining.pop(addr, None)
+        joining = self._joining.pop(addr, None) is not None
         self.stats["push_pull_failed"] += 1
+        if joining and not self.seeds_reached and not self._leaving:
+            # The seed we asked is down or unreachable: the next one now.
+            self._join_one(self._seeds)
 
     def _merge_state(self, data: bytes, src: Addr, now: float,
                      spread: bool) -> codec.State | None:
@@ -332,9 +360,14 @@ class Exchange(Table):
         else:
             # Seeds that are not members: groups that formed apart merge.
             known = {m.addr for m in self.members.values() if m.status in (ALIVE, SUSPECT)}
+            # They open with a summary, as the periodic exchange does: while
+            # a partition lasts every member retries the seeds on the other
+            # side, and a whole table built for a connect that times out
+            # costs O(N) each time; the seed answers with its table only when
+            # ours differs, and gets ours after that (a merge).
             for addr in self._seeds:
                 if addr not in known:
-                    self._push_pull_to(addr, join=True)
+                    self._push_pull_to(addr, join=True, summary=self.params.push_pull_summary)
             # Jittered, at most join_retry_max: members that joined within
             # the same few seconds would otherwise retry in step for ever,
             # and after a partition heals the first retry (the merge) could

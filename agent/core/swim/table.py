@@ -271,7 +271,12 @@ class Table:
             if s is not None and known and s.confirm(u.accuser):
                 # An independent confirmation: the deadline moves earlier.
                 self.stats["suspicion_confirmations"] += 1
-                self._broadcast(m.node_id, codec.encode_update(u))
+                # Passed on with what is left of the suspicion's own sends
+                # while that is still queued: memberlist restarts the count,
+                # so with k confirmations every member sent each suspicion
+                # (k + 1) x retransmit_limit times, which is what a partition
+                # of 500 from 500 (or a whole swarm restarting) chokes on.
+                self._broadcast(m.node_id, codec.encode_update(u), keep_count=True)
                 if s.dead_from is not None and s.corroborated:
                     return self._gone(m, Dead(m.node_id, m.incarnation, s.dead_from), DEAD, now)
                 self._timer(self._suspect_wake(m, s), TimerKind.SUSPECT_TIMEOUT, m.node_id)
@@ -459,9 +464,9 @@ class Table:
         for part in codec.digests_parts(self._own_digests()):
             self._broadcast(self._digests_key(self.me.node_id, part), codec.encode_update(part))
 
-    def _broadcast(self, key: bytes, item: bytes) -> None:
+    def _broadcast(self, key: bytes, item: bytes, keep_count: bool = False) -> None:
         was_empty = not self._bq
-        self._bq.put(key, item)
+        self._bq.put(key, item, keep_count)
         if self._started:
             # An empty queue made the armed GOSSIP timer moot (the shell may
             # have dropped it, see Swim.timer_pending): arm a fresh one.
