@@ -66,7 +66,7 @@ class Config:
     data_dir: Path = field(default_factory=lambda: default_data_dir(os.environ))
     interval: float = 1.0
     ttl: float = 30.0
-    suspect_intervals: int = 4
+    suspect_intervals: int = 3
     fanout: int = 3
     max_peers: int = 4096
     node_name: str = field(default_factory=socket.gethostname)
@@ -408,7 +408,7 @@ FIELDS: dict[str, FieldSpec] = {
                   "probe period in seconds: each agent probes one member per period"),
         FieldSpec("ttl", _positive_float(0.5, 86400), "30",
                   "seconds a peer not confirmed alive (suspect or failed) stays listed"),
-        FieldSpec("suspect_intervals", _int_range(1, 100), "4",
+        FieldSpec("suspect_intervals", _int_range(1, 100), "3",
                   "suspicion multiplier: a suspect is failed after at least "
                   "SUSPECT_INTERVALS x log10(N) intervals unless it refutes"),
         FieldSpec("fanout", _int_range(1, 16), "3",
