@@ -21,7 +21,8 @@ from agent.core.swim.suspicion import (
     suspicion_timeout,
 )
 
-# params.lan(): probe_interval 1 s, suspicion_mult 4, suspicion_max_mult 6, suspicion_min 2 s
+# memberlist's LAN profile (params.lan() differs only in suspicion_mult, 3):
+# probe_interval 1 s, suspicion_mult 4, suspicion_max_mult 6, suspicion_min 2 s
 LAN = {"probe_interval": 1.0, "mult": 4.0, "max_mult": 6.0, "floor": 2.0}
 A, B, C, D, E = (bytes([i]) * 16 for i in range(1, 6))
 

@@ -141,7 +141,9 @@ def test_indirect_probe_saves_member_behind_lossy_direct_link() -> None:
 
 
 def test_suspicion_confirmations_shorten_deadline() -> None:
-    net = swarm(n=10, seed=7)
+    # memberlist's multiplier, 4: two confirmations expected (the default, 3,
+    # expects one)
+    net = swarm(n=10, seed=7, suspicion_mult=4)
     core = net.core(1)
     victim = net.core(3).me.node_id
     deliver(net, 1, gossip_from(net, 2, Suspect(victim, 0, net.core(2).me.node_id)), frm=2)
