@@ -199,3 +199,21 @@ def test_cli_exits_nonzero_and_names_the_seed_when_a_floor_fails(
     err = capsys.readouterr().err
     assert "invariant failed: join: converged after" in err
     assert "seed 4 replays it: python -m tests.sim --agents 20 --seed 4 --scenario join" in err
+
+
+def test_the_cyclic_collector_is_off_while_a_scenario_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 1,000 agents more than half of a partition or restart run went into
+    full collections walking O(N^2) live objects; reference counting frees
+    everything the simulator makes. The collector is restored afterwards."""
+    import gc
+
+    seen: list[bool] = []
+
+    def probe(run: scenarios.Run) -> None:
+        seen.append(gc.isenabled())
+
+    monkeypatch.setitem(scenarios.SCENARIOS, "join", probe)
+    assert gc.isenabled()
+    run_scenario(Options(agents=4, scenario="join"))
+    assert seen == [False] and gc.isenabled()

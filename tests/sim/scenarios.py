@@ -23,6 +23,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import time
 from collections.abc import Callable
@@ -359,8 +360,22 @@ SCENARIOS: dict[str, Callable[[Run], None]] = {
 
 def run_scenario(opts: Options, params: Params | None = None) -> dict[str, Any]:
     started = time.monotonic()
-    run = Run(opts, params)
-    SCENARIOS[opts.scenario](run)
+    # Python's cyclic garbage collector walks every tracked object on each full
+    # collection: N cores hold O(N^2) of them (tables, queue entries, heap
+    # tuples) and a gossip storm allocates them by the million, so at 1,000
+    # agents more than half of the run went into gc_collect (seen with py-spy
+    # in a partition and a restart). The simulator and the cores make no
+    # reference cycles worth collecting: reference counting frees everything,
+    # so the collector is off for the run (and back as it was after it).
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        run = Run(opts, params)
+        SCENARIOS[opts.scenario](run)
+    finally:
+        if was_enabled:
+            gc.enable()
     if "bytes_per_agent_s" not in run.result:
         run.result["bytes_per_agent_s"] = None
     run.result.setdefault("converged", False)
