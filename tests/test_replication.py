@@ -784,3 +784,32 @@ def test_role_and_coordinator_settings() -> None:
         load(environ={"HS_GOSSIP_COORDINATOR": "10.0.0.2"})
     with pytest.raises(ConfigError, match="a leader follows nobody"):
         load(environ={"HS_GOSSIP_ROLE": "leader", "HS_GOSSIP_COORDINATOR": "10.0.0.2:7946"})
+
+
+def test_a_stream_times_out_on_silence_not_on_a_long_stream_of_frames() -> None:
+    """The receive limit of a stream is moved at each frame: frames that keep
+    coming for longer than the limit are fine, silence past it is a
+    TimeoutError (as ``fail_after`` gave), and a cancellation from outside
+    stays a cancellation."""
+    from agent.runtime.replication import _silence_limit
+
+    async def main() -> None:
+        got = 0
+        with _silence_limit() as limit:
+            for _ in range(6):  # 0.3 s of frames against a 0.1 s limit
+                limit.deadline = anyio.current_time() + 0.1
+                await anyio.sleep(0.05)
+                got += 1
+        assert got == 6
+        t0 = anyio.current_time()
+        with pytest.raises(TimeoutError), _silence_limit() as limit:
+            limit.deadline = anyio.current_time() + 0.1
+            await anyio.sleep_forever()
+        assert anyio.current_time() - t0 < 1
+        with anyio.move_on_after(0.05) as outer:
+            with _silence_limit() as limit:
+                limit.deadline = anyio.current_time() + 10
+                await anyio.sleep_forever()
+        assert outer.cancelled_caught
+
+    anyio.run(main, backend="trio")
