@@ -201,6 +201,13 @@ async def _items(s: Store, name: str) -> list[tuple[str, int, bytes, bool, bytes
             for i in await s.list_items(name, limit=10_000)]
 
 
+async def _same_then_close(follower: Store, leader: Store) -> None:
+    """The follower holds the leader's items exactly; both stores closed."""
+    assert await _items(follower, "vision") == await _items(leader, "vision")
+    await follower.close()
+    await leader.close()
+
+
 def test_apply_stream_copies_the_leader_and_records_the_position(tmp_path: Path) -> None:
     async def main() -> None:
         leader = await _filled_leader(tmp_path / "l")
@@ -379,9 +386,7 @@ def test_leader_streams_backlog_then_live_entries(tmp_path: Path) -> None:
             assert leader.stats["entries_streamed"] == head.seq
             assert leader.min_needed_seq() == head.seq + 1
             tg.cancel_scope.cancel()
-        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
-        await follower_store.close()
-        await leader_store.close()
+        await _same_then_close(follower_store, leader_store)
 
     anyio.run(main, backend="trio")
 
@@ -414,9 +419,7 @@ def test_live_entries_are_streamed_from_memory_without_reading_the_log(
                 await until(lambda: follower.applied == leader_store.log_head)
             assert reads == backlog_reads
             tg.cancel_scope.cancel()
-        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
-        await follower_store.close()
-        await leader_store.close()
+        await _same_then_close(follower_store, leader_store)
 
     anyio.run(main, backend="trio")
 
@@ -440,9 +443,7 @@ def test_commits_in_quick_succession_share_a_frame(tmp_path: Path) -> None:
             sent = leader.stats["entry_frames_streamed"] - frames
             assert sent * 2 <= commits, f"{sent} frames for {commits} commits"
             tg.cancel_scope.cancel()
-        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
-        await follower_store.close()
-        await leader_store.close()
+        await _same_then_close(follower_store, leader_store)
 
     anyio.run(main, backend="trio")
 
@@ -472,7 +473,9 @@ def test_frames_that_arrive_while_a_batch_is_applied_are_applied_together(
         leader_store = await _filled_leader(tmp_path / "l")
         follower_store = await _open(tmp_path / "f", B)
         calls, hold = _slow_second_apply(follower_store)
-        async with serving(leader_store) as (_, addr), anyio.create_task_group() as tg:
+        # One frame per commit (no gap): the batching is the follower's.
+        async with serving(leader_store, send_gap=0) as (_, addr), \
+                anyio.create_task_group() as tg:
             follower = follower_of(follower_store, addr)
             tg.start_soon(follower.run)
             await until(lambda: follower.applied == leader_store.log_head)
@@ -486,9 +489,7 @@ def test_frames_that_arrive_while_a_batch_is_applied_are_applied_together(
             await until(lambda: follower.applied == leader_store.log_head)
             assert calls[2:] == [30]
             tg.cancel_scope.cancel()
-        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
-        await follower_store.close()
-        await leader_store.close()
+        await _same_then_close(follower_store, leader_store)
 
     anyio.run(main, backend="trio")
 
@@ -503,7 +504,7 @@ def test_frames_received_before_the_leader_went_away_are_still_applied(
         follower_store = await _open(tmp_path / "f", B)
         calls, hold = _slow_second_apply(follower_store)
         async with anyio.create_task_group() as tg:
-            async with serving(leader_store) as (_, addr):
+            async with serving(leader_store, send_gap=0) as (_, addr):
                 follower = follower_of(follower_store, addr)
                 receive = follower._receive
                 received_all = anyio.Event()
@@ -530,9 +531,7 @@ def test_frames_received_before_the_leader_went_away_are_still_applied(
             await until(lambda: follower.applied == leader_store.log_head, timeout=5)
             assert calls[2:] == [30]
             tg.cancel_scope.cancel()
-        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
-        await follower_store.close()
-        await leader_store.close()
+        await _same_then_close(follower_store, leader_store)
 
     anyio.run(main, backend="trio")
 
@@ -709,9 +708,7 @@ def test_a_tampered_batch_on_the_wire_is_refused_and_counted(tmp_path: Path) -> 
         # the first refusal turns into a snapshot: no second batch is tampered
         assert follower.stats["chain_refused"] == 1
         assert follower.stats["snapshots"] == 1 and follower.stats["snapshots_installed"] == 1
-        assert await _items(follower_store, "vision") == await _items(leader_store, "vision")
-        await follower_store.close()
-        await leader_store.close()
+        await _same_then_close(follower_store, leader_store)
 
     anyio.run(main, backend="trio")
 

@@ -46,9 +46,6 @@ class HLC:
             if remote > self.last:
                 self.last = remote
 
-    def too_far_ahead(self, remote: int, max_skew_s: float) -> bool:
-        return physical_ms(remote) > self.ahead_limit(max_skew_s)
-
     def ahead_limit(self, max_skew_s: float) -> int:
         """The newest physical time (ms) a remote clock may show now."""
         return self._clock() + int(max_skew_s * 1000)

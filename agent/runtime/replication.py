@@ -260,8 +260,10 @@ class Leader:
                  window_entries: int = WINDOW_ENTRIES, window_bytes: int = WINDOW_BYTES,
                  epoch: int | None = None, stall_limit: float = STALL_LIMIT,
                  snapshot_grace: float = SNAPSHOT_GRACE,
-                 snapshot_min_rate: float = SNAPSHOT_MIN_RATE) -> None:
+                 snapshot_min_rate: float = SNAPSHOT_MIN_RATE,
+                 send_gap: float = SEND_GAP) -> None:
         self.store = store
+        self.send_gap = send_gap
         self.stall_limit = stall_limit
         self.snapshot_grace = snapshot_grace
         self.snapshot_min_rate = snapshot_min_rate
@@ -475,7 +477,7 @@ class Leader:
                 continue
             with anyio.move_on_after(max(0.0, last_sent + self.interval - anyio.current_time())):
                 await d.event.wait()
-                gap = last_data + SEND_GAP - anyio.current_time()
+                gap = last_data + self.send_gap - anyio.current_time()
                 if gap > 0:
                     await anyio.sleep(gap)
             if anyio.current_time() - last_sent >= self.interval:

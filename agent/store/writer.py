@@ -171,9 +171,9 @@ class Writer:
 
     # --- items from peers -------------------------------------------------------
 
-    def validate_remote(self, item: Item, ahead_limit: int | None = None) -> None:
+    def validate_remote(self, item: Item, ahead_limit: int) -> None:
         """Refuse an item a peer could not have made. ``ahead_limit``: the
-        newest physical time (ms) accepted, computed once per batch."""
+        newest physical time (ms) accepted (HLC.ahead_limit, once per batch)."""
         if type(item.key) is not str or type(item.hlc) is not int:
             raise ItemRejected("malformed item")
         check_key(item.key)
@@ -190,8 +190,6 @@ class Writer:
                 msgpack.unpackb(item.value, raw=False)
             except Exception:
                 raise ItemRejected("value is not msgpack") from None
-        if ahead_limit is None:
-            ahead_limit = self.hlc.ahead_limit(self.max_skew)
         if physical_ms(item.hlc) > ahead_limit:
             raise ItemRejected("hlc too far in the future (HS_GOSSIP_MAX_SKEW)")
 
