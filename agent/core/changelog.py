@@ -26,6 +26,7 @@ Rules:
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -136,10 +137,20 @@ def encode(epoch: int, seq: int, prev_hash: bytes, origin: bytes, hlc: int,
     return _pack([FORMAT, epoch, seq, prev_hash, origin, hlc, collection, key, int(op), value])
 
 
+_local = threading.local()
+
+
 def _pack(obj: object) -> bytes:
-    # A fresh Packer per call: msgpack.packb's own way, without its keyword
-    # parsing (a shared Packer would not be safe across threads).
-    return msgpack.Packer(use_bin_type=True).pack(obj)  # type: ignore[no-any-return]
+    # This thread's Packer, made once: the bytes of msgpack.packb without
+    # building a Packer (and its 256 KiB buffer) per call. It resets itself
+    # after each pack, also after an error, and is never entered twice at
+    # once: not shared between threads, and packing the lists of int, str,
+    # bytes and None given here runs no Python code that could pack again.
+    try:
+        p = _local.packer
+    except AttributeError:
+        p = _local.packer = msgpack.Packer(use_bin_type=True)
+    return p.pack(obj)  # type: ignore[no-any-return]
 
 
 class EntryInvalid(ValueError):
@@ -150,9 +161,10 @@ def decode(data: bytes) -> LogEntry:
     """The entry whose canonical bytes are ``data``; its hash is computed
     here. Raises :class:`EntryInvalid` if ``data`` is anything else."""
     try:
-        fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True,
-                                 max_bin_len=len(data), max_str_len=len(data),
-                                 max_array_len=16, max_map_len=0, max_ext_len=0)
+        # Only the limits that differ from unpackb's defaults are passed (its
+        # keyword parsing costs as much as the rest): raw=False, use_list,
+        # strict_map_key and str and bin lengths up to len(data) are its own.
+        fields = msgpack.unpackb(data, max_array_len=16, max_map_len=0, max_ext_len=0)
     except Exception as e:
         raise EntryInvalid(f"not msgpack: {e}") from None
     if type(fields) is not list or len(fields) != 10 or type(fields[0]) is not int \
@@ -169,8 +181,12 @@ def decode(data: bytes) -> LogEntry:
         raise EntryInvalid("malformed entry fields")
     if _pack(fields) != data:  # the fields as checked above, FORMAT first
         raise EntryInvalid("not the canonical encoding")
-    return LogEntry(epoch, seq, prev, bytes_hash(data), origin, hlc, coll, key,
-                    _OP_OF[op], value)
+    # tuple.__new__ directly: LogEntry(...) is the same tuple through a Python-level __new__.
+    return _new_tuple(LogEntry, (epoch, seq, prev, blake3(data).digest(), origin, hlc, coll, key,
+                                 _OP_OF[op], value))
+
+
+_new_tuple = tuple.__new__
 
 
 def bytes_hash(data: bytes) -> bytes:

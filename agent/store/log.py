@@ -42,6 +42,7 @@ import msgpack
 from blake3 import blake3
 
 from agent.core.changelog import FORMAT, GENESIS, LogEntry, Op, Position, Retention, decode
+from merkle.tree import packer
 
 if TYPE_CHECKING:
     from merkle.tree import Item
@@ -111,7 +112,7 @@ class ChangeLog:
         seq = self.head.seq
         prev = self.head.hash
         at = self.wall()
-        pack = msgpack.Packer(use_bin_type=True).pack
+        pack = packer().pack
         rows = []
         for key, old, new in changes:
             if new is None:
@@ -128,7 +129,7 @@ class ChangeLog:
             prev = blake3(data).digest()
         conn.executemany("INSERT INTO log VALUES (?,?,?)", rows)
         self.head = Position(epoch, seq, prev)
-        self.appended.extend((r[0], r[1]) for r in rows)
+        self.appended.extend([(s, d) for s, d, _ in rows])
 
     def read(self, conn: sqlite3.Connection, after_seq: int, limit: int) -> list[LogEntry]:
         """Up to ``limit`` (at most READ_MAX) entries after ``after_seq``, in order.

@@ -8,7 +8,8 @@ Rules:
 * The applied position is the leader's ``(epoch, seq, hash)`` of the last
   entry applied here, kept in the one row of ``upstream`` (schema 4) with the
   highest leader epoch seen. No row: nothing applied yet, ``(0, 0,
-  GENESIS)``.
+  GENESIS)``. The writer mirrors the two (``Writer.applied``): written
+  after the row, dropped by a reload, so a batch need not read them back.
 * :func:`apply` verifies a batch against the applied position first
   (:func:`agent.core.changelog.verify_chain`, and the hash the leader says
   the batch ends with): a batch that does not continue the chain is refused
@@ -47,7 +48,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 import msgpack
@@ -68,6 +68,7 @@ from agent.store.writer import Writer
 from merkle.tree import Item
 
 NOTHING = Position(0, 0, GENESIS)
+REMOVE, TOMBSTONE = Op.REMOVE, Op.TOMBSTONE
 
 
 @dataclass(frozen=True)
@@ -94,21 +95,39 @@ def position(conn: sqlite3.Connection) -> tuple[Position, int]:
     return u.applied, u.epoch_seen
 
 
-def _save(conn: sqlite3.Connection, pos: Position, epoch_seen: int,
+def _applied(w: Writer) -> tuple[Position, int]:
+    """:func:`position`, from the writer's mirror of it (read from the
+    table once after each reload, then kept by :func:`_save`)."""
+    if w.applied is None:
+        w.applied = position(w.conn)
+    return w.applied
+
+
+def _save(w: Writer, pos: Position, epoch_seen: int,
           leader: str | None = None, log_id: bytes | None = None) -> None:
-    old = upstream(conn)
-    conn.execute("INSERT OR REPLACE INTO upstream (id, epoch, seq, hash, epoch_seen, leader, "
-                 "log_id) VALUES (0, ?, ?, ?, ?, ?, ?)",
-                 (pos.epoch, pos.seq, pos.hash, epoch_seen,
-                  old.leader if leader is None else leader,
-                  old.log_id if log_id is None else log_id))
+    """Write the applied position and the highest epoch seen, and the leader
+    and log id when given (else they stay as stored: '' and b'' when there
+    is no row yet), then the mirror (after the row, as writer.py says)."""
+    sets, args = "epoch=?, seq=?, hash=?, epoch_seen=?", [pos.epoch, pos.seq, pos.hash, epoch_seen]
+    if leader is not None:
+        sets += ", leader=?"
+        args.append(leader)
+    if log_id is not None:
+        sets += ", log_id=?"
+        args.append(log_id)
+    if w.conn.execute(f"UPDATE upstream SET {sets} WHERE id=0", args).rowcount == 0:
+        w.conn.execute("INSERT INTO upstream (id, epoch, seq, hash, epoch_seen, leader, log_id) "
+                       "VALUES (0, ?, ?, ?, ?, ?, ?)",
+                       (pos.epoch, pos.seq, pos.hash, epoch_seen,
+                        "" if leader is None else leader, b"" if log_id is None else log_id))
+    w.applied = (pos, epoch_seen)
 
 
 def adopt(w: Writer, pos: Position) -> None:
     """Take ``pos`` as the applied position without applying entries (after
     this agent caught up with the leader some other way: Merkle sync)."""
-    _, seen = position(w.conn)
-    _save(w.conn, pos, max(seen, pos.epoch))
+    _, seen = _applied(w)
+    _save(w, pos, max(seen, pos.epoch))
 
 
 def see_epoch(w: Writer, epoch: int, leader: str | None = None,
@@ -121,7 +140,7 @@ def see_epoch(w: Writer, epoch: int, leader: str | None = None,
     if epoch == u.epoch_seen and (leader is None or leader == u.leader) \
             and (log_id is None or log_id == u.log_id):
         return False
-    _save(w.conn, u.applied, epoch, leader, log_id)
+    _save(w, u.applied, epoch, leader, log_id)
     return True
 
 
@@ -133,7 +152,7 @@ def promote(w: Writer, me: str) -> int:
     epoch = max(u.epoch_seen, w.log.epoch, w.log.head.epoch) + 1
     w.conn.execute("INSERT OR REPLACE INTO meta VALUES ('log_epoch', ?)", (epoch,))
     w.log.epoch = epoch
-    _save(w.conn, u.applied, epoch, me)
+    _save(w, u.applied, epoch, me)
     return epoch
 
 
@@ -218,7 +237,7 @@ def finish_snapshot(w: Writer, p: Progress, leader: str) -> None:
     """The snapshot is installed: its position is the applied one."""
     w.conn.execute("DELETE FROM snapshot_progress")
     u = upstream(w.conn)
-    _save(w.conn, p.at, max(u.epoch_seen, p.at.epoch), leader, p.log_id)
+    _save(w, p.at, max(u.epoch_seen, p.at.epoch), leader, p.log_id)
 
 
 def drop_snapshot(w: Writer) -> None:
@@ -322,7 +341,7 @@ def apply(w: Writer, entries: list[LogEntry], last_hash: bytes | None = None,
     ``hashed``: the entries come straight from
     :func:`agent.core.changelog.decode`, which computed each hash from the
     entry's bytes, so the chain check need not hash them again."""
-    pos, seen = position(w.conn)
+    pos, seen = _applied(w)
     if not entries:
         return pos, 0
     end = verify_chain(entries, pos.hash, pos.seq, rehash=not hashed)
@@ -331,17 +350,27 @@ def apply(w: Writer, entries: list[LogEntry], last_hash: bytes | None = None,
     refused = 0
     # Consecutive entries of one collection and one kind go in one change;
     # order is kept, so a later entry for a key sees the earlier one.
-    for (name, removing), run in groupby(entries, key=lambda e: (e.collection, e.op is Op.REMOVE)):
-        group = list(run)
+    start = 0
+    while start < len(entries):
+        name, removing = entries[start].collection, entries[start].op is REMOVE
+        stop = start + 1
+        while stop < len(entries) and entries[stop].collection == name \
+                and (entries[stop].op is REMOVE) == removing:
+            stop += 1
+        group = entries[start:stop]
+        start = stop
+        # Fields by unpacking: LogEntry is a tuple (epoch, seq, prev_hash,
+        # hash, origin, hlc, collection, key, op, value).
         if removing:
-            w.drop_stale(name, [Item(e.key, e.hlc, e.origin, True, None, e.value or b"")
-                                for e in group])
+            w.drop_stale(name, [Item(key, hlc, origin, True, None, value or b"")
+                                for _, _, _, _, origin, hlc, _, key, _, value in group])
         else:
-            items = [Item(e.key, e.hlc, e.origin, e.op is Op.TOMBSTONE, e.value) for e in group]
+            items = [Item(key, hlc, origin, op is TOMBSTONE, value)
+                     for _, _, _, _, origin, hlc, _, key, op, value in group]
             _, rejected = w.apply_remote(name, items)
             refused += rejected
     new = entries[-1].position
-    _save(w.conn, new, max(seen, new.epoch))
+    _save(w, new, max(seen, new.epoch))
     return new, refused
 
 

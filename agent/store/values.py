@@ -41,10 +41,13 @@ def check_name(name: str) -> None:
 
 
 def check_key(key: str) -> None:
-    try:
-        n = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise StoreError("key must be valid UTF-8") from None
+    if key.isascii():
+        n = len(key)  # one byte per character in UTF-8: no need to encode it
+    else:
+        try:
+            n = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise StoreError("key must be valid UTF-8") from None
     if not 1 <= n <= MAX_KEY_BYTES:
         raise StoreError(f"key must be 1-{MAX_KEY_BYTES} bytes of UTF-8")
 

@@ -12,7 +12,7 @@ Rules:
   deletion cannot be undone by an old copy.
 * Deletes are tombstones, ordered like writes.
 * An operation changes an in-memory mirror (collections, node sums, the
-  log's head) only after it has written a row: an operation that fails
+  log's head, the applied position) only after it has written a row: an operation that fails
   before ``conn.total_changes`` moves has left every mirror as it was, so its
   rollback needs no reload (see :mod:`agent.store.store`).
 """
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
+from msgpack import unpackb
 
 from agent.core.changelog import LogEntry, Position, Retention
 from agent.core.clock import HLC, MAX_HLC, physical_ms
@@ -73,13 +73,18 @@ class Writer:
         self.colls: dict[str, Collection] = load_collections(self.conn)
         #: the change log; ``wall`` (Unix ms) stamps its entries for the age limit
         self.log = ChangeLog(self.conn, wall or (lambda: time.time_ns() // 1_000_000))
+        #: agent.store.stream's mirror of its applied position and highest
+        #: epoch seen (the ``upstream`` row); None: to be read from the table
+        self.applied: tuple[Position, int] | None = None
 
     def reload(self) -> None:
         """Reread the collections and the log's head after a rollback (the
         mirrors may hold undone changes). In place: tree views hold this dict.
         Loaded aside first: if reading fails, the old mirror stays whole
         rather than empty (an empty one would make the next write re-create
-        collections that exist)."""
+        collections that exist). The applied position is dropped first, to
+        be reread when next needed."""
+        self.applied = None
         fresh = load_collections(self.conn)
         self.colls.clear()
         self.colls.update(fresh)
@@ -174,23 +179,27 @@ class Writer:
     def validate_remote(self, item: Item, ahead_limit: int) -> None:
         """Refuse an item a peer could not have made. ``ahead_limit``: the
         newest physical time (ms) accepted (HLC.ahead_limit, once per batch)."""
-        if type(item.key) is not str or type(item.hlc) is not int:
+        # Each field read once into a local: this runs per received item.
+        key, hlc, value = item.key, item.hlc, item.value
+        if type(key) is not str or type(hlc) is not int:
             raise ItemRejected("malformed item")
-        check_key(item.key)
-        if not 0 < item.hlc <= MAX_HLC:
+        check_key(key)
+        if not 0 < hlc <= MAX_HLC:
             raise ItemRejected("hlc out of range")
-        if type(item.origin) is not bytes or len(item.origin) != ORIGIN_LEN:
+        origin = item.origin
+        if type(origin) is not bytes or len(origin) != ORIGIN_LEN:
             raise ItemRejected("origin must be 16 bytes")
-        if type(item.deleted) is not bool or item.deleted != (item.value is None):
+        deleted = item.deleted
+        if type(deleted) is not bool or deleted != (value is None):
             raise ItemRejected("tombstones carry no value, live items carry one")
-        if item.value is not None:
-            if type(item.value) is not bytes or len(item.value) > self.max_value:
+        if value is not None:
+            if type(value) is not bytes or len(value) > self.max_value:
                 raise ItemRejected("value too large")
             try:
-                msgpack.unpackb(item.value, raw=False)
+                unpackb(value)  # raw=False is its default
             except Exception:
                 raise ItemRejected("value is not msgpack") from None
-        if physical_ms(item.hlc) > ahead_limit:
+        if physical_ms(hlc) > ahead_limit:
             raise ItemRejected("hlc too far in the future (HS_GOSSIP_MAX_SKEW)")
 
     def apply_remote(self, name: str, items: list[Item]) -> tuple[list[Change], int]:
@@ -221,8 +230,9 @@ class Writer:
                         behind, name)
             rejected += behind
         changes = self.change(name, Kind.WRITE, good) if good else []
-        for it in good:
-            self.hlc.observe(it.hlc)
+        if good:
+            # Observing the newest is observing them all: the clock keeps the max.
+            self.hlc.observe(max(it.hlc for it in good))
         return changes, rejected
 
     def drop_stale(self, name: str, items: list[Item]) -> list[Change]:
