@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import anyio
@@ -263,6 +264,41 @@ def test_entries_decode_only_from_their_canonical_bytes() -> None:
     ]:
         with pytest.raises(EntryInvalid):
             decode(bad)
+
+
+def test_decode_refuses_maps_exts_and_long_arrays_before_looking_at_fields() -> None:
+    """The unpacker's own limits (no map, no ext, no array beyond 16) stay on:
+    such bytes are not msgpack to an entry, whatever fields they hold."""
+    fields = msgpack.unpackb(encode(1, 1, GENESIS, A, 5 << 16, "c", "k", Op.PUT, b"\x01"))
+    for bad in [
+        msgpack.packb([*fields[:9], {"a": 1}]),                        # a map
+        msgpack.packb([*fields[:9], msgpack.ExtType(1, b"x")]),        # an ext
+        msgpack.packb([*fields, *fields[:7]]),                         # 17 elements
+    ]:
+        with pytest.raises(EntryInvalid, match=r"^not msgpack"):
+            decode(bad)
+
+
+def test_encoding_is_packb_in_every_thread_and_after_a_failed_pack() -> None:
+    """Entries are packed by one Packer per thread: the same bytes as
+    msgpack.packb, also right after a pack that failed halfway."""
+    args = (3, 9, GENESIS, A, 5 << 16, "c", "k", Op.PUT, b"\x01")
+    want = msgpack.packb([1, 3, 9, GENESIS, A, 5 << 16, "c", "k", 0, b"\x01"], use_bin_type=True)
+    with pytest.raises(TypeError):
+        encode(3, 9, GENESIS, A, 5 << 16, "c", "k", Op.PUT, object())  # type: ignore[arg-type]
+    assert encode(*args) == want and decode(want).value == b"\x01"
+    got: list[bytes] = []
+
+    def other() -> None:
+        for _ in range(200):
+            got.append(encode(*args))
+
+    threads = [threading.Thread(target=other) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 800
 
 
 def test_compaction_keeps_the_policy_and_a_verifiable_chain(tmp_path: Path) -> None:

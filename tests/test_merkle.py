@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import random
 from typing import Any
 
 import msgpack
 import pytest
+from blake3 import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,6 +47,26 @@ def sync(a: MemoryTree, b: MemoryTree, cut_after: int | None = None,
         return lambda items: [t.apply(i) for i in items]
 
     return run_pair(a, apply_to(a), b, apply_to(b), cut_after=cut_after, salt=salt)
+
+
+def test_an_item_gets_the_digest_and_position_its_rules_define() -> None:
+    """digest = blake3(packb([key, hlc, origin, deleted, value])), position =
+    the first 8 bytes of blake3(key) as a number; given ones are kept (rows
+    as stored); the item is immutable and its equality ignores both."""
+    cases = [("k", False, b"\x01"), ("κλειδί", True, None), ("k" * 300, False, b"")]
+    for key, deleted, value in cases:
+        it = Item(key, 7 << 16, ORIGINS[1], deleted, value)
+        assert (it.key, it.hlc, it.origin, it.deleted, it.value) == \
+            (key, 7 << 16, ORIGINS[1], deleted, value)
+        assert it.digest == blake3(msgpack.packb([key, 7 << 16, ORIGINS[1], deleted, value],
+                                                 use_bin_type=True)).digest()
+        assert it.pos == int.from_bytes(blake3(key.encode()).digest()[:8], "big")
+        stored = Item(key, 7 << 16, ORIGINS[1], deleted, value, b"d" * 32, 5)
+        assert (stored.digest, stored.pos) == (b"d" * 32, 5)
+        assert stored == it and hash(stored) == hash(it)
+        assert dataclasses.replace(it, hlc=8 << 16).digest == it.digest  # fields as given
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            it.key = "other"  # type: ignore[misc]
 
 
 def test_equal_replicas_settle_in_one_round_trip() -> None:

@@ -44,7 +44,7 @@ from agent.net.stream import connect, listen
 from agent.runtime import replication as replication_rt
 from agent.runtime.replication import Follower, Leader
 from agent.runtime.sync_service import SyncService
-from agent.store import Store
+from agent.store import Store, stream
 from agent.store.log import RecentLog
 
 A, B = b"a" * 16, b"b" * 16
@@ -310,6 +310,29 @@ def test_entries_a_rollback_undid_never_reach_the_recent_log(tmp_path: Path) -> 
         assert held == await store.read_log_raw(0, 100, 1 << 20)
         assert [changelog.decode(b).key for _, b in held or []] == ["a", "c"]
         await store.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_a_rolled_back_apply_leaves_the_applied_position_where_it_was(tmp_path: Path) -> None:
+    """The applied position is mirrored in memory: an apply that a failure
+    rolls back leaves it at what was kept, and the same entries apply again."""
+    async def main() -> None:
+        leader = await _filled_leader(tmp_path / "l")
+        follower = await _open(tmp_path / "f", B)
+        entries = await leader.read_log(0, 10_000)
+        await follower.apply_stream(entries[:10], entries[9].hash)
+
+        def half_done(w: Any) -> None:
+            stream.apply(w, entries[10:20], entries[19].hash)
+            raise ValueError("fails after applying")
+
+        with pytest.raises(ValueError):
+            await follower._call(half_done)
+        assert (await follower.stream_position())[0] == entries[9].position
+        pos, _ = await follower.apply_stream(entries[10:], entries[-1].hash)
+        assert pos == await leader.log_position()
+        await _same_then_close(follower, leader)
 
     anyio.run(main, backend="trio")
 

@@ -113,7 +113,7 @@ class ChangeLog:
         prev = self.head.hash
         at = self.wall()
         pack = packer().pack
-        rows = []
+        rows: list[tuple[int, bytes]] = []
         for key, old, new in changes:
             if new is None:
                 assert old is not None
@@ -125,11 +125,13 @@ class ChangeLog:
             seq += 1
             # The canonical bytes of agent.core.changelog.encode, inline.
             data = pack([FORMAT, epoch, seq, prev, origin, hlc, collection, key, op, value])
-            rows.append((seq, data, at))
+            rows.append((seq, data))
             prev = blake3(data).digest()
-        conn.executemany("INSERT INTO log VALUES (?,?,?)", rows)
+        # Rows with ``at`` from a generator: each is freed once bound (one
+        # container per entry less for the cyclic garbage collector).
+        conn.executemany("INSERT INTO log VALUES (?,?,?)", ((s, d, at) for s, d in rows))
         self.head = Position(epoch, seq, prev)
-        self.appended.extend([(s, d) for s, d, _ in rows])
+        self.appended.extend(rows)
 
     def read(self, conn: sqlite3.Connection, after_seq: int, limit: int) -> list[LogEntry]:
         """Up to ``limit`` (at most READ_MAX) entries after ``after_seq``, in order.
