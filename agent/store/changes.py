@@ -181,27 +181,25 @@ def _write(conn: sqlite3.Connection, coll: Collection, changes: list[Change]) ->
     live count: each old version out, each new one in. One pass, written out
     by hand: it runs once per changed item on bulk writes."""
     final: dict[str, Item | None] = {}
-    leaf_delta: dict[int, list[int]] = {}
+    # Per leaf node: the change of its sum and of its count, in two dicts of
+    # ints rather than one of [sum, count] lists: no container per node for
+    # the cyclic garbage collector to count and walk.
+    leaf_sum: dict[int, int] = {}
+    leaf_count: dict[int, int] = {}
     live = 0
     as_int = int.from_bytes
     for key, old, new in changes:
         final[key] = new
         if new is not None:
             k = new.pos >> LEAF_SHIFT
-            d = leaf_delta.get(k)
-            if d is None:
-                d = leaf_delta[k] = [0, 0]
-            d[0] += as_int(new.digest, "big")
-            d[1] += 1
+            leaf_sum[k] = leaf_sum.get(k, 0) + as_int(new.digest, "big")
+            leaf_count[k] = leaf_count.get(k, 0) + 1
             if not new.deleted:
                 live += 1
         if old is not None:
             k = old.pos >> LEAF_SHIFT
-            d = leaf_delta.get(k)
-            if d is None:
-                d = leaf_delta[k] = [0, 0]
-            d[0] -= as_int(old.digest, "big")
-            d[1] -= 1
+            leaf_sum[k] = leaf_sum.get(k, 0) - as_int(old.digest, "big")
+            leaf_count[k] = leaf_count.get(k, 0) - 1
             if not old.deleted:
                 live -= 1
     cid = coll.id
@@ -218,41 +216,44 @@ def _write(conn: sqlite3.Connection, coll: Collection, changes: list[Change]) ->
              it.digest) for it in kept))
     if gone:
         conn.executemany("DELETE FROM items WHERE coll=? AND key=?", gone)
-    _fold(conn, coll, leaf_delta)
+    _fold(conn, coll, leaf_sum, leaf_count)
     if live:
         coll.live += live
         conn.execute("UPDATE collections SET live=? WHERE id=?", (coll.live, coll.id))
 
 
-def _fold(conn: sqlite3.Connection, coll: Collection, leaf_delta: dict[int, list[int]]) -> None:
-    """Add per-leaf (sum, count) deltas to the stored levels, one level at a
-    time: each node is touched once per batch however many items changed."""
-    dirty: NodeSums = {}
+def _fold(conn: sqlite3.Connection, coll: Collection, leaf_sum: dict[int, int],
+          leaf_count: dict[int, int]) -> None:
+    """Add per-leaf sum and count deltas (same keys) to the stored levels,
+    one level at a time: each node is touched once per batch however many
+    items changed."""
     nodes = coll.nodes
-    level_delta = leaf_delta
+    #: per level, deepest first: (level, {idx: its node, as changed})
+    dirty: list[tuple[int, dict[int, list[int]]]] = []
+    sums, counts = leaf_sum, leaf_count
     mod, bits = MOD, FANOUT_BITS
     for level in range(STORED_LEVELS, -1, -1):
-        parent_delta: dict[int, list[int]] = {}
-        for idx, (dsum, dcount) in level_delta.items():
-            at = (level, idx)
-            node = nodes.get(at)
+        touched: dict[int, list[int]] = {}
+        up_sum: dict[int, int] = {}
+        up_count: dict[int, int] = {}
+        for idx, dsum in sums.items():
+            dcount = counts[idx]
+            node = nodes.get((level, idx))
             if node is None:
-                node = nodes[at] = [0, 0]
+                node = nodes[(level, idx)] = [0, 0]
             node[0] = (node[0] + dsum) % mod
             node[1] += dcount
-            dirty[at] = node
+            touched[idx] = node
             up = idx >> bits
-            p = parent_delta.get(up)
-            if p is None:
-                parent_delta[up] = [dsum, dcount]
-            else:
-                p[0] += dsum
-                p[1] += dcount
-        level_delta = parent_delta
+            up_sum[up] = up_sum.get(up, 0) + dsum
+            up_count[up] = up_count.get(up, 0) + dcount
+        dirty.append((level, touched))
+        sums, counts = up_sum, up_count
     cid = coll.id
     conn.executemany(  # rows from a generator, as in _write
         "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?)",
-        ((cid, lv, ix, n[0].to_bytes(32, "big"), n[1]) for (lv, ix), n in dirty.items()))
+        ((cid, level, idx, n[0].to_bytes(32, "big"), n[1])
+         for level, touched in dirty for idx, n in touched.items()))
 
 
 # --- verification and repair ----------------------------------------------------

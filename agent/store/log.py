@@ -114,18 +114,28 @@ class ChangeLog:
         at = self.wall()
         pack = packer().pack
         rows: list[tuple[int, bytes]] = []
+        add = rows.append
         for key, old, new in changes:
-            if new is None:
-                assert old is not None
-                op, origin, hlc, value = _REMOVE, old.origin, old.hlc, old.digest
-            elif new.deleted:
-                op, origin, hlc, value = _TOMBSTONE, new.origin, new.hlc, None
+            # One field at a time (a 4-tuple assignment builds a tuple per entry).
+            if new is not None:
+                origin = new.origin
+                hlc = new.hlc
+                if new.deleted:
+                    op = _TOMBSTONE
+                    value = None
+                else:
+                    op = _PUT
+                    value = new.value
             else:
-                op, origin, hlc, value = _PUT, new.origin, new.hlc, new.value
+                assert old is not None
+                op = _REMOVE
+                origin = old.origin
+                hlc = old.hlc
+                value = old.digest
             seq += 1
             # The canonical bytes of agent.core.changelog.encode, inline.
             data = pack([FORMAT, epoch, seq, prev, origin, hlc, collection, key, op, value])
-            rows.append((seq, data))
+            add((seq, data))
             prev = blake3(data).digest()
         # Rows with ``at`` from a generator: each is freed once bound (one
         # container per entry less for the cyclic garbage collector).
