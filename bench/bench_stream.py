@@ -61,6 +61,7 @@ from agent.config import HostPort  # noqa: E402
 from agent.core.changelog import Retention  # noqa: E402
 from agent.core.replication import TAG  # noqa: E402
 from agent.runtime.replication import Follower, Leader  # noqa: E402
+from agent.runtime.supervision import freeze_startup  # noqa: E402
 from agent.runtime.sync_service import SyncService  # noqa: E402
 from agent.store import Store  # noqa: E402
 
@@ -85,6 +86,7 @@ async def follower_main(port: int, data_dir: Path) -> None:
     sync = SyncService(store, "127.0.0.1", 0, 1.0, 4, MAX_VALUE, rng=random.Random(2))
     f = Follower(store, HostPort("127.0.0.1", port), uuid.uuid4().bytes, 1.0, sync.max_frame,
                  lambda: None, random.Random(3))
+    freeze_startup()  # as an agent does once it has started
     apply = store.apply_stream
     # Each batch's commit time is taken when it commits; the lines go out
     # every FLUSH seconds, so that reporting them costs neither this process
@@ -142,6 +144,7 @@ class Bench:
         self.leader_stats = leader.stats
         sync.streams[TAG] = leader.serve
         await tg.start(sync.serve)
+        freeze_startup()  # as an agent does once it has started
         return store
 
     async def follower(self, tg: Any, name: str) -> int:
