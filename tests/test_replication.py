@@ -314,6 +314,21 @@ def test_entries_a_rollback_undid_never_reach_the_recent_log(tmp_path: Path) -> 
     anyio.run(main, backend="trio")
 
 
+def test_a_deposed_leader_gives_back_its_copy_of_the_newest_entries(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await _open(tmp_path, A)
+        leader = Leader(store, A, 1.0)
+        await store.put("vision", "a", 1)
+        assert store.recent_log.read(0, 100, 1 << 20) is not None  # streamed from memory
+        leader.depose()
+        await store.put("vision", "b", 2)
+        assert store.recent_log.read(0, 100, 1 << 20) is None  # nothing held any more
+        assert store.recent_log.read(1, 100, 1 << 20) is None
+        await store.close()
+
+    anyio.run(main, backend="trio")
+
+
 def test_a_rolled_back_apply_leaves_the_applied_position_where_it_was(tmp_path: Path) -> None:
     """The applied position is mirrored in memory: an apply that a failure
     rolls back leaves it at what was kept, and the same entries apply again."""

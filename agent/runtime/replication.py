@@ -297,11 +297,13 @@ class Leader:
             d.event.set()
 
     def depose(self) -> None:
-        """Stop feeding every follower (a higher epoch exists)."""
+        """Stop feeding every follower (a higher epoch exists), and give back
+        the in-memory copy of the newest entries (up to 4 MiB) kept for them."""
         for d in self.followers.values():
             d.scope.cancel()
         if self.wake in self.store.commit_listeners:
             self.store.commit_listeners.remove(self.wake)
+        self.store.recent_log.keep(0, 0)
 
     def min_needed_seq(self) -> int | None:
         """The oldest entry a connected follower still needs (compaction
