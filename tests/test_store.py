@@ -493,24 +493,3 @@ def test_an_op_refused_before_any_sql_costs_no_mirror_reload(
         await s.close()
 
     run(main)
-
-
-def test_steady_writes_keep_the_wal_small(tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Writes one after another never leave the background checkpoint a
-    moment to finish; the store thread finishes it when idle, so the WAL
-    starts over instead of growing to the writer's own safety checkpoint."""
-    from agent.store import checkpoint, store
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "PERIOD", 0.02)
-    monkeypatch.setattr(store, "WAL_SAFETY_PAGES", 4000)
-
-    async def main() -> int:
-        s = await Store.open(tmp_path, A)
-        for i in range(3000):  # ~10 WAL pages each: 30,000 pages written
-            await s.put("c", f"k{i % 500}", i)
-        pages = (tmp_path / "store.sqlite3-wal").stat().st_size // 4120
-        await s.close()
-        return pages
-
-    assert anyio.run(main, backend="trio") < 2000  # without: 4,000 (the safety checkpoint)

@@ -6,23 +6,10 @@ runs PASSIVE checkpoints, which never block the writer. Should it fall behind
 or fail, the writer's own automatic checkpoint (at ``WAL_SAFETY_PAGES``)
 takes over. A failing checkpoint (a full disk) is logged once per episode,
 without a traceback, and retried every ``RETRY`` seconds until it works.
-
-SQLite starts the WAL over only after a checkpoint that copied every frame.
-Under steady writes (a follower's stream, a client writing every
-millisecond) frames keep arriving while this thread copies, so its
-checkpoints never finish: the WAL then grew to ``WAL_SAFETY_PAGES`` (64 MiB)
-and the writer's automatic checkpoint stalled one commit for 10-15 ms (the
-frames since the last pass, and two fsyncs) every ~2 s at 1,000 commits a
-second. So a pass after writes sets :attr:`finish`, and the store
-thread, once it has nothing queued, runs one PASSIVE checkpoint itself
-(:meth:`finish_on`): it copies only what came since this thread's pass,
-nothing writes meanwhile, the WAL starts over at the next commit, and the
-file stays within a pass's worth of frames.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 import threading
@@ -47,9 +34,6 @@ class Checkpointer:
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA busy_timeout=5000")
         self.dirty = threading.Event()
-        #: the last pass left frames behind (the writer wrote meanwhile)
-        self.finish = False
-        self._frames = 0  # the WAL's frames at the last pass
         self._stopping = threading.Event()
         self.failures = 0
         self.thread = threading.Thread(target=self._run, name="hs-gossip-checkpoint",
@@ -65,11 +49,7 @@ class Checkpointer:
                 return
             self.dirty.clear()
             try:
-                frames = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
-                # Frames came since the last pass (fewer than then: the WAL
-                # started over): more may have come during this one.
-                self.finish = frames != self._frames
-                self._frames = frames
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as e:
                 self.failures += 1
                 if not failing:
@@ -84,16 +64,6 @@ class Checkpointer:
                     self.failures = 0
             if self._stopping.wait(self.PERIOD):
                 return
-
-    def finish_on(self, writer: sqlite3.Connection) -> None:
-        """On the store thread, with nothing queued and no transaction open:
-        finish what the last pass left, so that the WAL starts over."""
-        if not self.finish:
-            return
-        self.finish = False
-        # On failure this thread's next pass, or the automatic one, does it.
-        with contextlib.suppress(sqlite3.Error):
-            writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def stop(self) -> None:
         self._stopping.set()

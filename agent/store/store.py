@@ -198,8 +198,6 @@ class Store:
             except BaseException as e:  # the thread must live on: callers wait on it
                 self._abandon(batch, e)
             self._notify(batch)
-            if self._queue.empty():  # idle: done after the batch's callers are woken
-                self._checkpointer.finish_on(self._writer.conn)
         self._close_db()
 
     def _run_batch(self, batch: list[_Op]) -> None:
