@@ -9,12 +9,13 @@ What it measures:
    Leader of agent.runtime.replication) commits N entries in batches of
    10,000 while 3 followers (each its own process: store + Follower) stream
    them; entries per second from the first commit until the slowest
-   follower committed the last one (floor: 20,000/s to each follower).
+   follower committed the last one (floor: 20,000/s to each follower), and
+   each process's CPU per entry.
 2. **lag**: the leader commits 1,000 single-item writes per second for a few
    seconds; for each entry, the time from the leader's commit returning to a
    follower's transaction holding it committed (both read from
    CLOCK_MONOTONIC, shared by the processes), p50 and p99 over the 3
-   followers (floor: p99 under 10 ms).
+   followers (floor: p99 under 10 ms), and each process's CPU per write.
 3. **catch-up**: a leader holding N entries (1,000,000 by default) and a
    fresh follower: seconds until it has applied the head.
 4. **snapshot**: the leader of step 3 compacts its log to its last 1,000
@@ -69,6 +70,20 @@ MAX_VALUE = 1 << 20
 #: seconds between a follower's reports of what it committed
 FLUSH = 0.05
 COLL = "bench"
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process (``pid`` None) or of a
+    child process (Linux /proc; 0.0 where it cannot be read)."""
+    if pid is None:
+        t = os.times()
+        return t[0] + t[1]
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -185,6 +200,10 @@ class Bench:
                 await anyio.sleep(0.01)
         return max(self.committed_at(i, seq) for i in followers) / 1e9
 
+    def cpu(self) -> list[float]:
+        """CPU seconds so far: the leader's process (this one), then each follower's."""
+        return [cpu_seconds(), *(cpu_seconds(p.pid) for p in self.procs)]
+
     async def stop(self) -> None:
         for p in self.procs:
             p.kill()
@@ -209,6 +228,7 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
             await b.until(fs, store.log_head.seq, timeout=30)
 
             # 1. throughput
+            cpu0 = b.cpu()
             t0 = time.monotonic()
             await fill(store, n)
             t_written = time.monotonic()
@@ -219,6 +239,10 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
                 "all_followers_s": round(t_done - t0, 3),
                 "per_follower_per_s": round(n / (t_done - t0)),
                 "total_per_s": round(3 * n / (t_done - t0)),
+                # CPU per entry: the leader's process (its own commits and the
+                # three streams), then each follower's
+                "cpu_us_per_entry": [round((c1 - c0) / n * 1e6, 1)
+                                     for c0, c1 in zip(cpu0, b.cpu(), strict=True)],
             }
             print("throughput", json.dumps(out["throughput"]), flush=True)
 
@@ -228,6 +252,7 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
             period = 0.001
             count = int(lag_seconds / period)
             first = store.log_head.seq + 1
+            cpu0 = b.cpu()
             nxt = time.monotonic()
             for i in range(count):
                 nxt += period
@@ -238,6 +263,7 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
                     await anyio.sleep(delay)
             rate = count / (time.monotonic() - (nxt - count * period))
             await b.until(fs, store.log_head.seq, timeout=60)
+            cpu1 = b.cpu()
             lags = [(b.committed_at(i, s) - t) / 1e6 for i in fs for s, t in committed.items()
                     if s >= first]
             lags.sort()
@@ -248,6 +274,9 @@ async def bench_stream(n: int, lag_seconds: float, catchup: int) -> dict[str, An
                 "max_ms": round(lags[-1], 3),
                 # streams that broke and reconnected meanwhile (each costs a backoff)
                 "stream_drops": b.leader_stats.get("follower_streams_failed", 0) - drops,
+                # the leader's process (with the writing client), then each follower's
+                "cpu_us_per_write": [round((c1 - c0) / count * 1e6)
+                                     for c0, c1 in zip(cpu0, cpu1, strict=True)],
             }
             print("lag", json.dumps(out["lag"]), flush=True)
             await b.stop()
