@@ -3,6 +3,7 @@ commit, and reconciliation between two stores."""
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
 import threading
@@ -493,3 +494,31 @@ def test_an_op_refused_before_any_sql_costs_no_mirror_reload(
         await s.close()
 
     run(main)
+
+
+@pytest.mark.skipif(not hasattr(threading, "get_native_id") or not hasattr(os, "getpriority"),
+                    reason="per-thread priorities are Linux's")
+def test_the_checkpoint_thread_yields_to_the_writer_and_the_event_loop(tmp_path: Path) -> None:
+    """A pass copies megabytes at once: it runs niced, so that the store
+    thread and the event loop (the agent's latency) go first."""
+    if os.getpriority(os.PRIO_PROCESS, 0) > 9:
+        pytest.skip("this process is niced already: no room to nice a thread below it")
+
+    async def main() -> tuple[int, int]:
+        s = await Store.open(tmp_path, A)
+        await s.put("c", "k", 1)
+        ck = s._checkpointer.thread
+        assert ck.native_id is not None
+        with anyio.fail_after(5):
+            while os.getpriority(os.PRIO_PROCESS, ck.native_id) == os.getpriority(
+                    os.PRIO_PROCESS, 0):
+                await anyio.sleep(0.01)
+        niced = os.getpriority(os.PRIO_PROCESS, ck.native_id)
+        store_thread = s._thread.native_id
+        assert store_thread is not None
+        writer = os.getpriority(os.PRIO_PROCESS, store_thread)
+        await s.close()
+        return niced, writer
+
+    niced, writer = anyio.run(main, backend="trio")
+    assert niced > writer == os.getpriority(os.PRIO_PROCESS, 0)

@@ -74,6 +74,9 @@ DevicePolicy=closed
 SystemCallArchitectures=native
 SystemCallFilter=@system-service
 SystemCallFilter=~@privileged @resources
+# A thread may lower its own priority (the WAL checkpointer runs niced);
+# raising one needs CAP_SYS_NICE, which this unit does not have.
+SystemCallFilter=setpriority
 SystemCallErrorNumber=EPERM
 
 [Install]

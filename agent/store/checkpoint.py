@@ -10,7 +10,9 @@ without a traceback, and retried every ``RETRY`` seconds until it works.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -29,6 +31,10 @@ class Checkpointer:
 
     PERIOD = 0.5  # seconds between checkpoints while writes keep coming
     RETRY = 5.0  # seconds between attempts while checkpoints fail
+    #: niceness of this thread: a pass copies megabytes of pages at once,
+    #: and the event loop and the writer, whose latency is the agent's, go
+    #: first (a checkpoint that falls behind is caught by WAL_SAFETY_PAGES)
+    NICE = 10
 
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -40,6 +46,9 @@ class Checkpointer:
                                        daemon=True)
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux sets it per thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           os.getpriority(os.PRIO_PROCESS, 0) + self.NICE)
         failing = False
         while True:
             # While failing, retry on a timer: the WAL should shrink as soon
