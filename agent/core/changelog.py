@@ -141,17 +141,22 @@ def encode(epoch: int, seq: int, prev_hash: bytes, origin: bytes, hlc: int,
 _local = threading.local()
 
 
-def _pack(obj: object) -> bytes:
-    # This thread's Packer, made once: the bytes of msgpack.packb without
-    # building a Packer (and its 256 KiB buffer) per call. It resets itself
-    # after each pack, also after an error, and is never entered twice at
-    # once: not shared between threads, and packing the lists of int, str,
-    # bytes and None given here runs no Python code that could pack again.
+def packer() -> msgpack.Packer:
+    """This thread's Packer for the canonical bytes, made once: what
+    msgpack.packb builds afresh per call (with a 256 KiB buffer). It resets
+    itself after each pack, also after an error, and is never entered twice
+    at once: not shared between threads, and packing the lists of int, str,
+    bytes and None given to it runs no Python code that could pack again.
+    (merkle.tree has its own: neither package may import the other.)"""
     try:
-        p = _local.packer
+        return _local.packer
     except AttributeError:
-        p = _local.packer = msgpack.Packer(use_bin_type=True)
-    return p.pack(obj)  # type: ignore[no-any-return]
+        _local.packer = msgpack.Packer(use_bin_type=True)
+        return _local.packer
+
+
+def _pack(obj: object) -> bytes:
+    return packer().pack(obj)  # type: ignore[no-any-return]
 
 
 class EntryInvalid(ValueError):

@@ -41,8 +41,16 @@ from typing import TYPE_CHECKING
 import msgpack
 from blake3 import blake3
 
-from agent.core.changelog import FORMAT, GENESIS, LogEntry, Op, Position, Retention, decode
-from merkle.tree import packer
+from agent.core.changelog import (
+    FORMAT,
+    GENESIS,
+    LogEntry,
+    Op,
+    Position,
+    Retention,
+    decode,
+    packer,
+)
 
 if TYPE_CHECKING:
     from merkle.tree import Item
