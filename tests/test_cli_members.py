@@ -51,8 +51,9 @@ def test_members_lists_itself_and_peers_with_statuses_and_filters(tmp_path: Path
     # A short TTL so a killed agent goes suspect, then dead, within the test;
     # not so short that it is reaped before the CLI, a process of its own,
     # has listed it dead (the suspicion lasts at least 2 s, then the member
-    # stays dead until TTL after it was last alive).
-    sw = Swarm(tmp_path, interval=0.2, HS_GOSSIP_TTL="6")
+    # stays dead until TTL after it was last alive). With 6 s the dead window
+    # was 2-3 s, and a CLI start on a loaded machine took longer.
+    sw = Swarm(tmp_path, interval=0.2, HS_GOSSIP_TTL="12")
     try:
         a0 = sw.add()
         a1 = sw.add(seeds=[a0])
@@ -108,7 +109,7 @@ def test_members_lists_itself_and_peers_with_statuses_and_filters(tmp_path: Path
         wait_for(lambda: [r["node_id"] for r in members(a0, "?status=suspect")] == [a2.node_id],
                  what="a2 listed as suspect")
         wait_for(lambda: [r["node_id"] for r in members(a0, "?status=dead")] == [a2.node_id],
-                 timeout=20, what="a2 listed as dead")
+                 timeout=30, what="a2 listed as dead")
         assert [r["node_id"] for r in members(a0, "?status=alive")] == [a0.node_id]
         out = cli(a0, "members", "--status", "dead,alive", "--json")
         assert out.returncode == 0, out.stderr

@@ -141,3 +141,64 @@ def test_schema_v1_database_upgrades_in_place(tmp_path: Path) -> None:
         await s.close()
 
     anyio.run(reopen, backend="trio")
+
+
+def test_a_sync_that_drops_a_stale_tombstone_adopts_the_horizon_at_once(tmp_path: Path) -> None:
+    """Agent a still holds k1's tombstone; b has purged it. When a syncs with
+    b it drops the tombstone (b refuses it) and must take b's horizon in the
+    same step: else an old live copy of k1 (a replica back from away) would
+    be accepted by a until its next purge pass, and k1 would come back."""
+    import random
+
+    import msgpack
+
+    from agent.runtime.sync_service import SyncService, sync_once
+    from merkle.reconcile import SALT_LEN
+    from tests.agents import free_port
+
+    now_ms = time.time_ns() // 1_000_000
+    live = Item("k1", hlc_of_ms(now_ms - 10_000), B, False, msgpack.packb("v"))
+    tomb = Item("k1", hlc_of_ms(now_ms - 9_000), A, True, None)
+    other = Item("k2", hlc_of_ms(now_ms - 8_000), A, False, msgpack.packb("w"))
+    horizon_ms = now_ms - 5_000
+
+    async def main() -> None:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        a = await Store.open(tmp_path / "a", A)
+        b = await Store.open(tmp_path / "b", B)
+        for s in (a, b):
+            await s.apply_remote("c", [tomb, other])
+        assert await b.purge_tombstones("c", hlc_of_ms(horizon_ms)) == 1
+        peer_state = b.digests()[0].state_hash
+        async with anyio.create_task_group() as tg:
+            port = free_port()
+            sync = SyncService(b, "127.0.0.1", port, 1.0, 4, 1 << 20, 1.0, rng=random.Random(1))
+            await tg.start(sync.serve)
+            r = await sync_once(a, "127.0.0.1", port, "c", sync.max_frame, horizon_ms,
+                                1.0, salt=random.Random(2).randbytes(SALT_LEN),
+                                peer_state=peer_state)
+            tg.cancel_scope.cancel()
+        assert r.dropped == 1
+        info = a.digests()[0]
+        assert info.state_hash == peer_state
+        assert info.horizon == hlc_of_ms(horizon_ms)
+        # The old copy arrives (from a responder session, say): refused.
+        assert await a.apply_remote("c", [live]) == (0, 1)
+        assert await a.get("c", "k1") is None
+        await a.close()
+        await b.close()
+
+    anyio.run(main, backend="trio")
+
+
+def test_drop_stale_keeps_its_horizon_unless_the_result_is_the_peers(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = await Store.open(tmp_path, A)
+        x = await s.put("c", "x", 1)
+        await s.put("c", "y", 2)
+        assert await s.drop_stale("c", [x], 1 << 60, b"\0" * 16) == 1
+        assert s.digests()[0].horizon == 0
+        await s.close()
+
+    anyio.run(main, backend="trio")

@@ -14,6 +14,8 @@ copy arriving later. An agent raises a horizon in two cases only:
   ``state_hash``: proof that it held the same items as the peer that settled.
   A replica that differs (one that was away) keeps its horizon, so it still
   accepts the older items it is missing, and catches up by ordinary sync.
+  A sync initiator that removes items older than a peer's horizon applies
+  this rule at once, in the same transaction (agent.runtime.sync_service).
 
 Consequences, documented for operators: purging needs a quiet moment in which
 all replicas agree (bursty edge writes give plenty); and a change that reached

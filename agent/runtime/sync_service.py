@@ -161,18 +161,22 @@ def _is_msgpack_array(first: int) -> bool:
 
 async def _exchange(store: Store, conn: Framed, session: Session, name: str,
                     first: Frame, result: SyncResult, peer_horizon_ms: int,
-                    drop_before_ms: int = 0) -> None:
+                    drop_before_ms: int = 0, peer_state: bytes | None = None) -> None:
     """Alternate until the session is done. ``first`` is the peer's first frame.
 
     Items older than the peer's tombstone horizon are not shipped: it would
     refuse them. Those also older than ``drop_before_ms`` are changes the
     swarm has moved past, and are removed here once the session is over, so
-    that the two replicas can agree. Only the initiator passes a
-    ``drop_before_ms``, taken from the peer's heartbeat and never later than
-    now minus the grace: a HELLO from any TCP client can make us withhold
-    items, never delete them."""
+    that the two replicas can agree; if that leaves us with ``peer_state``
+    (the peer's state_hash), we take its horizon at once (the adopt rule of
+    agent.core.tombstones). Only the initiator passes a ``drop_before_ms``
+    and a ``peer_state``, taken from the peer's heartbeat, the first never
+    later than now minus the grace: a HELLO from any TCP client can make us
+    withhold items, never delete them."""
     peer_horizon = peer_horizon_ms << COUNTER_BITS
     drop_before = min(drop_before_ms, peer_horizon_ms) << COUNTER_BITS
+    # A horizon later than now - grace is not followed (see tombstones.choose).
+    adopt = peer_state if peer_horizon_ms <= drop_before_ms else None
     stale: list[Item] = []
     try:
         await _alternate(store, conn, session, name, first, result, peer_horizon, stale)
@@ -180,7 +184,7 @@ async def _exchange(store: Store, conn: Framed, session: Session, name: str,
         stale = [i for i in stale if i.hlc < drop_before]
         if stale:
             with anyio.CancelScope(shield=True):
-                result.dropped = await store.drop_stale(name, stale)
+                result.dropped = await store.drop_stale(name, stale, peer_horizon, adopt)
             log.warning("removed %d item(s) of %s older than a peer's tombstone horizon "
                         "(changes the swarm moved past while this agent was away)",
                         result.dropped, name)
@@ -218,9 +222,11 @@ async def _alternate(store: Store, conn: Framed, session: Session, name: str, fi
 async def sync_once(store: Store, host: str, port: int, name: str,
                     max_frame: int, peer_horizon_ms: int = 0,
                     grace_s: float = 604800.0, *, salt: bytes,
-                    keys: StreamKeys | None = None) -> SyncResult:
+                    keys: StreamKeys | None = None,
+                    peer_state: bytes | None = None) -> SyncResult:
     """Reconcile collection ``name`` with the agent at host:port (initiator).
-    ``peer_horizon_ms``: the tombstone horizon its heartbeat advertised;
+    ``peer_horizon_ms`` and ``peer_state``: the tombstone horizon and
+    state_hash its heartbeat advertised;
     ``salt``: the session's (SALT_LEN bytes, fresh for every session);
     ``keys``: the cluster keys for the stream handshake (None: cleartext)."""
     check_name(name)
@@ -240,7 +246,7 @@ async def sync_once(store: Store, host: str, port: int, name: str,
             else:
                 drop_before_ms = int(time.time() * 1000) - int(grace_s * 1000)
                 await _exchange(store, conn, session, name, first, result, peer_horizon_ms,
-                                drop_before_ms)
+                                drop_before_ms, peer_state)
                 result.messages = session.messages_in + session.messages_out
             result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out
     result.seconds = time.monotonic() - t0
@@ -418,8 +424,9 @@ class SyncService:
                 plan = self.planner.plan(anyio.current_time(), ours,
                                          [(p[0], p[3]) for p in current])
                 for key, name in plan:
-                    _, host, port, _, horizons = targets[key]
-                    tg.start_soon(self._one, key, host, port, name, horizons.get(name, 0))
+                    _, host, port, states, horizons = targets[key]
+                    tg.start_soon(self._one, key, host, port, name, horizons.get(name, 0),
+                                  states.get(name))
                 # In step with every peer: nothing to plan until a digest
                 # changes (poke) or a while has passed; otherwise look again
                 # next interval (sessions in flight, pairs cooling down).
@@ -435,12 +442,13 @@ class SyncService:
                 with anyio.move_on_after(wait):
                     await self._poked.wait()
 
-    async def _one(self, key: str, host: str, port: int, name: str, horizon_ms: int) -> None:
+    async def _one(self, key: str, host: str, port: int, name: str, horizon_ms: int,
+                   peer_state: bytes | None = None) -> None:
         ok = False
         try:
             r = await sync_once(self.store, host, port, name, self.max_frame, horizon_ms,
                                 self.tombstone_grace, salt=self.rng.randbytes(SALT_LEN),
-                                keys=self.keys())
+                                keys=self.keys(), peer_state=peer_state)
             ok = True
             self.stats["sync_runs"] = self.stats.get("sync_runs", 0) + 1
             self.stats["sync_bytes_in"] = self.stats.get("sync_bytes_in", 0) + r.bytes_in

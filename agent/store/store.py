@@ -412,9 +412,11 @@ class Store:
         gone = await self._call(lambda w: w.purge_tombstones(name, horizon, expected))
         return None if gone is None else len(gone)
 
-    async def drop_stale(self, name: str, items: list[Item]) -> int:
-        """How many of these exact versions were removed."""
-        return len(await self._call(lambda w: w.drop_stale(name, items)))
+    async def drop_stale(self, name: str, items: list[Item], horizon: int = 0,
+                         expected: bytes | None = None) -> int:
+        """How many of these exact versions were removed (see
+        :meth:`Writer.drop_stale` for ``horizon`` and ``expected``)."""
+        return len(await self._call(lambda w: w.drop_stale(name, items, horizon, expected)))
 
     async def verify(self, name: str, repair: bool = False) -> dict[str, Any]:
         report, _ = await self._call(lambda w: w.verify(name, repair), read=not repair)

@@ -235,14 +235,25 @@ class Writer:
             self.hlc.observe(max(it.hlc for it in good))
         return changes, rejected
 
-    def drop_stale(self, name: str, items: list[Item]) -> list[Change]:
+    def drop_stale(self, name: str, items: list[Item], horizon: int = 0,
+                   expected: bytes | None = None) -> list[Change]:
         """Remove these exact versions (live or not): a peer past its tombstone
         horizon lacks them and would refuse them, so the swarm has moved on
-        without them. A version replaced meanwhile stays."""
+        without them. A version replaced meanwhile stays.
+
+        ``horizon`` and ``expected``: that peer's horizon and state_hash. If
+        the removal leaves this replica with exactly that hash, the horizon is
+        adopted in the same transaction. Without it, a tombstone removed here
+        would leave the key open to an older copy (a replica back from away)
+        until the next purge pass adopted the horizon."""
         coll = self.colls.get(name)
         if coll is None or not items:
             return []
-        return change(self.conn, coll, Kind.REMOVE, items, self.log)
+        changes = change(self.conn, coll, Kind.REMOVE, items, self.log)
+        if expected is not None and horizon > coll.horizon \
+                and state_hash(*coll.root()) == expected:
+            self._raise_horizon(coll, horizon)
+        return changes
 
     def purge_tombstones(self, name: str, horizon: int,
                          expected: bytes | None = None) -> list[Change] | None:
@@ -267,10 +278,13 @@ class Writer:
             if state_hash(after, count - len(old)) != expected:
                 return None
         changes = change(self.conn, coll, Kind.REMOVE, old, self.log)
+        self._raise_horizon(coll, horizon)
+        return changes
+
+    def _raise_horizon(self, coll: Collection, horizon: int) -> None:
         # The row before the mirror: a failed write leaves the mirror as it was.
         self.conn.execute("UPDATE collections SET horizon=? WHERE id=?", (horizon, coll.id))
         coll.horizon = horizon
-        return changes
 
     # --- verification ---------------------------------------------------------
 
