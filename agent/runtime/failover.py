@@ -146,8 +146,7 @@ class Failover:
         return None if self.election is None else self.election.epoch
 
     def forward_target(self, now: float) -> HostPort | None:
-        f = self.follower
-        return f.coordinator if f is not None and f.role(now) == "Follower" else None
+        return None if self.follower is None else self.follower.forward_target(now)
 
     def epoch_seen(self) -> int:
         holder = self.watch.current

@@ -535,8 +535,7 @@ class Replication:
 
     def forward_target(self, now: float) -> HostPort | None:
         """The leader to forward writes to now; None: write locally."""
-        f = self.follower
-        return f.coordinator if f is not None and f.role(now) == "Follower" else None
+        return None if self.follower is None else self.follower.forward_target(now)
 
     def epoch_seen(self) -> int:
         """The highest leader epoch this agent has seen."""

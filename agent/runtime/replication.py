@@ -567,6 +567,10 @@ class Follower:
     def role(self, now: float) -> str:
         return "Follower" if now - self.last_heard <= self.edge_after else "Edge"
 
+    def forward_target(self, now: float) -> HostPort | None:
+        """The leader to forward writes to now; None (an Edge): write locally."""
+        return self.coordinator if self.role(now) == "Follower" else None
+
     def retarget(self, coordinator: HostPort) -> None:
         """Follow another leader from now on (the current session ends)."""
         if coordinator != self.coordinator:
