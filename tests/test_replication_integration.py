@@ -102,7 +102,7 @@ def test_three_followers_stream_10000_writes_and_one_resumes_after_kill(swarm: S
     victim.start()
     resumed = wait_for(
         lambda: [d for d in status(leader)["downstream_peers"] if d["start_seq"] > 0
-                 and d["node_id"] == victim.node_id.replace("-", "")],
+                 and d["node_id"] == victim.node_id],
         timeout=20, what="the restarted follower back on the leader")
     assert resumed[0]["start_seq"] >= 10_000  # its HELLO named its persisted position
     wait_for(lambda: caught_up(leader, followers), timeout=60, what="all at the head again")
@@ -140,16 +140,23 @@ def test_streams_are_keyed_when_the_swarm_has_a_key(tmp_path: Path) -> None:
     swarm = Swarm(tmp_path, HS_GOSSIP_KEY=key)
     try:
         leader = swarm.add(HS_GOSSIP_ROLE="leader")
-        follower = swarm.add(HS_GOSSIP_COORDINATOR=leader.gossip_addr)
+        # a gossip member too: the leader names it by its membership entry
+        follower = swarm.add(seeds=[leader], HS_GOSSIP_COORDINATOR=leader.gossip_addr)
         stranger = swarm.add(HS_GOSSIP_COORDINATOR=leader.gossip_addr,
                              HS_GOSSIP_KEY=base64.b64encode(os.urandom(32)).decode())
         write_batches(leader, 0, 100, per=100)
         wait_for(lambda: caught_up(leader, [follower]), timeout=20, what="keyed streaming")
         assert status(follower)["role"] == "Follower"
         st = status(leader)
-        assert [d["node_id"] for d in st["downstream_peers"]] == \
-            [follower.node_id.replace("-", "")]
+        [down] = st["downstream_peers"]
+        assert down["node_id"] == follower.node_id
+        host, port = down["addr"].rsplit(":", 1)  # the stream's source: host:port
+        assert host.startswith("127.") and int(port) > 0
         assert st["sync_handshake_failures"]  # the stranger's attempts, refused
+        wait_for(lambda: [(d["gossip_addr"], d["name"]) for d in
+                          status(leader)["downstream_peers"]] == [(follower.gossip_addr,
+                                                                   follower.name)],
+                 timeout=15, what="the follower named by its membership entry")
         assert status(stranger)["role"] == "Edge" and status(stranger)["applied_seq"] == 0
     finally:
         swarm.stop_all()

@@ -104,3 +104,36 @@ def test_a_closed_peer_ends_the_stream() -> None:
                 await conn.receive()
 
     anyio.run(main, backend="trio")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_connection_names_its_peer_as_host_and_port(host: str) -> None:
+    """Logs and /api/cluster/status show the other end as host:port
+    ([host]:port for IPv6), not as a Python tuple."""
+    from agent.net.stream import connect, listen
+
+    async def main() -> tuple[str, str]:
+        try:
+            listener = await listen(host, 0, 1024)
+        except OSError:
+            pytest.skip(f"no {host} here")
+        port = listener.listener.extra(SocketAttribute.local_port)
+        seen: list[str] = []
+
+        async def handler(conn: Framed) -> None:
+            seen.append(conn.peer)
+            await conn.send(b"ok")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, handler)
+            async with await connect(host, port, 1024) as conn:
+                assert await conn.receive() == b"ok"
+                local = conn.stream.extra(SocketAttribute.local_address)
+                mine = conn.peer
+            tg.cancel_scope.cancel()
+        wrapped = f"[{host}]" if ":" in host else host
+        assert mine == f"{wrapped}:{port}"
+        return seen[0], f"{wrapped}:{local[1]}"  # type: ignore[index]
+
+    server_saw, client_addr = anyio.run(main, backend="trio")
+    assert server_saw == client_addr

@@ -101,10 +101,16 @@ def replication_json(v: AgentView) -> dict[str, Any]:
     if r is None:
         return {"upstream_peer": None, "downstream_peers": [], "epoch": None,
                 "applied_seq": None}
+    # The stream's source address says little (an ephemeral port); the
+    # follower's membership entry, when it is a member, says who it is.
+    members = {p.node_id: p for p in v.peers}
     return {
         "upstream_peer": r.upstream,
         "downstream_peers": [
-            {"addr": d.addr, "node_id": d.node_id, "lag": d.lag, "start_seq": d.start_seq,
+            {"addr": d.addr, "node_id": d.node_id,
+             "name": m.name if (m := members.get(d.node_id)) else None,
+             "gossip_addr": m.gossip_addr if m else None,
+             "lag": d.lag, "start_seq": d.start_seq,
              "acked": {"epoch": d.acked.epoch, "seq": d.acked.seq, "hash": d.acked.hash.hex()}}
             for d in r.downstream],
         "epoch": r.epoch,

@@ -201,10 +201,15 @@ class Framed:
 
 
 def _peer_name(stream: SocketStream) -> str:
+    """host:port ([host]:port for IPv6) of the other end, for logs and views."""
     try:
-        return str(stream.extra(SocketAttribute.remote_address))
+        addr = stream.extra(SocketAttribute.remote_address)
     except (OSError, anyio.TypedAttributeLookupError):
         return "?"
+    if not isinstance(addr, tuple):
+        return str(addr)
+    host = str(addr[0])
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
 
 async def _read_exactly(stream: ByteStream, n: int) -> bytes:

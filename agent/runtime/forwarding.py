@@ -576,7 +576,7 @@ class StaticUpstream:
 
     def forward_target(self, now: float) -> HostPort | None:
         f = self.replication.follower
-        return f.coordinator if f is not None and f.role(now) == "Follower" else None
+        return None if f is None else f.forward_target(now)
 
     def epoch_seen(self) -> int:
         f = self.replication.follower

@@ -72,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -223,7 +224,7 @@ class DownstreamView:
     """One connected follower, as its leader sees it."""
 
     addr: str
-    node_id: str  # hex
+    node_id: str  # as everywhere in the API: a UUID
     acked: Position  # its last acknowledged position
     start_seq: int  # the position its HELLO named
     lag: int  # entries of the leader's log it has not acknowledged
@@ -317,7 +318,7 @@ class Leader:
     def downstream(self) -> tuple[DownstreamView, ...]:
         head = self.store.log_head.seq
         return tuple(sorted(
-            (DownstreamView(d.addr, d.node_id.hex(), d.acked, d.start.seq,
+            (DownstreamView(d.addr, str(uuid.UUID(bytes=d.node_id)), d.acked, d.start.seq,
                             max(0, head - d.acked.seq)) for d in self.followers.values()),
             key=lambda v: v.addr))
 
