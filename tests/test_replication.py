@@ -7,6 +7,7 @@ settings."""
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -420,7 +421,7 @@ def test_leader_streams_backlog_then_live_entries(tmp_path: Path) -> None:
             head = await leader_store.log_position()
             await until(lambda: follower.applied == head and leader.downstream()[0].acked == head)
             [down] = leader.downstream()
-            assert down.lag == 0 and down.node_id == B.hex()
+            assert down.lag == 0 and down.node_id == str(uuid.UUID(bytes=B))
             assert leader.stats["entries_streamed"] == head.seq
             assert leader.min_needed_seq() == head.seq + 1
             tg.cancel_scope.cancel()
