@@ -192,13 +192,18 @@ def test_a_sync_that_drops_a_stale_tombstone_adopts_the_horizon_at_once(tmp_path
     anyio.run(main, backend="trio")
 
 
-def test_drop_stale_keeps_its_horizon_unless_the_result_is_the_peers(tmp_path: Path) -> None:
+def test_drop_stale_takes_the_horizon_only_if_the_result_is_the_peers(tmp_path: Path) -> None:
+    from merkle.tree import state_hash
+
     async def main() -> None:
         s = await Store.open(tmp_path, A)
         x = await s.put("c", "x", 1)
-        await s.put("c", "y", 2)
+        y = await s.put("c", "y", 2)
         assert await s.drop_stale("c", [x], 1 << 60, b"\0" * 16) == 1
-        assert s.digests()[0].horizon == 0
+        assert s.digests()[0].horizon == 0  # not the peer's state: kept
+        empty = state_hash(0, 0)  # the peer holds nothing
+        assert await s.drop_stale("c", [y], 1 << 60, empty) == 1
+        assert s.digests()[0].horizon == 1 << 60
         await s.close()
 
     anyio.run(main, backend="trio")

@@ -12,9 +12,10 @@ Rules:
   deletion cannot be undone by an old copy.
 * Deletes are tombstones, ordered like writes.
 * An operation changes an in-memory mirror (collections, node sums, the
-  log's head, the applied position) only after it has written a row: an operation that fails
-  before ``conn.total_changes`` moves has left every mirror as it was, so its
-  rollback needs no reload (see :mod:`agent.store.store`).
+  log's head, the applied position) only after it has written a row: an
+  operation that fails before ``conn.total_changes`` moves has left every
+  mirror as it was, so its rollback needs no reload (see
+  :mod:`agent.store.store`).
 """
 
 from __future__ import annotations
