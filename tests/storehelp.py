@@ -4,6 +4,7 @@
   has the directory open: WAL readers do not disturb the writer).
 * :func:`damage` writes with its own connection, to simulate corruption or an
   older schema: only while no Store has the directory open.
+  :func:`ungroup_nodes` puts the node sums back in their schema-5 table.
 * :func:`direct_writer` and :func:`transaction` drive the store-thread code
   (:class:`agent.store.writer.Writer`) from the test's thread, each operation
   in a real transaction: for unit tests of the change path and for in-process
@@ -21,6 +22,7 @@ from typing import Any
 
 from agent.core.clock import HLC
 from agent.store import DB_FILE
+from agent.store.schema import load_nodes
 from agent.store.store import wall_ms
 from agent.store.writer import Writer
 
@@ -35,6 +37,21 @@ def damage(data_dir: Path, sql: str) -> None:
     """Run ``sql`` (a script) on the database of a store that is not open."""
     with closing(sqlite3.connect(data_dir / DB_FILE)) as db:
         db.executescript(sql)
+        db.commit()
+
+
+def ungroup_nodes(data_dir: Path) -> None:
+    """Store the node sums one row per node, as schemas 1-5 did (a store
+    that is not open), for a test of an older database's upgrade."""
+    with closing(sqlite3.connect(data_dir / DB_FILE)) as db:
+        db.execute("CREATE TABLE nodes (coll INTEGER NOT NULL, level INTEGER NOT NULL, "
+                   "idx INTEGER NOT NULL, total BLOB NOT NULL, count INTEGER NOT NULL, "
+                   "PRIMARY KEY (coll, level, idx)) WITHOUT ROWID")
+        for (cid,) in db.execute("SELECT id FROM collections").fetchall():
+            db.executemany("INSERT INTO nodes VALUES (?,?,?,?,?)", [
+                (cid, level, idx, n[0].to_bytes(32, "big"), n[1])
+                for (level, idx), n in load_nodes(db, cid).items()])
+        db.execute("DROP TABLE node_groups")
         db.commit()
 
 

@@ -355,6 +355,7 @@ def test_schema_v2_database_upgrades_in_place(tmp_path: Path) -> None:
 
     anyio.run(write, backend="trio")
     # Turn it into what a version-2 agent left behind.
+    storehelp.ungroup_nodes(tmp_path)
     storehelp.damage(tmp_path, """
         DROP TABLE log;
         DELETE FROM meta WHERE k = 'log_epoch';

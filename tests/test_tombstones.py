@@ -122,6 +122,7 @@ def test_schema_v1_database_upgrades_in_place(tmp_path: Path) -> None:
 
     anyio.run(write, backend="trio")
     # Turn it into what a version-1 agent left behind.
+    storehelp.ungroup_nodes(tmp_path)
     storehelp.damage(tmp_path, """
         DROP INDEX items_tombstones;
         ALTER TABLE collections DROP COLUMN horizon;

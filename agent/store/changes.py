@@ -20,11 +20,12 @@ Rules:
   exactly the version it names (a row replaced meanwhile stays); ``CORRECT``
   rewrites a row that holds the right version under a wrong digest or
   position (repair). A batch has one kind: no change mixes them.
-* The node sums of levels 0-3 (at most 4,369 nodes) are kept in the database
-  and mirrored in memory per collection (:class:`Collection`); deeper levels
-  are computed from the items on demand through the (collection, position)
-  index (~244 items per level-3 node at 1M items). Keeping level 4 too would
-  double the rows written per item for little gain in sync speed.
+* The node sums of levels 0-3 (at most 4,369 nodes) are kept in the database,
+  16 siblings to a row (:mod:`agent.store.schema`), and mirrored in memory
+  per collection (:class:`Collection`); deeper levels are computed from the
+  items on demand through the (collection, position) index (~244 items per
+  level-3 node at 1M items). Keeping level 4 too would add 4,096 rows that a
+  bulk write rewrites for little gain in sync speed.
 * :func:`recount` rebuilds the index from the items alone; :func:`rebuild`
   replaces the stored index by it. Both run on the store thread.
 """
@@ -37,20 +38,30 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from agent.store.log import ChangeLog
-from agent.store.schema import ITEM_COLUMNS, SHIFT, row_item
-from merkle.tree import FANOUT_BITS, MOD, STORED_LEVELS, Item, node_index
+from agent.store.schema import (
+    CHILD_BYTES,
+    ITEM_COLUMNS,
+    SHIFT,
+    NodeSums,
+    group_rows,
+    load_nodes,
+    pack_group,
+    row_item,
+)
+from merkle.tree import FANOUT, FANOUT_BITS, MOD, STORED_LEVELS, Item, node_index
 
 #: shift from a position to its node at the deepest stored level
 LEAF_SHIFT = 64 - 4 * STORED_LEVELS
+_U64 = (1 << 64) - 1
 #: keys per SELECT ... IN (...) (SQLite's default limit is 999 variables)
 KEY_CHUNK = 500
-
-NodeSums = dict[tuple[int, int], list[int]]  # (level, idx) -> [sum, count]
 
 
 class Collection:
     """Store-thread state of one collection: its id, live count, horizon and
-    the mirror of its stored node sums."""
+    the mirror of its stored node sums, and of the group rows written so far
+    (:attr:`groups`, by parent node: a write re-encodes only the children it
+    changed)."""
 
     def __init__(self, cid: int, name: str, live: int, nodes: NodeSums,
                  horizon: int = 0) -> None:
@@ -59,18 +70,11 @@ class Collection:
         self.live = live
         self.nodes = nodes
         self.horizon = horizon
+        self.groups: dict[tuple[int, int], bytearray] = {}
 
     def root(self) -> tuple[int, int]:
         s, c = self.nodes.get((0, 0), (0, 0))
         return s, c
-
-
-def load_nodes(conn: sqlite3.Connection, cid: int) -> NodeSums:
-    return {
-        (level, idx): [int.from_bytes(total, "big"), count]
-        for level, idx, total, count in conn.execute(
-            "SELECT level, idx, total, count FROM nodes WHERE coll=?", (cid,))
-    }
 
 
 def load_collections(conn: sqlite3.Connection) -> dict[str, Collection]:
@@ -227,13 +231,12 @@ def _fold(conn: sqlite3.Connection, coll: Collection, leaf_sum: dict[int, int],
     """Add per-leaf sum and count deltas (same keys) to the stored levels,
     one level at a time: each node is touched once per batch however many
     items changed."""
-    nodes = coll.nodes
-    #: per level, deepest first: (level, {idx: its node, as changed})
-    dirty: list[tuple[int, dict[int, list[int]]]] = []
+    nodes, groups = coll.nodes, coll.groups
+    #: the group rows to write, by parent node
+    rows: dict[tuple[int, int], bytearray] = {}
     sums, counts = leaf_sum, leaf_count
-    mod, bits = MOD, FANOUT_BITS
+    mod, bits, last = MOD, FANOUT_BITS, FANOUT - 1
     for level in range(STORED_LEVELS, -1, -1):
-        touched: dict[int, list[int]] = {}
         up_sum: dict[int, int] = {}
         up_count: dict[int, int] = {}
         for idx, dsum in sums.items():
@@ -241,19 +244,26 @@ def _fold(conn: sqlite3.Connection, coll: Collection, leaf_sum: dict[int, int],
             node = nodes.get((level, idx))
             if node is None:
                 node = nodes[(level, idx)] = [0, 0]
-            node[0] = (node[0] + dsum) % mod
-            node[1] += dcount
-            touched[idx] = node
+            total = node[0] = (node[0] + dsum) % mod
+            count = node[1] = node[1] + dcount
             up = idx >> bits
             up_sum[up] = up_sum.get(up, 0) + dsum
             up_count[up] = up_count.get(up, 0) + dcount
-        dirty.append((level, touched))
+            if level:
+                # Only this child's 40 bytes of its group's row are encoded again.
+                parent = (level - 1, up)
+                g = groups.get(parent)
+                if g is None:
+                    g = groups[parent] = bytearray(pack_group(nodes, level - 1, up))
+                at = (idx & last) * CHILD_BYTES
+                # Sum and count (two's complement) as one 40-byte integer.
+                g[at:at + CHILD_BYTES] = (total << 64 | count & _U64).to_bytes(CHILD_BYTES, "big")
+                rows[parent] = g
         sums, counts = up_sum, up_count
     cid = coll.id
     conn.executemany(  # rows from a generator, as in _write
-        "INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?)",
-        ((cid, level, idx, n[0].to_bytes(32, "big"), n[1])
-         for level, touched in dirty for idx, n in touched.items()))
+        "INSERT OR REPLACE INTO node_groups VALUES (?,?,?,?)",
+        ((cid, level, idx, bytes(g)) for (level, idx), g in rows.items()))
 
 
 # --- verification and repair ----------------------------------------------------
@@ -308,8 +318,9 @@ def rebuild(conn: sqlite3.Connection, coll: Collection, counted: Recount) -> Non
     """Replace the stored node sums and live count by ``counted``. The rows of
     ``counted.corrections`` must have gone through :func:`change` first, so
     that the items agree with it."""
-    conn.execute("DELETE FROM nodes WHERE coll=?", (coll.id,))
-    conn.executemany("INSERT INTO nodes VALUES (?,?,?,?,?)", [
-        (coll.id, lv, ix, n[0].to_bytes(32, "big"), n[1]) for (lv, ix), n in counted.nodes.items()])
+    conn.execute("DELETE FROM node_groups WHERE coll=?", (coll.id,))
+    conn.executemany("INSERT INTO node_groups VALUES (?,?,?,?)",
+                     group_rows(coll.id, counted.nodes))
     conn.execute("UPDATE collections SET live=? WHERE id=?", (counted.live, coll.id))
     coll.nodes, coll.live = counted.nodes, counted.live
+    coll.groups = {}

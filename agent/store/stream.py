@@ -62,7 +62,7 @@ from agent.core.changelog import (
     verify_chain,
 )
 from agent.core.replication import Root, RootSums
-from agent.store.schema import ITEM_COLUMNS, row_item
+from agent.store.schema import ITEM_COLUMNS, load_nodes, row_item
 from agent.store.values import StoreError
 from agent.store.writer import Writer
 from merkle.tree import Item
@@ -284,10 +284,8 @@ class SnapshotReader:
 
     def _root(self, cid: int, name: str) -> Root:
         if self.after is None or name != self.after[0]:
-            row = self.conn.execute("SELECT total, count FROM nodes WHERE coll=? AND level=0 "
-                                    "AND idx=0", (cid,)).fetchone()
-            return Root(name, 0, 0) if row is None else Root(name, int.from_bytes(row[0], "big"),
-                                                               row[1])
+            total, count = load_nodes(self.conn, cid, root_only=True).get((0, 0), (0, 0))
+            return Root(name, total, count)
         sums = RootSums()
         for (digest,) in self.conn.execute("SELECT digest FROM items WHERE coll=? AND key > ?",
                                            (cid, self.after[1])):
