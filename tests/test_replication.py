@@ -48,7 +48,7 @@ from agent.runtime.sync_service import SyncService
 from agent.store import Store, stream
 from agent.store.log import RecentLog
 
-A, B = b"a" * 16, b"b" * 16
+A, B, C = b"a" * 16, b"b" * 16, b"c" * 16
 #: what a client sees of a connection the leader closed
 CLOSED = (anyio.EndOfStream, anyio.BrokenResourceError)
 H1, H2, H3 = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
@@ -483,6 +483,35 @@ def test_commits_in_quick_succession_share_a_frame(tmp_path: Path) -> None:
             assert sent * 2 <= commits, f"{sent} frames for {commits} commits"
             tg.cancel_scope.cancel()
         await _same_then_close(follower_store, leader_store)
+
+    anyio.run(main, backend="trio")
+
+
+def test_followers_in_step_are_sent_one_encoding_of_each_frame(tmp_path: Path) -> None:
+    """Two followers in step (both hold the head when a commit comes) are
+    sent the same frame, encoded once for both; both end up with every entry."""
+    async def main() -> None:
+        leader_store = await _filled_leader(tmp_path / "l")
+        stores = [await _open(tmp_path / n, o) for n, o in (("f1", B), ("f2", C))]
+        async with serving(leader_store) as (leader, addr), anyio.create_task_group() as tg:
+            followers = [Follower(s, addr, o, 0.2, 3 << 20, lambda: None, random.Random(i))
+                         for i, (s, o) in enumerate(zip(stores, (B, C), strict=True))]
+            for f in followers:
+                tg.start_soon(f.run)
+            await until(lambda: all(f.applied == leader_store.log_head for f in followers))
+            sent = leader.stats["entry_frames_streamed"]
+            encoded = leader.stats["entry_frames_encoded"]
+            rounds = 5
+            for r in range(rounds):
+                await leader_store.put_many("vision", {f"r{r}-{i}": i for i in range(500)})
+                await until(lambda: all(f.applied == leader_store.log_head for f in followers))
+            sent = leader.stats["entry_frames_streamed"] - sent
+            encoded = leader.stats["entry_frames_encoded"] - encoded
+            assert (sent, encoded) == (2 * rounds, rounds)
+            tg.cancel_scope.cancel()
+        assert await _items(stores[0], "vision") == await _items(leader_store, "vision")
+        await stores[0].close()
+        await _same_then_close(stores[1], leader_store)
 
     anyio.run(main, backend="trio")
 

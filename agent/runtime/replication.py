@@ -163,6 +163,9 @@ ACK_DELAY = 0.02
 #: sender sleeps the gap after each frame (one wake-up per frame), rather
 #: than waking at each commit to find it must wait.
 SEND_GAP = 0.004
+#: ENTRIES frames kept for the followers that are sent the same ones next
+#: (each at most BATCH_BYTES plus its framing)
+FRAME_CACHE = 4
 #: failures a stream may end with (anything else is a bug and propagates)
 STREAM_ERRORS = (*SESSION_ERRORS, ProtocolError, ChainBroken, EntryInvalid)
 
@@ -282,6 +285,8 @@ class Leader:
         self.stats: dict[str, int] = {}
         self._epoch = epoch
         self._next = 0
+        #: the newest ENTRIES frames encoded (see :meth:`_frame`)
+        self._frames: dict[tuple[int, int, bytes], bytes] = {}
         #: called with (epoch, its leader's address or "") when a follower
         #: shows a higher epoch than ours: we are deposed
         self.on_higher_epoch: Callable[[int, str], None] | None = None
@@ -305,6 +310,7 @@ class Leader:
         if self.wake in self.store.commit_listeners:
             self.store.commit_listeners.remove(self.wake)
         self.store.recent_log.keep(0, 0)
+        self._frames.clear()
 
     def min_needed_seq(self) -> int | None:
         """The oldest entry a connected follower still needs (compaction
@@ -478,7 +484,7 @@ class Leader:
                 # Counted as sent before the send: its ACK may come back (on
                 # the other task) before send() returns.
                 d.window.sent(rows[-1][0], sum(map(len, data)))
-                await conn.send(encode(Entries(epoch, data, changelog.bytes_hash(data[-1]))))
+                await conn.send(self._frame(epoch, data))
                 _count(self.stats, "entries_streamed", len(data))
                 _count(self.stats, "entry_frames_streamed")
                 last_sent = anyio.current_time()
@@ -493,6 +499,21 @@ class Leader:
             if anyio.current_time() - last_sent >= self.interval:
                 await conn.send(encode(Entries(epoch, ())))
                 last_sent = anyio.current_time()
+
+    def _frame(self, epoch: int, data: tuple[bytes, ...]) -> bytes:
+        """The ENTRIES frame of ``data``, encoded once for every follower
+        that is sent the same entries (followers in step get the same
+        frames). The last entry's bytes name the whole run: they hold its
+        seq and the hash of the entry before, which chains to the rest."""
+        key = (epoch, len(data), data[-1])
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = encode(Entries(epoch, data, changelog.bytes_hash(data[-1])))
+            _count(self.stats, "entry_frames_encoded")
+            self._frames[key] = frame
+            if len(self._frames) > FRAME_CACHE:
+                del self._frames[next(iter(self._frames))]  # the oldest
+        return frame
 
     async def _acks(self, conn: Framed, d: _Downstream, epoch: int) -> None:
         with _silence_limit() as limit:
