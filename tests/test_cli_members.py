@@ -48,12 +48,12 @@ def cli(a: AgentProc, *args: str, token: str | None = None) -> Any:
 
 
 def test_members_lists_itself_and_peers_with_statuses_and_filters(tmp_path: Path) -> None:
-    # A short TTL so a killed agent goes suspect, then dead, within the test;
-    # not so short that it is reaped before the CLI, a process of its own,
-    # has listed it dead (the suspicion lasts at least 2 s, then the member
-    # stays dead until TTL after it was last alive). With 6 s the dead window
-    # was 2-3 s, and a CLI start on a loaded machine took longer.
-    sw = Swarm(tmp_path, interval=0.2, HS_GOSSIP_TTL="12")
+    # The default TTL (30 s). A killed member's suspicion lasts 2-12 s here
+    # (no other member corroborates it), cut to end one probe interval
+    # before TTL after it was last alive; it is reaped at TTL. With a short
+    # TTL (6 s, 12 s) the dead window could be a fraction of a second, less
+    # than the CLI, a process of its own, takes to start.
+    sw = Swarm(tmp_path, interval=0.2)
     try:
         a0 = sw.add()
         a1 = sw.add(seeds=[a0])
