@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.core.clock import HLC
 from agent.store import DB_FILE
-from agent.store.schema import load_nodes
+from agent.store.nodes import load_nodes
 from agent.store.store import wall_ms
 from agent.store.writer import Writer
 
@@ -52,6 +52,7 @@ def ungroup_nodes(data_dir: Path) -> None:
                 (cid, level, idx, n[0].to_bytes(32, "big"), n[1])
                 for (level, idx), n in load_nodes(db, cid).items()])
         db.execute("DROP TABLE node_groups")
+        db.execute("DROP TABLE node_log")
         db.commit()
 
 

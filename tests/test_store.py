@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from agent.store import Store, StoreError
 from agent.store.changes import Change
+from agent.store.nodes import JOURNAL_ROWS
 from agent.store.writer import Writer
 from merkle.loopback import run_pair
 from merkle.tree import Item, MemoryTree
@@ -91,14 +92,16 @@ def test_state_survives_restart_and_verifies(tmp_path: Path) -> None:
 def test_verify_detects_and_repairs_a_damaged_index(tmp_path: Path) -> None:
     async def main() -> None:
         s = await Store.open(tmp_path, A)
-        for i in range(50):
-            await s.put("c", f"k{i}", i)
+        await s.put_many("c", {f"k{i}": i for i in range(50)})  # into the groups
+        for i in range(3):
+            await s.put("c", f"j{i}", i)  # into the journal
         good = s.digests()[0].state_hash
         await s.close()
-        # level 3's sums (in the groups under level 2) all zero
-        storehelp.damage(tmp_path, "UPDATE node_groups SET sums=zeroblob(640) WHERE level=2")
+        # level 3's sums (in the groups under level 2) all zero, and one
+        # journal row gone
+        storehelp.damage(tmp_path, "UPDATE node_groups SET sums=zeroblob(640) WHERE level=2; "
+                                   "DELETE FROM node_log WHERE id=(SELECT min(id) FROM node_log)")
         s = await Store.open(tmp_path, A)
-        assert s.digests()[0].state_hash == good  # the root is level 1's sum
         await s.put("c", "k0", "while damaged")
         assert not (await s.verify("c"))["ok"]
         assert (await s.verify("c", repair=True))["repaired"]
@@ -106,9 +109,61 @@ def test_verify_detects_and_repairs_a_damaged_index(tmp_path: Path) -> None:
         # Writes after the repair keep the stored index right (none of the
         # rows written before it is written again as it was).
         await s.put("c", "k0", 0)
+        await s.put_many("c", {f"k{i}": -i for i in range(50)})
         await s.close()
         s = await Store.open(tmp_path, A)
+        assert (await s.verify("c"))["ok"] and s.digests()[0].state_hash != good
+        await s.close()
+
+    run(main)
+
+
+def test_small_writes_go_to_the_journal_which_a_restart_replays_and_a_bulk_write_folds(
+        tmp_path: Path) -> None:
+    """A write that changes few leaves appends one journal row and rewrites
+    no group; reopened, the tree is the groups with the journal replayed
+    over them; a write that changes many leaves folds the journal into the
+    groups. The tree matches the items at every step."""
+    def rows(table: str) -> int:
+        [(n,)] = storehelp.query(tmp_path, f"SELECT count(*) FROM {table}")
+        return int(n)
+
+    async def main() -> None:
+        s = await Store.open(tmp_path, A)
+        await s.put_many("c", {f"k{i}": i for i in range(200)})
+        groups = storehelp.query(tmp_path, "SELECT level, idx, sums FROM node_groups")
+        assert rows("node_log") == 0 and len(groups) > 17
+        for i in range(10):
+            await s.put("c", f"k{i}", -i)
+        await s.delete("c", "k100")
+        assert rows("node_log") == 11
+        assert storehelp.query(tmp_path, "SELECT level, idx, sums FROM node_groups") == groups
+        state = s.digests()[0]
+        await s.close()
+        s = await Store.open(tmp_path, A)
+        assert s.digests()[0] == state and (await s.verify("c"))["ok"]
+        await s.put_many("c", {f"n{i}": i for i in range(100)})
+        assert rows("node_log") == 0
         assert (await s.verify("c"))["ok"]
+        await s.close()
+
+    run(main)
+
+
+def test_the_journal_is_folded_once_it_is_full(tmp_path: Path) -> None:
+    async def main() -> None:
+        s = await Store.open(tmp_path, A)
+        def journal() -> int:
+            [(n,)] = storehelp.query(tmp_path, "SELECT count(*) FROM node_log")
+            return int(n)
+
+        for i in range(JOURNAL_ROWS):
+            await s.put("c", f"k{i % 7}", i)
+        assert journal() == JOURNAL_ROWS
+        await s.put("c", "k0", "folds")
+        assert journal() == 0
+        await s.put("c", "k1", "again")
+        assert journal() == 1 and (await s.verify("c"))["ok"]
         await s.close()
 
     run(main)

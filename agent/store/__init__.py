@@ -1,6 +1,7 @@
 """The only owner of SQLite.
 
 * :mod:`~agent.store.values`: errors, name and key rules, value encoding.
+* :mod:`~agent.store.nodes`: how the Merkle index's node sums are stored (rows, journal).
 * :mod:`~agent.store.schema`: tables, migrations, the writing connection.
 * :mod:`~agent.store.changes`: the one change path and the Merkle index it keeps.
 * :mod:`~agent.store.log`: the change log the change path appends to; compaction.

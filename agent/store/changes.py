@@ -20,9 +20,10 @@ Rules:
   exactly the version it names (a row replaced meanwhile stays); ``CORRECT``
   rewrites a row that holds the right version under a wrong digest or
   position (repair). A batch has one kind: no change mixes them.
-* The node sums of levels 0-3 (at most 4,369 nodes) are kept in the database,
-  16 siblings to a row (:mod:`agent.store.schema`), and mirrored in memory
-  per collection (:class:`Collection`); deeper levels are computed from the
+* The node sums of levels 0-3 (at most 4,369 nodes) are kept in the database
+  (16 siblings to a row, and a journal that small writes append to:
+  :mod:`agent.store.nodes`) and mirrored in memory per collection
+  (:class:`Collection`); deeper levels are computed from the
   items on demand through the (collection, position) index (~244 items per
   level-3 node at 1M items). Keeping level 4 too would add 4,096 rows that a
   bulk write rewrites for little gain in sync speed.
@@ -37,17 +38,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from agent.store import nodes as stored
 from agent.store.log import ChangeLog
-from agent.store.schema import (
-    CHILD_BYTES,
-    ITEM_COLUMNS,
-    SHIFT,
-    NodeSums,
-    group_rows,
-    load_nodes,
-    pack_group,
-    row_item,
-)
+from agent.store.nodes import CHILD_BYTES, JOURNAL_LEAVES, JOURNAL_ROWS, NodeSums, pack_group
+from agent.store.schema import ITEM_COLUMNS, SHIFT, row_item
 from merkle.tree import FANOUT, FANOUT_BITS, MOD, STORED_LEVELS, Item, node_index
 
 #: shift from a position to its node at the deepest stored level
@@ -58,19 +52,22 @@ KEY_CHUNK = 500
 
 
 class Collection:
-    """Store-thread state of one collection: its id, live count, horizon and
-    the mirror of its stored node sums, and of the group rows written so far
-    (:attr:`groups`, by parent node: a write re-encodes only the children it
-    changed)."""
+    """Store-thread state of one collection: its id, live count, horizon, the
+    mirror of its stored node sums, the group rows as they are in memory
+    (:attr:`groups`, by parent node: a write encodes again only the children
+    it changed), and what its journal holds (agent.store.nodes)."""
 
-    def __init__(self, cid: int, name: str, live: int, nodes: NodeSums,
+    def __init__(self, cid: int, name: str, live: int, tree: stored.Stored | None = None,
                  horizon: int = 0) -> None:
         self.id = cid
         self.name = name
         self.live = live
-        self.nodes = nodes
         self.horizon = horizon
+        self.nodes: NodeSums = {} if tree is None else tree.nodes
         self.groups: dict[tuple[int, int], bytearray] = {}
+        #: journal rows stored, and the group rows they make out of date
+        self.journal_rows = 0 if tree is None else tree.journal_rows
+        self.stale: set[tuple[int, int]] = set() if tree is None else tree.stale
 
     def root(self) -> tuple[int, int]:
         s, c = self.nodes.get((0, 0), (0, 0))
@@ -79,7 +76,7 @@ class Collection:
 
 def load_collections(conn: sqlite3.Connection) -> dict[str, Collection]:
     return {
-        name: Collection(cid, name, live, load_nodes(conn, cid), horizon)
+        name: Collection(cid, name, live, stored.load(conn, cid), horizon)
         for cid, name, live, horizon in conn.execute(
             "SELECT id, name, live, horizon FROM collections")
     }
@@ -232,8 +229,10 @@ def _fold(conn: sqlite3.Connection, coll: Collection, leaf_sum: dict[int, int],
     one level at a time: each node is touched once per batch however many
     items changed."""
     nodes, groups = coll.nodes, coll.groups
-    #: the group rows to write, by parent node
+    #: the group rows changed, by parent node
     rows: dict[tuple[int, int], bytearray] = {}
+    #: (idx, sum, count) of each leaf changed, for the journal
+    leaves: list[tuple[int, int, int]] = []
     sums, counts = leaf_sum, leaf_count
     mod, bits, last = MOD, FANOUT_BITS, FANOUT - 1
     for level in range(STORED_LEVELS, -1, -1):
@@ -256,14 +255,28 @@ def _fold(conn: sqlite3.Connection, coll: Collection, leaf_sum: dict[int, int],
                 if g is None:
                     g = groups[parent] = bytearray(pack_group(nodes, level - 1, up))
                 at = (idx & last) * CHILD_BYTES
-                # Sum and count (two's complement) as one 40-byte integer.
                 g[at:at + CHILD_BYTES] = (total << 64 | count & _U64).to_bytes(CHILD_BYTES, "big")
                 rows[parent] = g
+                if level == STORED_LEVELS:
+                    leaves.append((idx, total, count))
         sums, counts = up_sum, up_count
     cid = coll.id
-    conn.executemany(  # rows from a generator, as in _write
-        "INSERT OR REPLACE INTO node_groups VALUES (?,?,?,?)",
-        ((cid, level, idx, bytes(g)) for (level, idx), g in rows.items()))
+    if len(leaves) <= JOURNAL_LEAVES and coll.journal_rows < JOURNAL_ROWS:
+        stored.append_journal(conn, cid, leaves)
+        coll.journal_rows += 1
+        coll.stale.update(rows)
+        return
+    # Fold: the rows this write changed, and those the journal holds newer
+    # sums for, then the journal goes.
+    for parent in coll.stale:
+        if parent not in rows:
+            g = groups.get(parent)
+            rows[parent] = g if g is not None else bytearray(pack_group(nodes, *parent))
+    stored.write_groups(conn, cid, rows.items())
+    if coll.journal_rows:
+        stored.clear_journal(conn, cid)
+    coll.journal_rows = 0
+    coll.stale = set()
 
 
 # --- verification and repair ----------------------------------------------------
@@ -310,7 +323,7 @@ def mismatched_nodes(conn: sqlite3.Connection, coll: Collection,
     """The nodes that differ from ``fresh``, in the database or in the
     in-memory mirror (which digests and sync answer from): either can be
     wrong without the other."""
-    return sorted(set(differing(load_nodes(conn, coll.id), fresh))
+    return sorted(set(differing(stored.load_nodes(conn, coll.id), fresh))
                   | set(differing(coll.nodes, fresh)))
 
 
@@ -318,9 +331,7 @@ def rebuild(conn: sqlite3.Connection, coll: Collection, counted: Recount) -> Non
     """Replace the stored node sums and live count by ``counted``. The rows of
     ``counted.corrections`` must have gone through :func:`change` first, so
     that the items agree with it."""
-    conn.execute("DELETE FROM node_groups WHERE coll=?", (coll.id,))
-    conn.executemany("INSERT INTO node_groups VALUES (?,?,?,?)",
-                     group_rows(coll.id, counted.nodes))
+    stored.replace(conn, coll.id, counted.nodes)
     conn.execute("UPDATE collections SET live=? WHERE id=?", (counted.live, coll.id))
     coll.nodes, coll.live = counted.nodes, counted.live
-    coll.groups = {}
+    coll.groups, coll.journal_rows, coll.stale = {}, 0, set()

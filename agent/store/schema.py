@@ -10,13 +10,8 @@ Rules:
   its signed integers (``SHIFT``).
 * The last HLC handed out is saved in ``meta`` with every commit, so that a
   restarted agent never issues a version older than one it already wrote.
-* The stored node sums of a collection's tree (levels 1 to
-  ``STORED_LEVELS``) are kept in groups (schema 6): one row per parent node
-  holds its 16 children, each as its sum (32 bytes) and count (8 bytes,
-  signed), big-endian; a child that holds nothing is all zeros. The root is
-  the sum of level 1. A bulk write touches at most 273 rows this way (it
-  touched up to one row per changed item, one node per row, before); a
-  single write touches 3.
+* The stored node sums of the collections' trees are laid out by
+  :mod:`agent.store.nodes` (schema 6).
 """
 
 from __future__ import annotations
@@ -25,88 +20,14 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.store import nodes
 from agent.store.values import StoreError
-from merkle.tree import FANOUT, FANOUT_BITS, MOD, Item
-
-#: bytes of one child in a node group: its sum and its count
-CHILD_BYTES = 40
-GROUP_BYTES = FANOUT * CHILD_BYTES
-_EMPTY_CHILD = bytes(CHILD_BYTES)
-#: (level, idx) -> [sum, count] of the nodes of one collection
-NodeSums = dict[tuple[int, int], list[int]]
+from merkle.tree import Item
 
 DB_FILE = "store.sqlite3"
 SHIFT = 1 << 63
 #: the columns of an item row, in the order :func:`row_item` takes them
 ITEM_COLUMNS = "key, hlc, origin, deleted, value, digest, pos"
-
-def pack_group(nodes: NodeSums, level: int, idx: int) -> bytes:
-    """The stored row of node (level, idx)'s children, from ``nodes``."""
-    child = level + 1
-    base = idx << FANOUT_BITS
-    get = nodes.get
-    parts = []
-    for c in range(base, base + FANOUT):
-        n = get((child, c))
-        parts.append(_EMPTY_CHILD if n is None else
-                     n[0].to_bytes(32, "big") + n[1].to_bytes(8, "big", signed=True))
-    return b"".join(parts)
-
-
-def unpack_group(nodes: NodeSums, level: int, idx: int, data: bytes) -> bool:
-    """Add the children a stored group holds (those holding something) to
-    ``nodes``; False (nothing added) if the row is not a group's size."""
-    if len(data) != GROUP_BYTES:
-        return False
-    child = level + 1
-    base = idx << FANOUT_BITS
-    as_int = int.from_bytes
-    for c in range(FANOUT):
-        at = c * CHILD_BYTES
-        total = as_int(data[at:at + 32], "big")
-        count = as_int(data[at + 32:at + CHILD_BYTES], "big", signed=True)
-        if total or count:
-            nodes[(child, base + c)] = [total, count]
-    return True
-
-
-def load_nodes(conn: sqlite3.Connection, cid: int, root_only: bool = False) -> NodeSums:
-    """The stored node sums of collection ``cid``, the root included (with
-    ``root_only``: the root and level 1, one row read)."""
-    nodes: NodeSums = {}
-    for level, idx, data in conn.execute(
-            "SELECT level, idx, sums FROM node_groups WHERE coll=?"
-            + (" AND level=0" if root_only else ""), (cid,)):
-        unpack_group(nodes, level, idx, bytes(data))
-    top = [n for c in range(FANOUT) if (n := nodes.get((1, c))) is not None]
-    if top:
-        nodes[(0, 0)] = [sum(n[0] for n in top) % MOD, sum(n[1] for n in top)]
-    return nodes
-
-
-def group_rows(cid: int, nodes: NodeSums) -> list[tuple[int, int, int, bytes]]:
-    """Every group row of ``nodes`` (one per parent of a node it holds)."""
-    parents = {(level - 1, idx >> FANOUT_BITS) for level, idx in nodes if level}
-    return [(cid, level, idx, pack_group(nodes, level, idx)) for level, idx in sorted(parents)]
-
-
-def _group_nodes(conn: sqlite3.Connection) -> None:
-    """Schema 6: node sums one row per node -> one row per 16 siblings."""
-    conn.execute("""
-        CREATE TABLE node_groups (
-            coll INTEGER NOT NULL,
-            level INTEGER NOT NULL,
-            idx INTEGER NOT NULL,
-            sums BLOB NOT NULL,
-            PRIMARY KEY (coll, level, idx)
-        ) WITHOUT ROWID""")
-    for (cid,) in conn.execute("SELECT DISTINCT coll FROM nodes").fetchall():
-        nodes = {(level, idx): [int.from_bytes(total, "big"), count]
-                 for level, idx, total, count in conn.execute(
-                     "SELECT level, idx, total, count FROM nodes WHERE coll=?", (cid,))}
-        conn.executemany("INSERT INTO node_groups VALUES (?,?,?,?)", group_rows(cid, nodes))
-    conn.execute("DROP TABLE nodes")
-
 
 MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: collections, items, tree nodes
@@ -191,8 +112,9 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         state BLOB NOT NULL
     );
     """,
-    # 6: node sums in groups of 16 siblings (see the module's rules)
-    _group_nodes,
+    # 6: node sums in rows of 16 siblings, and the journal of leaf sums
+    # (agent.store.nodes)
+    nodes.from_rows,
 ]
 
 

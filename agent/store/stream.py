@@ -62,7 +62,8 @@ from agent.core.changelog import (
     verify_chain,
 )
 from agent.core.replication import Root, RootSums
-from agent.store.schema import ITEM_COLUMNS, load_nodes, row_item
+from agent.store.nodes import load_nodes
+from agent.store.schema import ITEM_COLUMNS, row_item
 from agent.store.values import StoreError
 from agent.store.writer import Writer
 from merkle.tree import Item
@@ -284,7 +285,7 @@ class SnapshotReader:
 
     def _root(self, cid: int, name: str) -> Root:
         if self.after is None or name != self.after[0]:
-            total, count = load_nodes(self.conn, cid, root_only=True).get((0, 0), (0, 0))
+            total, count = load_nodes(self.conn, cid).get((0, 0), (0, 0))
             return Root(name, total, count)
         sums = RootSums()
         for (digest,) in self.conn.execute("SELECT digest FROM items WHERE coll=? AND key > ?",

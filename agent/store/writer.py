@@ -97,7 +97,7 @@ class Writer:
             check_name(name)
             cur = self.conn.execute("INSERT INTO collections (name) VALUES (?)", (name,))
             assert cur.lastrowid is not None
-            coll = Collection(cur.lastrowid, name, 0, {})
+            coll = Collection(cur.lastrowid, name, 0)
             self.colls[name] = coll
         return coll
 
