@@ -40,13 +40,19 @@ from typing import NamedTuple
 
 from agent.store import nodes as stored
 from agent.store.log import ChangeLog
-from agent.store.nodes import CHILD_BYTES, JOURNAL_LEAVES, JOURNAL_ROWS, NodeSums, pack_group
+from agent.store.nodes import (
+    CHILD_BYTES,
+    JOURNAL_LEAVES,
+    JOURNAL_ROWS,
+    NodeSums,
+    child_bytes,
+    pack_group,
+)
 from agent.store.schema import ITEM_COLUMNS, SHIFT, row_item
 from merkle.tree import FANOUT, FANOUT_BITS, MOD, STORED_LEVELS, Item, node_index
 
 #: shift from a position to its node at the deepest stored level
 LEAF_SHIFT = 64 - 4 * STORED_LEVELS
-_U64 = (1 << 64) - 1
 #: keys per SELECT ... IN (...) (SQLite's default limit is 999 variables)
 KEY_CHUNK = 500
 
@@ -227,7 +233,10 @@ def _fold(conn: sqlite3.Connection, coll: Collection, leaf_sum: dict[int, int],
           leaf_count: dict[int, int]) -> None:
     """Add per-leaf sum and count deltas (same keys) to the stored levels,
     one level at a time: each node is touched once per batch however many
-    items changed."""
+    items changed. Then store them (agent.store.nodes): a write that changed
+    few leaves appends their sums to the journal; a larger one writes the
+    group rows it changed and those the journal made out of date, and
+    empties the journal."""
     nodes, groups = coll.nodes, coll.groups
     #: the group rows changed, by parent node
     rows: dict[tuple[int, int], bytearray] = {}
@@ -255,7 +264,7 @@ def _fold(conn: sqlite3.Connection, coll: Collection, leaf_sum: dict[int, int],
                 if g is None:
                     g = groups[parent] = bytearray(pack_group(nodes, level - 1, up))
                 at = (idx & last) * CHILD_BYTES
-                g[at:at + CHILD_BYTES] = (total << 64 | count & _U64).to_bytes(CHILD_BYTES, "big")
+                g[at:at + CHILD_BYTES] = child_bytes(total, count)
                 rows[parent] = g
                 if level == STORED_LEVELS:
                     leaves.append((idx, total, count))
